@@ -1,0 +1,292 @@
+"""System, Vm and Vcpu: the KVM file descriptors, owned and closed deterministically.
+
+Every ioctl goes through one ctypes call of libc's ioctl (which releases the GIL, so a
+vCPU thread blocked in KVM_RUN does not stop the rest of the VMM). A failing ioctl raises
+:class:`KvmError` carrying the ioctl's name and the errno's name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from typing import Any, Final
+
+from . import structs as s
+from .constants import (
+    CAPABILITY_NAMES,
+    KVM_API_VERSION,
+    KVM_CAP_NR_VCPUS,
+    KVM_IOEVENTFD_FLAG_DATAMATCH,
+    KVM_IOEVENTFD_FLAG_DEASSIGN,
+    KVM_IOEVENTFD_FLAG_PIO,
+    KVM_IRQFD_FLAG_DEASSIGN,
+    KVM_PIT_SPEAKER_DUMMY,
+)
+from .ioctl import _IO, _IOR, _IOW, _IOWR
+
+KVMIO: Final = 0xAE
+
+KVM_GET_API_VERSION: Final = _IO(KVMIO, 0x00)
+KVM_CREATE_VM: Final = _IO(KVMIO, 0x01)
+KVM_GET_MSR_INDEX_LIST: Final = _IOWR(KVMIO, 0x02, s.kvm_msr_list)
+KVM_CHECK_EXTENSION: Final = _IO(KVMIO, 0x03)
+KVM_GET_VCPU_MMAP_SIZE: Final = _IO(KVMIO, 0x04)
+KVM_GET_SUPPORTED_CPUID: Final = _IOWR(KVMIO, 0x05, s.kvm_cpuid2)
+KVM_CREATE_VCPU: Final = _IO(KVMIO, 0x41)
+KVM_SET_USER_MEMORY_REGION: Final = _IOW(KVMIO, 0x46, s.kvm_userspace_memory_region)
+KVM_SET_TSS_ADDR: Final = _IO(KVMIO, 0x47)
+KVM_SET_IDENTITY_MAP_ADDR: Final = _IOW(KVMIO, 0x48, ctypes.c_uint64)
+KVM_CREATE_IRQCHIP: Final = _IO(KVMIO, 0x60)
+KVM_IRQ_LINE: Final = _IOW(KVMIO, 0x61, s.kvm_irq_level)
+KVM_IRQFD: Final = _IOW(KVMIO, 0x76, s.kvm_irqfd)
+KVM_CREATE_PIT2: Final = _IOW(KVMIO, 0x77, s.kvm_pit_config)
+KVM_IOEVENTFD: Final = _IOW(KVMIO, 0x79, s.kvm_ioeventfd)
+KVM_RUN: Final = _IO(KVMIO, 0x80)
+KVM_GET_REGS: Final = _IOR(KVMIO, 0x81, s.kvm_regs)
+KVM_SET_REGS: Final = _IOW(KVMIO, 0x82, s.kvm_regs)
+KVM_GET_SREGS: Final = _IOR(KVMIO, 0x83, s.kvm_sregs)
+KVM_SET_SREGS: Final = _IOW(KVMIO, 0x84, s.kvm_sregs)
+KVM_GET_MSRS: Final = _IOWR(KVMIO, 0x88, s.kvm_msrs)
+KVM_SET_MSRS: Final = _IOW(KVMIO, 0x89, s.kvm_msrs)
+KVM_GET_FPU: Final = _IOR(KVMIO, 0x8C, s.kvm_fpu)
+KVM_SET_FPU: Final = _IOW(KVMIO, 0x8D, s.kvm_fpu)
+KVM_GET_LAPIC: Final = _IOR(KVMIO, 0x8E, s.kvm_lapic_state)
+KVM_SET_LAPIC: Final = _IOW(KVMIO, 0x8F, s.kvm_lapic_state)
+KVM_SET_CPUID2: Final = _IOW(KVMIO, 0x90, s.kvm_cpuid2)
+KVM_GET_TSC_KHZ: Final = _IO(KVMIO, 0xA3)
+
+IOCTL_NAMES: Final = {v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and k != "KVMIO"}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_ioctl = _libc.ioctl
+_ioctl.restype = ctypes.c_int
+_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+# The same libc function, prototyped with an integer third argument.
+_ioctl_int_fn = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, use_errno=True
+)(ctypes.cast(_libc.ioctl, ctypes.c_void_p).value)
+
+
+class KvmError(OSError):
+    """A KVM ioctl failed. ``ioctl`` names the request, ``errno_name`` the error."""
+
+    def __init__(self, request: int, err: int) -> None:
+        self.ioctl = IOCTL_NAMES.get(request, f"ioctl 0x{request:x}")
+        self.errno_name = errno.errorcode.get(err, str(err))
+        super().__init__(err, f"{self.ioctl} failed: {self.errno_name} ({os.strerror(err)})")
+
+
+def ioctl(fd: int, request: int, arg: Any = None) -> int:
+    """ioctl(2) with a ctypes structure (passed by reference), an int, or nothing."""
+    if arg is None or isinstance(arg, int):
+        ret = _ioctl_int_fn(fd, request, arg or 0)
+    else:
+        ret = _ioctl(fd, request, ctypes.byref(arg))
+    if ret < 0:
+        raise KvmError(request, ctypes.get_errno())
+    return int(ret)
+
+
+class MissingCapability(KvmError):
+    pass
+
+
+class _Fd:
+    """An owned file descriptor, closed exactly once."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
+class System(_Fd):
+    """/dev/kvm itself."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        super().__init__(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        version = ioctl(self.fd, KVM_GET_API_VERSION)
+        if version != KVM_API_VERSION:
+            self.close()
+            raise OSError(f"{path} speaks KVM API {version}, minivmm needs {KVM_API_VERSION}")
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
+
+    def require(self, *caps: int) -> None:
+        """Raise a sentence naming the first capability this host's KVM lacks."""
+        for cap in caps:
+            if self.check_extension(cap) <= 0:
+                name = CAPABILITY_NAMES.get(cap, f"capability {cap}")
+                raise OSError(f"this host's KVM lacks {name}, which minivmm needs")
+
+    def vcpu_mmap_size(self) -> int:
+        return ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE)
+
+    def recommended_vcpus(self) -> int:
+        return self.check_extension(KVM_CAP_NR_VCPUS) or 4
+
+    def supported_cpuid(self) -> list[s.kvm_cpuid_entry2]:
+        n = 64
+        while True:
+            buf = s.kvm_cpuid2_n(n)()
+            buf.nent = n  # type: ignore[attr-defined]
+            try:
+                ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, buf)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                raise
+            return [buf.entries[i] for i in range(buf.nent)]  # type: ignore[attr-defined]
+
+    def create_vm(self) -> Vm:
+        return Vm(self, ioctl(self.fd, KVM_CREATE_VM, 0))
+
+
+class Vm(_Fd):
+    """A VM: memory slots, the in-kernel irqchip and PIT, irqfds and ioeventfds."""
+
+    def __init__(self, system: System, fd: int) -> None:
+        super().__init__(fd)
+        self.system = system
+        self._next_slot = 0
+        self._irq_level = s.kvm_irq_level()
+
+    def set_user_memory_region(self, gpa: int, size: int, host_addr: int, flags: int = 0) -> int:
+        region = s.kvm_userspace_memory_region(
+            slot=self._next_slot, flags=flags, guest_phys_addr=gpa,
+            memory_size=size, userspace_addr=host_addr,
+        )
+        ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
+        self._next_slot += 1
+        return int(region.slot)
+
+    def set_tss_addr(self, addr: int) -> None:
+        ioctl(self.fd, KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        ioctl(self.fd, KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+
+    def create_irqchip(self) -> None:
+        ioctl(self.fd, KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self) -> None:
+        ioctl(self.fd, KVM_CREATE_PIT2, s.kvm_pit_config(flags=KVM_PIT_SPEAKER_DUMMY))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        lv = self._irq_level
+        lv.irq = irq
+        lv.level = level
+        ioctl(self.fd, KVM_IRQ_LINE, lv)
+
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
+        flags = KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        ioctl(self.fd, KVM_IRQFD, s.kvm_irqfd(fd=fd, gsi=gsi, flags=flags))
+
+    def ioeventfd(self, fd: int, addr: int, length: int, *, datamatch: int | None = None,
+                  pio: bool = False, deassign: bool = False) -> None:
+        flags = 0
+        if datamatch is not None:
+            flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            flags |= KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            flags |= KVM_IOEVENTFD_FLAG_DEASSIGN
+        ioctl(self.fd, KVM_IOEVENTFD, s.kvm_ioeventfd(
+            datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags))
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        return Vcpu(self, index, ioctl(self.fd, KVM_CREATE_VCPU, index))
+
+
+class Vcpu(_Fd):
+    """One vCPU and its shared kvm_run page."""
+
+    def __init__(self, vm: Vm, index: int, fd: int) -> None:
+        super().__init__(fd)
+        self.vm = vm
+        self.index = index
+        size = vm.system.vcpu_mmap_size()
+        self.run_map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run = s.kvm_run.from_buffer(self.run_map)
+        #: the kvm_run page as a memoryview, for the run loop's struct reads
+        self.run_view = memoryview(self.run_map)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            del self.run
+            self.run_view.release()
+            self.run_map.close()
+        super().close()
+
+    def get_regs(self) -> s.kvm_regs:
+        regs = s.kvm_regs()
+        ioctl(self.fd, KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: s.kvm_regs) -> None:
+        ioctl(self.fd, KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> s.kvm_sregs:
+        sregs = s.kvm_sregs()
+        ioctl(self.fd, KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: s.kvm_sregs) -> None:
+        ioctl(self.fd, KVM_SET_SREGS, sregs)
+
+    def get_fpu(self) -> s.kvm_fpu:
+        fpu = s.kvm_fpu()
+        ioctl(self.fd, KVM_GET_FPU, fpu)
+        return fpu
+
+    def set_fpu(self, fpu: s.kvm_fpu) -> None:
+        ioctl(self.fd, KVM_SET_FPU, fpu)
+
+    def set_cpuid2(self, entries: list[s.kvm_cpuid_entry2]) -> None:
+        buf = s.kvm_cpuid2_n(len(entries))()
+        buf.nent = len(entries)  # type: ignore[attr-defined]
+        for i, e in enumerate(entries):
+            buf.entries[i] = e  # type: ignore[attr-defined]
+        ioctl(self.fd, KVM_SET_CPUID2, buf)
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        buf = s.kvm_msrs_n(len(msrs))()
+        buf.nmsrs = len(msrs)  # type: ignore[attr-defined]
+        for i, (index, data) in enumerate(msrs.items()):
+            buf.entries[i].index = index  # type: ignore[attr-defined]
+            buf.entries[i].data = data  # type: ignore[attr-defined]
+        written = ioctl(self.fd, KVM_SET_MSRS, buf)
+        if written != len(msrs):
+            bad = list(msrs)[written]
+            raise OSError(f"KVM_SET_MSRS accepted {written} of {len(msrs)} MSRs; "
+                          f"MSR 0x{bad:x} was refused")
+
+    def get_lapic(self) -> s.kvm_lapic_state:
+        st = s.kvm_lapic_state()
+        ioctl(self.fd, KVM_GET_LAPIC, st)
+        return st
+
+    def set_lapic(self, st: s.kvm_lapic_state) -> None:
+        ioctl(self.fd, KVM_SET_LAPIC, st)
+
+    def tsc_khz(self) -> int:
+        return ioctl(self.fd, KVM_GET_TSC_KHZ)

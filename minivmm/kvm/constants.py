@@ -1,0 +1,91 @@
+"""Constants from <linux/kvm.h> and the x86 architecture manuals that minivmm uses."""
+
+from typing import Final
+
+KVM_API_VERSION: Final = 12
+
+# Capabilities (KVM_CHECK_EXTENSION)
+KVM_CAP_IRQCHIP: Final = 0
+KVM_CAP_HLT: Final = 1
+KVM_CAP_USER_MEMORY: Final = 3
+KVM_CAP_SET_TSS_ADDR: Final = 4
+KVM_CAP_EXT_CPUID: Final = 7
+KVM_CAP_NR_VCPUS: Final = 9
+KVM_CAP_MAX_VCPUS: Final = 66
+KVM_CAP_PIT2: Final = 33
+KVM_CAP_SET_IDENTITY_MAP_ADDR: Final = 37
+KVM_CAP_IRQFD: Final = 32
+KVM_CAP_IOEVENTFD: Final = 36
+KVM_CAP_IMMEDIATE_EXIT: Final = 136
+
+CAPABILITY_NAMES: Final = {
+    KVM_CAP_IRQCHIP: "KVM_CAP_IRQCHIP",
+    KVM_CAP_HLT: "KVM_CAP_HLT",
+    KVM_CAP_USER_MEMORY: "KVM_CAP_USER_MEMORY",
+    KVM_CAP_SET_TSS_ADDR: "KVM_CAP_SET_TSS_ADDR",
+    KVM_CAP_EXT_CPUID: "KVM_CAP_EXT_CPUID",
+    KVM_CAP_PIT2: "KVM_CAP_PIT2",
+    KVM_CAP_SET_IDENTITY_MAP_ADDR: "KVM_CAP_SET_IDENTITY_MAP_ADDR",
+    KVM_CAP_IRQFD: "KVM_CAP_IRQFD",
+    KVM_CAP_IOEVENTFD: "KVM_CAP_IOEVENTFD",
+    KVM_CAP_IMMEDIATE_EXIT: "KVM_CAP_IMMEDIATE_EXIT",
+}
+
+# Exit reasons (struct kvm_run.exit_reason)
+KVM_EXIT_UNKNOWN: Final = 0
+KVM_EXIT_EXCEPTION: Final = 1
+KVM_EXIT_IO: Final = 2
+KVM_EXIT_HYPERCALL: Final = 3
+KVM_EXIT_DEBUG: Final = 4
+KVM_EXIT_HLT: Final = 5
+KVM_EXIT_MMIO: Final = 6
+KVM_EXIT_IRQ_WINDOW_OPEN: Final = 7
+KVM_EXIT_SHUTDOWN: Final = 8
+KVM_EXIT_FAIL_ENTRY: Final = 9
+KVM_EXIT_INTR: Final = 10
+KVM_EXIT_NMI: Final = 16
+KVM_EXIT_INTERNAL_ERROR: Final = 17
+KVM_EXIT_SYSTEM_EVENT: Final = 24
+
+EXIT_REASON_NAMES: Final = {
+    v: k.removeprefix("KVM_EXIT_").lower()
+    for k, v in dict(globals()).items()
+    if k.startswith("KVM_EXIT_") and isinstance(v, int)
+}
+
+KVM_EXIT_IO_IN: Final = 0
+KVM_EXIT_IO_OUT: Final = 1
+
+KVM_SYSTEM_EVENT_SHUTDOWN: Final = 1
+KVM_SYSTEM_EVENT_RESET: Final = 2
+KVM_SYSTEM_EVENT_CRASH: Final = 3
+
+KVM_INTERNAL_ERROR_EMULATION: Final = 1
+
+KVM_IOEVENTFD_FLAG_DATAMATCH: Final = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO: Final = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN: Final = 1 << 2
+KVM_IRQFD_FLAG_DEASSIGN: Final = 1 << 0
+KVM_PIT_SPEAKER_DUMMY: Final = 1
+
+# x86 control registers and MSRs (Intel SDM vol. 3)
+X86_CR0_PE: Final = 1 << 0
+X86_CR0_ET: Final = 1 << 4
+X86_CR0_NE: Final = 1 << 5
+X86_CR0_PG: Final = 1 << 31
+X86_CR4_PAE: Final = 1 << 5
+EFER_LME: Final = 1 << 8
+EFER_LMA: Final = 1 << 10
+
+MSR_IA32_SYSENTER_CS: Final = 0x174
+MSR_IA32_SYSENTER_ESP: Final = 0x175
+MSR_IA32_SYSENTER_EIP: Final = 0x176
+MSR_STAR: Final = 0xC0000081
+MSR_LSTAR: Final = 0xC0000082
+MSR_CSTAR: Final = 0xC0000083
+MSR_SYSCALL_MASK: Final = 0xC0000084
+MSR_KERNEL_GS_BASE: Final = 0xC0000102
+MSR_IA32_TSC: Final = 0x10
+MSR_IA32_MISC_ENABLE: Final = 0x1A0
+MSR_IA32_MISC_ENABLE_FAST_STRING: Final = 1 << 0
+MSR_MTRR_DEF_TYPE: Final = 0x2FF

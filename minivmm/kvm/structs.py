@@ -1,0 +1,264 @@
+"""ctypes mirrors of the structures in <linux/kvm.h> that minivmm passes to KVM.
+
+Field names follow the header. tests/kvm/test_structs.py compiles a C program against
+the real header and compares every size and offset with these definitions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from typing import Final
+
+u8 = ctypes.c_uint8
+u16 = ctypes.c_uint16
+u32 = ctypes.c_uint32
+s32 = ctypes.c_int32
+u64 = ctypes.c_uint64
+
+KVM_NR_INTERRUPTS: Final = 256
+KVM_APIC_REG_SIZE: Final = 0x400
+
+
+class kvm_regs(ctypes.Structure):  # noqa: N801 (kernel name)
+    _fields_ = [
+        (name, u64)
+        for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+            "rip", "rflags",
+        )
+    ]  # fmt: skip
+
+
+class kvm_segment(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("base", u64),
+        ("limit", u32),
+        ("selector", u16),
+        ("type", u8),
+        ("present", u8),
+        ("dpl", u8),
+        ("db", u8),
+        ("s", u8),
+        ("l", u8),
+        ("g", u8),
+        ("avl", u8),
+        ("unusable", u8),
+        ("padding", u8),
+    ]
+
+
+class kvm_dtable(ctypes.Structure):  # noqa: N801
+    _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
+
+
+class kvm_sregs(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("cs", kvm_segment),
+        ("ds", kvm_segment),
+        ("es", kvm_segment),
+        ("fs", kvm_segment),
+        ("gs", kvm_segment),
+        ("ss", kvm_segment),
+        ("tr", kvm_segment),
+        ("ldt", kvm_segment),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", u64),
+        ("cr2", u64),
+        ("cr3", u64),
+        ("cr4", u64),
+        ("cr8", u64),
+        ("efer", u64),
+        ("apic_base", u64),
+        ("interrupt_bitmap", u64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    ]
+
+
+class kvm_fpu(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("fpr", (u8 * 16) * 8),
+        ("fcw", u16),
+        ("fsw", u16),
+        ("ftwx", u8),
+        ("pad1", u8),
+        ("last_opcode", u16),
+        ("last_ip", u64),
+        ("last_dp", u64),
+        ("xmm", (u8 * 16) * 16),
+        ("mxcsr", u32),
+        ("pad2", u32),
+    ]
+
+
+class kvm_msr_entry(ctypes.Structure):  # noqa: N801
+    _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
+
+
+class kvm_msrs(ctypes.Structure):  # noqa: N801
+    """The fixed head; use :func:`kvm_msrs_n` for a structure with entries."""
+
+    _fields_ = [("nmsrs", u32), ("pad", u32)]
+
+
+class kvm_msr_list(ctypes.Structure):  # noqa: N801
+    _fields_ = [("nmsrs", u32)]
+
+
+class kvm_cpuid_entry2(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("function", u32),
+        ("index", u32),
+        ("flags", u32),
+        ("eax", u32),
+        ("ebx", u32),
+        ("ecx", u32),
+        ("edx", u32),
+        ("padding", u32 * 3),
+    ]
+
+
+class kvm_cpuid2(ctypes.Structure):  # noqa: N801
+    """The fixed head; use :func:`kvm_cpuid2_n` for a structure with entries."""
+
+    _fields_ = [("nent", u32), ("padding", u32)]
+
+
+@cache
+def kvm_cpuid2_n(n: int) -> type[ctypes.Structure]:
+    """kvm_cpuid2 followed by ``n`` entries (the header's flexible array member)."""
+    return type(
+        f"kvm_cpuid2_{n}",
+        (ctypes.Structure,),
+        {"_fields_": [("nent", u32), ("padding", u32), ("entries", kvm_cpuid_entry2 * n)]},
+    )
+
+
+@cache
+def kvm_msrs_n(n: int) -> type[ctypes.Structure]:
+    """kvm_msrs followed by ``n`` entries."""
+    return type(
+        f"kvm_msrs_{n}",
+        (ctypes.Structure,),
+        {"_fields_": [("nmsrs", u32), ("pad", u32), ("entries", kvm_msr_entry * n)]},
+    )
+
+
+@cache
+def kvm_msr_list_n(n: int) -> type[ctypes.Structure]:
+    return type(
+        f"kvm_msr_list_{n}",
+        (ctypes.Structure,),
+        {"_fields_": [("nmsrs", u32), ("indices", u32 * n)]},
+    )
+
+
+class kvm_userspace_memory_region(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("slot", u32),
+        ("flags", u32),
+        ("guest_phys_addr", u64),
+        ("memory_size", u64),
+        ("userspace_addr", u64),
+    ]
+
+
+class kvm_irqfd(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("fd", u32),
+        ("gsi", u32),
+        ("flags", u32),
+        ("resamplefd", u32),
+        ("pad", u8 * 16),
+    ]
+
+
+class kvm_ioeventfd(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("datamatch", u64),
+        ("addr", u64),
+        ("len", u32),
+        ("fd", s32),
+        ("flags", u32),
+        ("pad", u8 * 36),
+    ]
+
+
+class kvm_pit_config(ctypes.Structure):  # noqa: N801
+    _fields_ = [("flags", u32), ("pad", u32 * 15)]
+
+
+class kvm_irq_level(ctypes.Structure):  # noqa: N801
+    # The header's anonymous union {irq; status} is represented by its first member.
+    _fields_ = [("irq", u32), ("level", u32)]
+
+
+class kvm_lapic_state(ctypes.Structure):  # noqa: N801
+    _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
+
+
+# --- struct kvm_run and the exit-specific parts of its union --------------------------
+
+
+class kvm_run_io(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("direction", u8),
+        ("size", u8),
+        ("port", u16),
+        ("count", u32),
+        ("data_offset", u64),
+    ]
+
+
+class kvm_run_mmio(ctypes.Structure):  # noqa: N801
+    _fields_ = [("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8)]
+
+
+class kvm_run_fail_entry(ctypes.Structure):  # noqa: N801
+    _fields_ = [("hardware_entry_failure_reason", u64), ("cpu", u32)]
+
+
+class kvm_run_internal(ctypes.Structure):  # noqa: N801
+    _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
+
+
+class kvm_run_system_event(ctypes.Structure):  # noqa: N801
+    _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
+
+
+class kvm_run_exit(ctypes.Union):  # noqa: N801
+    _fields_ = [
+        ("io", kvm_run_io),
+        ("mmio", kvm_run_mmio),
+        ("fail_entry", kvm_run_fail_entry),
+        ("internal", kvm_run_internal),
+        ("system_event", kvm_run_system_event),
+        ("padding", ctypes.c_char * 256),
+    ]
+
+
+class kvm_run(ctypes.Structure):  # noqa: N801
+    _anonymous_ = ("u",)
+    _fields_ = [
+        ("request_interrupt_window", u8),
+        ("immediate_exit", u8),
+        ("padding1", u8 * 6),
+        ("exit_reason", u32),
+        ("ready_for_interrupt_injection", u8),
+        ("if_flag", u8),
+        ("flags", u16),
+        ("cr8", u64),
+        ("apic_base", u64),
+        ("u", kvm_run_exit),
+        ("kvm_valid_regs", u64),
+        ("kvm_dirty_regs", u64),
+        ("s", ctypes.c_char * 2048),
+    ]
+
+
+# Byte offsets the run loop reads with precompiled struct.Struct objects (faster than
+# ctypes attribute access on the hot path). Derived from the structures above, never typed.
+RUN_EXIT_REASON_OFFSET: Final = kvm_run.exit_reason.offset
+RUN_EXIT_UNION_OFFSET: Final = kvm_run.u.offset
+RUN_IMMEDIATE_EXIT_OFFSET: Final = kvm_run.immediate_exit.offset

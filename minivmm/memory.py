@@ -1,0 +1,130 @@
+"""Guest memory: anonymous mappings, registered with KVM as memory slots.
+
+A guest of ``size`` bytes gets RAM from 0 up to ``layout.MMIO_GAP_START``; what does not
+fit below the gap continues at 4 GiB. Everything that reads or writes guest memory goes
+through :meth:`GuestMemory.translate`, which turns a guest-physical address and a length
+into a zero-copy ``memoryview`` after checking that the whole range lies inside one
+region. Nothing else in minivmm touches raw pointers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import UsageError
+from .x86 import layout
+
+MIN_MEMORY = 16 << 20
+_U64_LIMIT = 1 << 64
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical range that is not (entirely) backed by guest RAM."""
+
+    def __init__(self, gpa: int, length: int) -> None:
+        super().__init__(f"guest range 0x{gpa:x}+0x{length:x} is not inside guest memory")
+        self.gpa = gpa
+        self.length = length
+
+
+@dataclass(frozen=True)
+class Region:
+    """One contiguous piece of guest RAM."""
+
+    gpa: int
+    size: int
+    mapping: mmap.mmap
+    view: memoryview
+    host_addr: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """Guest RAM: bounds-checked translation from guest-physical ranges to memoryviews."""
+
+    def __init__(self, size: int, *, hugepages: bool = True) -> None:
+        if size < MIN_MEMORY:
+            raise UsageError(
+                f"--mem {size >> 20}M is too small: minivmm needs at least {MIN_MEMORY >> 20}M"
+            )
+        if size % mmap.PAGESIZE:
+            raise UsageError("--mem must be a whole number of 4 KiB pages")
+        self.size = size
+        spans = [(0, min(size, layout.MMIO_GAP_START))]
+        if size > layout.MMIO_GAP_START:
+            spans.append((layout.MMIO_GAP_END, size - layout.MMIO_GAP_START))
+        regions = []
+        for gpa, length in spans:
+            m = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+            if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+                try:
+                    m.madvise(mmap.MADV_HUGEPAGE)
+                except OSError:
+                    pass  # THP disabled on this host: ordinary pages work too
+            host = ctypes.addressof(ctypes.c_char.from_buffer(m))
+            regions.append(Region(gpa, length, m, memoryview(m), host))
+        self.regions: tuple[Region, ...] = tuple(regions)
+        # The common case (all RAM below the gap) gets a one-comparison fast path.
+        self._low = self.regions[0]
+        self._low_end = self._low.end
+        self._low_view = self._low.view
+
+    def translate(self, gpa: int, length: int) -> memoryview:
+        """The memoryview of ``length`` bytes at ``gpa``; GuestMemoryError if any byte is
+        outside guest RAM (including ranges that straddle two regions or wrap)."""
+        end = gpa + length
+        if 0 <= gpa and 0 <= length and end <= self._low_end:
+            return self._low_view[gpa:end]
+        for r in self.regions[1:]:
+            if r.gpa <= gpa and 0 <= length and end <= r.end:
+                return r.view[gpa - r.gpa : end - r.gpa]
+        raise GuestMemoryError(gpa, length)
+
+    def contains(self, gpa: int, length: int) -> bool:
+        if gpa < 0 or length < 0 or gpa + length > _U64_LIMIT:
+            return False
+        return any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.translate(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.translate(gpa, len(data))[:] = data
+
+    def read_u64(self, gpa: int) -> int:
+        return int(struct.unpack_from("<Q", self.translate(gpa, 8))[0])
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        struct.pack_into("<Q", self.translate(gpa, 8), 0, value)
+
+    def ram_ranges(self) -> Iterator[tuple[int, int]]:
+        """(gpa, size) of each RAM region, in address order."""
+        for r in self.regions:
+            yield r.gpa, r.size
+
+    @property
+    def end(self) -> int:
+        """One past the highest guest-physical RAM address."""
+        return self.regions[-1].end
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.view.release()
+        # The ctypes export taken for host_addr keeps each mmap alive until the process
+        # (or the garbage collector) drops it; KVM slots must be removed before that.
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)

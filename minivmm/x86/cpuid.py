@@ -1,0 +1,68 @@
+"""The CPUID a vCPU sees: KVM's supported set, filtered.
+
+The filter, applied to KVM_GET_SUPPORTED_CPUID's entries in this order:
+
+1. Leaf 1: set the hypervisor bit (ECX bit 31) so the guest knows it is virtualized, put
+   the vCPU's APIC id in EBX[31:24] and the logical processor count in EBX[23:16].
+2. Leaf 0xB (extended topology): the vCPU's x2APIC id in EDX of every sub-leaf.
+3. Leaves 0x40000000/0x40000001 (KVM paravirtual): the "KVMKVMKVM" signature and KVM's
+   feature bits as KVM reports them, so Linux finds kvm-clock (KVM_FEATURE_CLOCKSOURCE2)
+   and never polls a CMOS clock minivmm does not have. Added if KVM did not list them.
+4. Masks: each (leaf, subleaf, register) -> bits to clear, from the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final, Literal
+
+from ..kvm.structs import kvm_cpuid_entry2
+
+Register = Literal["eax", "ebx", "ecx", "edx"]
+CpuidMask = Mapping[tuple[int, int, Register], int]
+
+LEAF_FEATURES: Final = 0x1
+LEAF_EXT_TOPOLOGY: Final = 0xB
+KVM_CPUID_SIGNATURE: Final = 0x40000000
+KVM_CPUID_FEATURES: Final = 0x40000001
+CPUID_1_ECX_HYPERVISOR: Final = 1 << 31
+KVM_FEATURE_CLOCKSOURCE: Final = 1 << 0
+KVM_FEATURE_NOP_IO_DELAY: Final = 1 << 1
+KVM_FEATURE_CLOCKSOURCE2: Final = 1 << 3
+KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: Final = 1 << 24
+
+_KVM_SIGNATURE: Final = b"KVMKVMKVM\0\0\0"
+
+
+def _entry(function: int, **regs: int) -> kvm_cpuid_entry2:
+    e = kvm_cpuid_entry2(function=function)
+    for name, value in regs.items():
+        setattr(e, name, value)
+    return e
+
+
+def filter_cpuid(
+    supported: Iterable[kvm_cpuid_entry2], *, cpu_index: int, cpu_count: int,
+    mask: CpuidMask | None = None,
+) -> list[kvm_cpuid_entry2]:
+    out: list[kvm_cpuid_entry2] = []
+    for src in supported:
+        e = kvm_cpuid_entry2.from_buffer_copy(src)
+        if e.function == LEAF_FEATURES:
+            e.ecx |= CPUID_1_ECX_HYPERVISOR
+            e.ebx = (e.ebx & 0x0000FFFF) | (cpu_index << 24) | (min(cpu_count, 255) << 16)
+        elif e.function == LEAF_EXT_TOPOLOGY:
+            e.edx = cpu_index
+        out.append(e)
+    functions = {e.function for e in out}
+    if KVM_CPUID_SIGNATURE not in functions:
+        ebx, ecx, edx = (int.from_bytes(_KVM_SIGNATURE[i : i + 4], "little") for i in (0, 4, 8))
+        out.append(_entry(KVM_CPUID_SIGNATURE, eax=KVM_CPUID_FEATURES, ebx=ebx, ecx=ecx, edx=edx))
+    if KVM_CPUID_FEATURES not in functions:
+        out.append(_entry(KVM_CPUID_FEATURES, eax=KVM_FEATURE_CLOCKSOURCE
+                          | KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_NOP_IO_DELAY))
+    for (leaf, subleaf, reg), bits in (mask or {}).items():
+        for e in out:
+            if e.function == leaf and e.index == subleaf:
+                setattr(e, reg, getattr(e, reg) & ~bits)
+    return out
