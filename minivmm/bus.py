@@ -45,9 +45,8 @@ class Bus:
         i = bisect.bisect_right(self._starts, base)
         if i > 0 and self._entries[i - 1][1] > base:
             prev = self._entries[i - 1]
-            raise BusOverlapError(
-                f"{self.name} bus: 0x{base:x}-0x{end - 1:x} overlaps 0x{prev[0]:x}-0x{prev[1] - 1:x}"
-            )
+            raise BusOverlapError(f"{self.name} bus: 0x{base:x}-0x{end - 1:x} overlaps "
+                                  f"0x{prev[0]:x}-0x{prev[1] - 1:x}")
         if i < len(self._entries) and self._entries[i][0] < end:
             nxt = self._entries[i]
             raise BusOverlapError(

@@ -80,10 +80,10 @@ class GuestMemory:
         """The memoryview of ``length`` bytes at ``gpa``; GuestMemoryError if any byte is
         outside guest RAM (including ranges that straddle two regions or wrap)."""
         end = gpa + length
-        if 0 <= gpa and 0 <= length and end <= self._low_end:
+        if gpa >= 0 and length >= 0 and end <= self._low_end:
             return self._low_view[gpa:end]
         for r in self.regions[1:]:
-            if r.gpa <= gpa and 0 <= length and end <= r.end:
+            if r.gpa <= gpa and length >= 0 and end <= r.end:
                 return r.view[gpa - r.gpa : end - r.gpa]
         raise GuestMemoryError(gpa, length)
 

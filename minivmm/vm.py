@@ -22,8 +22,9 @@ from typing import Final
 
 from . import hostinfo
 from .bus import Bus
+from .devices.legacy.serial import Serial
 from .errors import VmmError
-from .kvm import System, Vcpu, Vm
+from .kvm import System, Vm
 from .kvm import api as kvm_api
 from .kvm import constants as c
 from .kvm.structs import RUN_EXIT_REASON_OFFSET, RUN_EXIT_UNION_OFFSET
@@ -127,6 +128,8 @@ class Machine:
         self._stop_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._on_stop: list[Callable[[], None]] = []
+        #: the 8250 UART that stdin feeds, once attached
+        self.serial: Serial | None = None
 
     # -- boot -----------------------------------------------------------------------
 
@@ -249,7 +252,7 @@ class Machine:
             else:
                 self.request_stop(1, "error", f"guest system event {kind} (crash)")
         elif reason == c.KVM_EXIT_INTERNAL_ERROR:
-            suberror, ndata = _INTERNAL.unpack_from(view, union)
+            suberror, _ndata = _INTERNAL.unpack_from(view, union)
             what = "emulation failure" if suberror == c.KVM_INTERNAL_ERROR_EMULATION else (
                 f"internal error, suberror {suberror}")
             self.request_stop(1, "error", f"KVM {what}\n{self.describe_vcpu()}")
@@ -298,7 +301,7 @@ class Machine:
                     mask = (1 << shift) - 1
                     return (entry & 0x000FFFFFFFFFF000 & ~mask) | (va & mask)
                 table = entry & 0x000FFFFFFFFFF000
-            return table | (va & 0xFFF)
+            return int(table | (va & 0xFFF))
         except Exception:
             return None
 

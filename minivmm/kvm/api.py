@@ -57,7 +57,9 @@ KVM_SET_LAPIC: Final = _IOW(KVMIO, 0x8F, s.kvm_lapic_state)
 KVM_SET_CPUID2: Final = _IOW(KVMIO, 0x90, s.kvm_cpuid2)
 KVM_GET_TSC_KHZ: Final = _IO(KVMIO, 0xA3)
 
-IOCTL_NAMES: Final = {v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and k != "KVMIO"}
+IOCTL_NAMES: Final = {
+    v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and k != "KVMIO"
+}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
@@ -66,7 +68,7 @@ _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 # The same libc function, prototyped with an integer third argument.
 _ioctl_int_fn = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, use_errno=True
-)(ctypes.cast(_libc.ioctl, ctypes.c_void_p).value)
+)(ctypes.cast(_libc.ioctl, ctypes.c_void_p).value or 0)
 
 
 class KvmError(OSError):
@@ -147,7 +149,7 @@ class System(_Fd):
         n = 64
         while True:
             buf = s.kvm_cpuid2_n(n)()
-            buf.nent = n  # type: ignore[attr-defined]
+            buf.nent = n
             try:
                 ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, buf)
             except KvmError as e:
@@ -155,7 +157,7 @@ class System(_Fd):
                     n *= 2
                     continue
                 raise
-            return [buf.entries[i] for i in range(buf.nent)]  # type: ignore[attr-defined]
+            return [buf.entries[i] for i in range(buf.nent)]
 
     def create_vm(self) -> Vm:
         return Vm(self, ioctl(self.fd, KVM_CREATE_VM, 0))
@@ -263,17 +265,17 @@ class Vcpu(_Fd):
 
     def set_cpuid2(self, entries: list[s.kvm_cpuid_entry2]) -> None:
         buf = s.kvm_cpuid2_n(len(entries))()
-        buf.nent = len(entries)  # type: ignore[attr-defined]
+        buf.nent = len(entries)
         for i, e in enumerate(entries):
-            buf.entries[i] = e  # type: ignore[attr-defined]
+            buf.entries[i] = e
         ioctl(self.fd, KVM_SET_CPUID2, buf)
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
         buf = s.kvm_msrs_n(len(msrs))()
-        buf.nmsrs = len(msrs)  # type: ignore[attr-defined]
+        buf.nmsrs = len(msrs)
         for i, (index, data) in enumerate(msrs.items()):
-            buf.entries[i].index = index  # type: ignore[attr-defined]
-            buf.entries[i].data = data  # type: ignore[attr-defined]
+            buf.entries[i].index = index
+            buf.entries[i].data = data
         written = ioctl(self.fd, KVM_SET_MSRS, buf)
         if written != len(msrs):
             bad = list(msrs)[written]

@@ -28,7 +28,7 @@ IOC_READ: Final = 2
 _Sized = type[ctypes._SimpleCData] | type[ctypes.Structure] | type[ctypes.Array]  # type: ignore[type-arg]
 
 
-def _IOC(direction: int, type_: int, nr: int, size: int) -> int:  # noqa: N802 (kernel name)
+def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
     if not 0 <= size < (1 << _IOC_SIZEBITS):
         raise ValueError(f"ioctl argument size {size} does not fit in {_IOC_SIZEBITS} bits")
     return (
@@ -39,17 +39,17 @@ def _IOC(direction: int, type_: int, nr: int, size: int) -> int:  # noqa: N802 (
     )
 
 
-def _IO(type_: int, nr: int) -> int:  # noqa: N802
+def _IO(type_: int, nr: int) -> int:
     return _IOC(IOC_NONE, type_, nr, 0)
 
 
-def _IOR(type_: int, nr: int, argtype: _Sized) -> int:  # noqa: N802
+def _IOR(type_: int, nr: int, argtype: _Sized) -> int:
     return _IOC(IOC_READ, type_, nr, ctypes.sizeof(argtype))
 
 
-def _IOW(type_: int, nr: int, argtype: _Sized) -> int:  # noqa: N802
+def _IOW(type_: int, nr: int, argtype: _Sized) -> int:
     return _IOC(IOC_WRITE, type_, nr, ctypes.sizeof(argtype))
 
 
-def _IOWR(type_: int, nr: int, argtype: _Sized) -> int:  # noqa: N802
+def _IOWR(type_: int, nr: int, argtype: _Sized) -> int:
     return _IOC(IOC_READ | IOC_WRITE, type_, nr, ctypes.sizeof(argtype))

@@ -20,7 +20,7 @@ KVM_NR_INTERRUPTS: Final = 256
 KVM_APIC_REG_SIZE: Final = 0x400
 
 
-class kvm_regs(ctypes.Structure):  # noqa: N801 (kernel name)
+class kvm_regs(ctypes.Structure):
     _fields_ = [
         (name, u64)
         for name in (
@@ -31,7 +31,7 @@ class kvm_regs(ctypes.Structure):  # noqa: N801 (kernel name)
     ]  # fmt: skip
 
 
-class kvm_segment(ctypes.Structure):  # noqa: N801
+class kvm_segment(ctypes.Structure):
     _fields_ = [
         ("base", u64),
         ("limit", u32),
@@ -49,11 +49,11 @@ class kvm_segment(ctypes.Structure):  # noqa: N801
     ]
 
 
-class kvm_dtable(ctypes.Structure):  # noqa: N801
+class kvm_dtable(ctypes.Structure):
     _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
 
 
-class kvm_sregs(ctypes.Structure):  # noqa: N801
+class kvm_sregs(ctypes.Structure):
     _fields_ = [
         ("cs", kvm_segment),
         ("ds", kvm_segment),
@@ -76,7 +76,7 @@ class kvm_sregs(ctypes.Structure):  # noqa: N801
     ]
 
 
-class kvm_fpu(ctypes.Structure):  # noqa: N801
+class kvm_fpu(ctypes.Structure):
     _fields_ = [
         ("fpr", (u8 * 16) * 8),
         ("fcw", u16),
@@ -92,21 +92,21 @@ class kvm_fpu(ctypes.Structure):  # noqa: N801
     ]
 
 
-class kvm_msr_entry(ctypes.Structure):  # noqa: N801
+class kvm_msr_entry(ctypes.Structure):
     _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
 
 
-class kvm_msrs(ctypes.Structure):  # noqa: N801
+class kvm_msrs(ctypes.Structure):
     """The fixed head; use :func:`kvm_msrs_n` for a structure with entries."""
 
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 
-class kvm_msr_list(ctypes.Structure):  # noqa: N801
+class kvm_msr_list(ctypes.Structure):
     _fields_ = [("nmsrs", u32)]
 
 
-class kvm_cpuid_entry2(ctypes.Structure):  # noqa: N801
+class kvm_cpuid_entry2(ctypes.Structure):
     _fields_ = [
         ("function", u32),
         ("index", u32),
@@ -119,7 +119,7 @@ class kvm_cpuid_entry2(ctypes.Structure):  # noqa: N801
     ]
 
 
-class kvm_cpuid2(ctypes.Structure):  # noqa: N801
+class kvm_cpuid2(ctypes.Structure):
     """The fixed head; use :func:`kvm_cpuid2_n` for a structure with entries."""
 
     _fields_ = [("nent", u32), ("padding", u32)]
@@ -154,7 +154,7 @@ def kvm_msr_list_n(n: int) -> type[ctypes.Structure]:
     )
 
 
-class kvm_userspace_memory_region(ctypes.Structure):  # noqa: N801
+class kvm_userspace_memory_region(ctypes.Structure):
     _fields_ = [
         ("slot", u32),
         ("flags", u32),
@@ -164,7 +164,7 @@ class kvm_userspace_memory_region(ctypes.Structure):  # noqa: N801
     ]
 
 
-class kvm_irqfd(ctypes.Structure):  # noqa: N801
+class kvm_irqfd(ctypes.Structure):
     _fields_ = [
         ("fd", u32),
         ("gsi", u32),
@@ -174,7 +174,7 @@ class kvm_irqfd(ctypes.Structure):  # noqa: N801
     ]
 
 
-class kvm_ioeventfd(ctypes.Structure):  # noqa: N801
+class kvm_ioeventfd(ctypes.Structure):
     _fields_ = [
         ("datamatch", u64),
         ("addr", u64),
@@ -185,23 +185,23 @@ class kvm_ioeventfd(ctypes.Structure):  # noqa: N801
     ]
 
 
-class kvm_pit_config(ctypes.Structure):  # noqa: N801
+class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
-class kvm_irq_level(ctypes.Structure):  # noqa: N801
+class kvm_irq_level(ctypes.Structure):
     # The header's anonymous union {irq; status} is represented by its first member.
     _fields_ = [("irq", u32), ("level", u32)]
 
 
-class kvm_lapic_state(ctypes.Structure):  # noqa: N801
+class kvm_lapic_state(ctypes.Structure):
     _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
 
 
 # --- struct kvm_run and the exit-specific parts of its union --------------------------
 
 
-class kvm_run_io(ctypes.Structure):  # noqa: N801
+class kvm_run_io(ctypes.Structure):
     _fields_ = [
         ("direction", u8),
         ("size", u8),
@@ -211,23 +211,23 @@ class kvm_run_io(ctypes.Structure):  # noqa: N801
     ]
 
 
-class kvm_run_mmio(ctypes.Structure):  # noqa: N801
+class kvm_run_mmio(ctypes.Structure):
     _fields_ = [("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8)]
 
 
-class kvm_run_fail_entry(ctypes.Structure):  # noqa: N801
+class kvm_run_fail_entry(ctypes.Structure):
     _fields_ = [("hardware_entry_failure_reason", u64), ("cpu", u32)]
 
 
-class kvm_run_internal(ctypes.Structure):  # noqa: N801
+class kvm_run_internal(ctypes.Structure):
     _fields_ = [("suberror", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
-class kvm_run_system_event(ctypes.Structure):  # noqa: N801
+class kvm_run_system_event(ctypes.Structure):
     _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
-class kvm_run_exit(ctypes.Union):  # noqa: N801
+class kvm_run_exit(ctypes.Union):
     _fields_ = [
         ("io", kvm_run_io),
         ("mmio", kvm_run_mmio),
@@ -238,7 +238,7 @@ class kvm_run_exit(ctypes.Union):  # noqa: N801
     ]
 
 
-class kvm_run(ctypes.Structure):  # noqa: N801
+class kvm_run(ctypes.Structure):
     _anonymous_ = ("u",)
     _fields_ = [
         ("request_interrupt_window", u8),

@@ -1,0 +1,407 @@
+"""The console: where the guest's serial output goes, and how the user's keys reach it.
+
+Three pieces, all independent of KVM:
+
+* Sinks, chosen by ``--console`` and opened by ``open_sink`` (alias ``parse_console``):
+  ``stdio`` (the VMM's standard output, written with os.write, no Python buffering),
+  ``file:PATH`` (a new file, replacing an old one) and ``none`` (discarded). Each has
+  ``write(bytes)`` and ``close()``.
+* ``RawTerminal``: while it is entered, a terminal on standard input is in raw mode (no
+  echo, no line editing, no signals from keys: Ctrl-C goes to the guest). It is always
+  put back: on leaving the ``with`` block, on an exception, at interpreter exit (atexit),
+  and on SIGTERM/SIGHUP/SIGQUIT when nobody else handles them (the handler restores the
+  terminal, then lets the signal kill the process as it would have). Only SIGKILL can
+  leave the terminal raw; ``stty sane`` repairs it.
+* ``InputPump``: a daemon thread reading standard input and passing the bytes to a
+  callback (the UART's ``enqueue_input``). On a terminal, Ctrl-A is an escape key, as in
+  QEMU: Ctrl-A x ends the VM (``on_quit``), Ctrl-A Ctrl-A sends one Ctrl-A, Ctrl-A h
+  prints this list on stderr; Ctrl-A followed by anything else sends both keys. The pump
+  stops at end of input (``on_eof``), after Ctrl-A x, and on ``stop()``, which wakes
+  its select through a self-pipe.
+
+``attach_stdin(spec, machine)`` wires the last two to a VM for ``--console stdio``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import select
+import selectors
+import signal
+import stat
+import sys
+import termios
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from minivmm.errors import UsageError
+
+if TYPE_CHECKING:
+    from minivmm.devices.legacy.serial import Serial
+
+log = logging.getLogger(__name__)
+
+# -- sinks ---------------------------------------------------------------------------
+
+
+class ConsoleSink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullSink:
+    """``--console none``: output is counted and discarded."""
+
+    def __init__(self) -> None:
+        self.discarded = 0
+
+    def write(self, data: bytes) -> None:
+        self.discarded += len(data)
+
+    def close(self) -> None:
+        pass
+
+
+class FdSink:
+    """Writes every byte to a file descriptor, in order, however the fd behaves."""
+
+    def __init__(self, fd: int, *, owned: bool) -> None:
+        self.fd = fd
+        self._owned = owned
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:  # someone made the fd non-blocking
+                select.select([], [self.fd], [])
+                continue
+            view = view[n:]
+
+    def close(self) -> None:
+        if self._owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class StdioSink(FdSink):
+    """``--console stdio``: the VMM's standard output (never closed by the sink)."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            try:
+                sys.stdout.flush()
+                fd = sys.stdout.fileno()
+            except (OSError, ValueError, AttributeError):
+                fd = 1
+        super().__init__(fd, owned=False)
+
+
+class FileSink(FdSink):
+    """``--console file:PATH``: PATH is created or truncated; OSError if it can't be."""
+
+    def __init__(self, path: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        super().__init__(os.open(path, flags, 0o644), owned=True)
+        self.path = path
+
+
+CONSOLE_SPECS: Final = "stdio, none or file:PATH"
+
+
+def open_sink(spec: str) -> ConsoleSink:
+    """Open the sink a ``--console`` value names; UsageError (one line) for a bad one."""
+    if spec == "stdio":
+        return StdioSink()
+    if spec == "none":
+        return NullSink()
+    if not spec.startswith("file:"):
+        raise UsageError(f"--console: expected {CONSOLE_SPECS}, got {spec!r}")
+    path = spec[len("file:") :]
+    if not path:
+        raise UsageError("--console file: needs a path, e.g. --console file:console.log")
+    if os.path.isdir(path):
+        raise UsageError(f"--console file:{path}: is a directory; name a file inside it")
+    try:
+        return FileSink(path)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UsageError(
+            f"--console file:{path}: cannot open for writing ({reason}); "
+            "check the directory exists and is writable"
+        ) from None
+
+
+parse_console = open_sink
+
+
+# -- raw terminal --------------------------------------------------------------------
+
+_RESTORE_SIGNALS: Final = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def raw_attributes(attrs: list[Any]) -> list[Any]:
+    """Raw mode as cfmakeraw, but keeping output post-processing (OPOST), so the
+    VMM's own messages still start at column 0."""
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = attrs
+    iflag &= ~(
+        termios.IGNBRK
+        | termios.BRKINT
+        | termios.PARMRK
+        | termios.ISTRIP
+        | termios.INLCR
+        | termios.IGNCR
+        | termios.ICRNL
+        | termios.IXON
+    )
+    lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    cflag = (cflag & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
+    cc = list(cc)
+    cc[termios.VMIN] = 1
+    cc[termios.VTIME] = 0
+    return [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]
+
+
+class RawTerminal:
+    """Puts the terminal on ``fd`` (default: stdin) in raw mode; a no-op if it is not a tty."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            try:
+                fd = sys.stdin.fileno()
+            except (OSError, ValueError, AttributeError):
+                fd = -1
+        self.fd = fd
+        self._saved: list[Any] | None = None
+        self._handlers: dict[int, Any] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether the terminal is in raw mode now (and will be restored)."""
+        return self._saved is not None
+
+    def enter(self) -> bool:
+        """Switch to raw mode; False (and nothing done) if ``fd`` is not a terminal."""
+        if self._saved is not None:
+            return True
+        if self.fd < 0 or not os.isatty(self.fd):
+            return False
+        saved = termios.tcgetattr(self.fd)
+        self._saved = saved
+        atexit.register(self.restore)
+        self._install_signal_handlers()
+        termios.tcsetattr(self.fd, termios.TCSANOW, raw_attributes(saved))
+        return True
+
+    def restore(self) -> None:
+        """Put the saved attributes back; safe to call any number of times."""
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(self.fd, termios.TCSANOW, saved)
+        atexit.unregister(self.restore)
+        for signum, previous in self._handlers.items():
+            if signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, previous)
+        self._handlers.clear()
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; atexit still restores
+        for signum in _RESTORE_SIGNALS:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.restore()  # also puts back the default action
+        os.kill(os.getpid(), signum)
+
+    def __enter__(self) -> RawTerminal:
+        self.enter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.restore()
+
+
+# -- input pump ----------------------------------------------------------------------
+
+ESCAPE_KEY: Final = 0x01  # Ctrl-A
+QUIT_KEY: Final = ord("x")
+ESCAPE_HELP: Final = (
+    b"\r\nminivmm console keys:\r\n"
+    b"  Ctrl-A x       end the VM\r\n"
+    b"  Ctrl-A Ctrl-A  send Ctrl-A to the guest\r\n"
+    b"  Ctrl-A h       this help\r\n"
+)
+_READ_SIZE: Final = 4096
+
+
+class InputPump:
+    """Reads ``fd`` on a daemon thread and hands the bytes to ``on_input``.
+
+    ``escape`` (default: whether ``fd`` is a terminal) turns on the Ctrl-A keys. The
+    callbacks run on the pump thread: ``on_quit`` after Ctrl-A x, ``on_eof`` at end of
+    input or a read error; the pump has stopped reading when either is called.
+    """
+
+    def __init__(
+        self,
+        on_input: Callable[[bytes], object],
+        on_quit: Callable[[], None],
+        *,
+        fd: int = 0,
+        escape: bool | None = None,
+        on_eof: Callable[[], None] | None = None,
+        help_fd: int = 2,
+    ) -> None:
+        self.fd = fd
+        self._on_input = on_input
+        self._on_quit = on_quit
+        self._on_eof = on_eof
+        self._help_fd = help_fd
+        self._escape = escape
+        self._escape_pending = False
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None
+
+    def start(self) -> bool:
+        """Start the thread; False if ``fd`` is not open (nothing to read)."""
+        if self._thread is not None:
+            return True
+        try:
+            mode = os.fstat(self.fd).st_mode
+        except OSError:
+            return False
+        if self._escape is None:
+            self._escape = stat.S_ISCHR(mode) and os.isatty(self.fd)
+        self._wake = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="minivmm-stdin", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Ask the thread to end and wait for it; safe to call repeatedly or from it."""
+        thread, wake = self._thread, self._wake
+        if thread is None or wake is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(wake[1], b"\0")
+        if thread is threading.current_thread():
+            return
+        thread.join(timeout)
+        if not thread.is_alive():
+            self._thread = self._wake = None
+            os.close(wake[0])
+            os.close(wake[1])
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        assert self._wake is not None
+        with selectors.PollSelector() as sel:  # poll, unlike epoll, accepts regular files
+            sel.register(self.fd, selectors.EVENT_READ)
+            sel.register(self._wake[0], selectors.EVENT_READ)
+            while True:
+                ready = {key.fd for key, _ in sel.select()}
+                if self._wake[0] in ready:
+                    return
+                try:
+                    data = os.read(self.fd, _READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as e:  # e.g. EIO: the terminal hung up
+                    log.debug("console input: %s", e)
+                    data = b""
+                if not data:
+                    if self._on_eof is not None:
+                        self._on_eof()
+                    return
+                out, quit_ = self._filter(data) if self._escape else (data, False)
+                if out:
+                    self._on_input(out)
+                if quit_:
+                    self._on_quit()
+                    return
+
+    def _filter(self, data: bytes) -> tuple[bytes, bool]:
+        """Apply the Ctrl-A keys: (bytes for the guest, whether Ctrl-A x was typed)."""
+        if not self._escape_pending and ESCAPE_KEY not in data:
+            return data, False
+        out = bytearray()
+        for byte in data:
+            if not self._escape_pending:
+                if byte == ESCAPE_KEY:
+                    self._escape_pending = True
+                else:
+                    out.append(byte)
+                continue
+            self._escape_pending = False
+            if byte == QUIT_KEY:
+                return bytes(out), True
+            if byte in (ord("h"), ord("?")):
+                with contextlib.suppress(OSError):
+                    os.write(self._help_fd, ESCAPE_HELP)
+            elif byte == ESCAPE_KEY:
+                out.append(ESCAPE_KEY)
+            else:
+                out += bytes((ESCAPE_KEY, byte))
+        return bytes(out), False
+
+
+# -- wiring ---------------------------------------------------------------------------
+
+
+class ConsoleMachine(Protocol):
+    """What ``attach_stdin`` needs from the VM (minivmm.vm.Machine has it)."""
+
+    @property
+    def serial(self) -> Serial | None: ...
+
+    def request_stop(self, status: int, reason: str, detail: str = "") -> None: ...
+
+
+@contextlib.contextmanager
+def attach_stdin(spec: str, machine: ConsoleMachine, *, fd: int | None = None) -> Iterator[None]:
+    """With ``--console stdio``: raw terminal + input pump into the UART while inside.
+
+    Ctrl-A x ends the VM with status 0 (reason "console"). End of input leaves the guest
+    running without input. Other consoles take no input. On leaving, the pump is
+    stopped and the terminal restored, whatever happened inside.
+    """
+    serial = machine.serial
+    if spec != "stdio" or serial is None:
+        yield
+        return
+    if fd is None:
+        try:
+            fd = sys.stdin.fileno()
+        except (OSError, ValueError, AttributeError):
+            yield
+            return
+    pump = InputPump(
+        serial.enqueue_input,
+        lambda: machine.request_stop(0, "console", "Ctrl-A x typed on the console"),
+        fd=fd,
+    )
+    with RawTerminal(fd):
+        pump.start()
+        try:
+            yield
+        finally:
+            pump.stop()

@@ -1,0 +1,1 @@
+"""devices: VirtioDevice implementations (later) and the legacy devices in devices.legacy"""
