@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus", type=int, default=1, help="vCPUs (only 1 so far)")
     r.add_argument("--console", default="stdio",
                    help="where the serial console goes: stdio, none or file:PATH")
+    r.add_argument("--console-device", default="serial", choices=["serial", "virtio"],
+                   help="the guest's console: the 8250 UART (ttyS0, default) or "
+                        "virtio-console (hvc0)")
+    r.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+                   help="a raw disk image as virtio-blk (repeatable; /dev/vda, vdb, ...)")
+    r.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
     r.add_argument("--stats", action="store_true", help="print exit counters at the end")
     r.add_argument("--timeline", action="store_true", help="print boot milestones at the end")
     r.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
@@ -75,15 +81,21 @@ def _process_start_monotonic() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .launch import LaunchConfig, launch
+    from .launch import DiskSpec, LaunchConfig, device_hints, launch
 
+    default = DEFAULT_CMDLINE
+    if args.console_device == "virtio":
+        default = default.replace("console=ttyS0", "console=hvc0")
     cfg = LaunchConfig(
         kernel=args.kernel,
         initrd=args.initrd,
-        cmdline=DEFAULT_CMDLINE if args.cmdline is None else args.cmdline,
+        cmdline=default if args.cmdline is None else args.cmdline,
         mem_size=parse_size(args.mem),
         cpus=args.cpus,
         console=args.console,
+        console_device=args.console_device,
+        disks=[DiskSpec.parse(d) for d in args.disk],
+        rng=args.rng,
     )
     if args.cpus < 1:
         raise UsageError("--cpus must be at least 1")
@@ -94,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"minivmm: guest failed: {result.detail}", file=sys.stderr)
     elif result.reason == "signal":
         print(f"minivmm: {result.detail}", file=sys.stderr)
+    for hint in device_hints(machine, args.kernel):
+        print(f"minivmm: note: {hint}", file=sys.stderr)
     if args.stats:
         for line in machine.stats_lines():
             print(line, file=sys.stderr)
@@ -103,8 +117,22 @@ def run(args: argparse.Namespace) -> int:
     return result.status
 
 
+class Stopped(VmmError):
+    """SIGINT or SIGTERM before the guest started: stop with status 128+N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} before the guest started")
+        self.exit_status = 128 + signum
+
+
+def _stop_early(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop_early)  # launch() installs the VM's own handlers
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="minivmm: %(levelname)s: %(message)s")
@@ -125,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+    except Exception as e:  # a bug in minivmm: still one line, unless --debug
+        if debug:
+            raise
+        print(f"minivmm: internal error: {type(e).__name__}: {e} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from .ratelimit import RateLimitedLog
@@ -29,7 +30,13 @@ class EventLoop:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._error_log = RateLimitedLog(log)
+        self._soon: deque[Callable[[], None]] = deque()
         self.lock = threading.RLock()
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once on the loop thread (thread-safe)."""
+        self._soon.append(callback)
+        os.eventfd_write(self._wake, 1)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the loop thread whenever ``fd`` is readable."""
@@ -69,12 +76,20 @@ class EventLoop:
                 continue
             for fd, _mask in events:
                 if fd == self._wake:
+                    try:
+                        os.eventfd_read(self._wake)
+                    except BlockingIOError:
+                        pass
+                    while self._soon:
+                        self._call(self._soon.popleft(), fd)
                     continue
                 cb = callbacks.get(fd)
-                if cb is None:
-                    continue
-                try:
-                    cb()
-                except Exception as e:  # a device bug must not kill every device
-                    self._error_log("device callback for fd %d failed: %r", fd, e)
-                    log.debug("device callback failed", exc_info=True)
+                if cb is not None:
+                    self._call(cb, fd)
+
+    def _call(self, cb: Callable[[], None], fd: int) -> None:
+        try:
+            cb()
+        except Exception as e:  # a device bug must not kill every device
+            self._error_log("device callback for fd %d failed: %r", fd, e)
+            log.debug("device callback failed", exc_info=True)

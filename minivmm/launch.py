@@ -1,13 +1,15 @@
 """Put a machine together from a user's configuration and run it.
 
 This is the one place that knows every layer: it makes the :class:`~minivmm.vm.Machine`,
-loads the kernel, writes the MP table, attaches the legacy devices (8250 UART, i8042,
-debug-exit port) and the console, then runs the guest until it ends. ``minivmm run`` is
-a thin wrapper around :func:`launch`; tests and embedders can call it directly.
+attaches the legacy devices (8250 UART, i8042, debug-exit port), the virtio-mmio devices
+and the console, loads the kernel with a command line that names those devices, writes
+the MP table, then runs the guest until it ends. ``minivmm run`` is a thin wrapper around
+:func:`launch`; tests and embedders can call it directly.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -15,10 +17,43 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import hostinfo
+from .devices.base import VirtioDevice
+from .errors import UsageError
+from .eventloop import EventLoop
+from .transport.placement import VirtioMmioDevices
 from .vm import Machine, RunResult, Timeline
 from .x86 import layout
 from .x86.loader import load_kernel
 from .x86.mptable import write_mptable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """``--disk PATH[,ro][,serial=ID]``"""
+
+    path: Path
+    read_only: bool = False
+    serial: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DiskSpec:
+        path, *opts = text.split(",")
+        if not path:
+            raise UsageError(f"--disk {text!r}: give an image path, e.g. --disk disk.img,ro")
+        read_only = False
+        serial = None
+        for opt in opts:
+            if opt == "ro":
+                read_only = True
+            elif opt.startswith("serial="):
+                serial = opt.removeprefix("serial=")
+            else:
+                raise UsageError(f"--disk {text!r}: unknown option {opt!r} "
+                                 "(known: ro, serial=ID)")
+        return cls(Path(path), read_only, serial)
 
 
 @dataclass
@@ -29,7 +64,13 @@ class LaunchConfig:
     mem_size: int = 128 << 20
     cpus: int = 1
     console: str = "stdio"
+    #: "serial" (the 8250, ttyS0) or "virtio" (virtio-console, hvc0)
+    console_device: str = "serial"
+    disks: list[DiskSpec] = field(default_factory=list)
+    rng: bool = False
     prefer_pvh: bool = True
+    #: extra virtio devices (embedders, device authors testing their own device)
+    devices: list[VirtioDevice] = field(default_factory=list)
     #: called with the Machine once it is built, before it runs (tests, embedders)
     setup_hooks: list[Callable[[Machine], None]] = field(default_factory=list)
 
@@ -53,21 +94,39 @@ def _stop_on_signals(machine: Machine) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def _virtio_devices(cfg: LaunchConfig, sink: object) -> list[VirtioDevice]:
+    """The devices the configuration asks for, opened (user errors surface here)."""
+    devices: list[VirtioDevice] = []
+    for disk in cfg.disks:
+        from .devices.blk import BlockDevice
+
+        devices.append(BlockDevice(disk.path, read_only=disk.read_only, serial=disk.serial))
+    if cfg.rng:
+        from .devices.rng import RngDevice
+
+        devices.append(RngDevice())
+    if cfg.console_device == "virtio":
+        from .devices.console import ConsoleDevice
+
+        devices.append(ConsoleDevice(output=sink, input_fd=None))
+    elif cfg.console_device != "serial":
+        raise UsageError(f"--console-device {cfg.console_device!r}: use serial or virtio")
+    devices.extend(cfg.devices)
+    return devices
+
+
 def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Machine:
-    from .console import open_sink
+    from .console import NullSink, open_sink
     from .devices.legacy.debug_exit import DebugExit
     from .devices.legacy.i8042 import I8042
     from .devices.legacy.serial import Serial
 
     sink = open_sink(cfg.console)  # first: a bad --console is a usage error, not a VM error
+    virtio = _virtio_devices(cfg, sink)
     machine = Machine(cfg.mem_size, cpus=cfg.cpus, timeline=timeline)
     try:
-        boot = load_kernel(machine.memory, cfg.kernel, initrd=cfg.initrd, cmdline=cfg.cmdline,
-                           prefer_pvh=cfg.prefer_pvh)
-        write_mptable(machine.memory, cfg.cpus)
-        machine.set_boot(boot.protocol, boot.entry, boot.boot_params_addr)
-        machine.timeline.mark("kernel loaded")
-        serial = Serial(machine.irq_line(layout.SERIAL_IRQ), sink,
+        serial_sink = sink if cfg.console_device == "serial" else NullSink()
+        serial = Serial(machine.irq_line(layout.SERIAL_IRQ), serial_sink,
                         first_byte=lambda: machine.timeline.mark("first console byte"))
         machine.serial = serial
         machine.pio_bus.register(layout.SERIAL_PORT, Serial.SIZE, serial)
@@ -76,13 +135,48 @@ def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Mac
         machine.pio_bus.register(layout.DEBUG_EXIT_PORT, DebugExit.SIZE, DebugExit(
             on_exit=lambda v: machine.request_stop(v, "debug-exit", f"debug-exit {v}")))
         machine.on_stop(serial.flush)
+
+        loop = EventLoop()
+        placed = VirtioMmioDevices(machine.vm, machine.memory, machine.mmio_bus, loop)
+        for dev in virtio:
+            placed.add(dev)
+        machine.virtio = placed
+        cmdline = " ".join(part for part in (cfg.cmdline, placed.cmdline()) if part)
+
+        boot = load_kernel(machine.memory, cfg.kernel, initrd=cfg.initrd, cmdline=cmdline,
+                           prefer_pvh=cfg.prefer_pvh)
+        write_mptable(machine.memory, cfg.cpus)
+        machine.set_boot(boot.protocol, boot.entry, boot.boot_params_addr)
+        machine.timeline.mark("kernel loaded")
+        loop.start()
+        machine.on_stop(loop.stop)
+        machine.on_stop(placed.close)
         machine.on_stop(sink.close)
         for hook in cfg.setup_hooks:
             hook(machine)
     except BaseException:
+        for dev in virtio:
+            dev.close()
         machine.close()
         raise
     return machine
+
+
+def device_hints(machine: Machine, kernel: Path) -> list[str]:
+    """kvmtool's courtesy: name the guest kernel option that is likely missing when a
+    Linux guest never initialised one of its devices."""
+    placed = machine.virtio
+    if placed is None or not hostinfo.looks_like_linux(kernel):
+        return []
+    hints = []
+    for slot, dev in placed.never_initialised():
+        option = {"blk": "CONFIG_VIRTIO_BLK", "rng": "CONFIG_HW_RANDOM_VIRTIO",
+                  "console": "CONFIG_VIRTIO_CONSOLE", "net": "CONFIG_VIRTIO_NET"}.get(
+                      dev.name, "the driver for it")
+        hints.append(f"the guest never initialised virtio-{dev.name} at 0x{slot.base:x} "
+                     f"(IRQ {slot.irq}): is its kernel built with CONFIG_VIRTIO_MMIO, "
+                     f"CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and {option}?")
+    return hints
 
 
 def launch(cfg: LaunchConfig, *, process_start: float | None = None) -> tuple[RunResult, Machine]:

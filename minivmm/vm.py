@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from . import hostinfo
 from .bus import Bus
@@ -32,6 +32,9 @@ from .memory import GuestMemory
 from .x86 import cpu as x86cpu
 from .x86 import layout
 from .x86.cpuid import CpuidMask, filter_cpuid
+
+if TYPE_CHECKING:
+    from .transport.placement import VirtioMmioDevices
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,8 @@ class Machine:
         self._on_stop: list[Callable[[], None]] = []
         #: the 8250 UART that stdin feeds, once attached
         self.serial: Serial | None = None
+        #: the virtio-mmio devices, once placed
+        self.virtio: VirtioMmioDevices | None = None
 
     # -- boot -----------------------------------------------------------------------
 

@@ -1,0 +1,45 @@
+# minivmm top-level build. Guest images are built by the scripts in guest/
+# and cached outside the clone in $(MINIVMM_CACHE) (default ~/.cache/minivmm),
+# keyed by a hash of their inputs; guest/out/ only holds symlinks into it.
+#
+#   make guest            bzImage, vmlinux, initramfs.cpio, probe.elf, and on
+#                         hosts whose KVM emulates guest kernel code (kvm_pvm)
+#                         also vmlinux-emulated and initramfs-check.cpio
+#   make guest-emulated   vmlinux-emulated and initramfs-check.cpio, always
+#   make test             the test suite
+#   make clean            remove guest/out/ (the cache stays; delete
+#                         ~/.cache/minivmm to rebuild from scratch)
+
+OUT := $(abspath guest/out)
+PYTHON ?= python3
+
+.PHONY: all guest guest-linux guest-initramfs guest-probe guest-emulated test clean
+
+all: guest
+
+guest: guest-linux guest-initramfs guest-initramfs-check guest-probe
+	@if guest/kvm-emulates-kernel.sh -v; then $(MAKE) --no-print-directory guest-emulated; fi
+
+guest-linux:
+	guest/build-kernel.sh minimal $(OUT)
+
+guest-initramfs:
+	guest/build-initramfs.sh busybox $(OUT)
+
+guest-probe:
+	$(MAKE) -C guest/probe OUT=$(OUT)
+
+# Kernel builds one after the other: each already uses both cores.
+guest-emulated: guest-initramfs-check
+	guest/build-kernel.sh emulated $(OUT)
+
+guest-initramfs-check:
+	guest/build-initramfs.sh check $(OUT)
+
+.PHONY: guest-initramfs-check
+
+test:
+	$(PYTHON) -m pytest
+
+clean:
+	rm -rf guest/out

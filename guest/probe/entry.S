@@ -1,0 +1,209 @@
+/* entry.S - entry points, GDT, page tables, exception stubs, CPL3 entry.
+ *
+ * Two ways in, one way on:
+ *   _start32  Xen PVH (ELF note XEN_ELFNOTE_PHYS32_ENTRY): 32-bit protected
+ *             mode, paging off, EBX = physical address of hvm_start_info.
+ *   _start64  ELF e_entry, Linux 64-bit boot protocol: long mode, the VMM's
+ *             identity page tables, RSI = physical address of boot_params.
+ * Both load the probe's own GDT and page tables (static, below: no CPL0 loop
+ * builds them, since CPL0 code is emulated at ~1 us per instruction on the
+ * development hosts) and continue at long_common, which calls kmain().
+ */
+#define PTE_P   0x001
+#define PTE_W   0x002
+#define PTE_U   0x004
+#define PTE_PWT 0x008
+#define PTE_PCD 0x010
+#define PTE_PS  0x080
+
+	/* Xen PVH entry note (name "Xen", type 18 = XEN_ELFNOTE_PHYS32_ENTRY). */
+	.section .note.Xen, "a"
+	.p2align 2
+	.long 4
+	.long 4
+	.long 18
+	.asciz "Xen"
+	.long _start32
+
+	.section .text.boot, "ax"
+	.code32
+	.globl _start32
+_start32:
+	cli
+	movl %ebx, boot_info_ptr
+	movl $1, boot_kind              /* BOOT_PVH */
+	rdtsc
+	movl %eax, boot_tsc
+	movl %edx, boot_tsc + 4
+	lgdt gdt_desc                   /* 32-bit form: low 4 bytes of the base */
+	movl $pml4, %eax
+	movl %eax, %cr3
+	movl $0x20, %eax                /* CR4.PAE */
+	movl %eax, %cr4
+	movl $0xc0000080, %ecx          /* EFER.LME */
+	rdmsr
+	orl $0x100, %eax
+	wrmsr
+	movl $0x80000011, %eax          /* CR0.PG | CR0.ET | CR0.PE */
+	movl %eax, %cr0
+	ljmp $0x08, $long_common
+
+	.code64
+	.globl _start64
+_start64:
+	cli
+	movq %rsi, boot_info_ptr(%rip)
+	movl $2, boot_kind(%rip)        /* BOOT_LINUX64 */
+	rdtsc
+	movl %eax, boot_tsc(%rip)
+	movl %edx, boot_tsc + 4(%rip)
+	leaq kstack_top(%rip), %rsp
+	lgdt gdt_desc(%rip)
+	movq $pml4, %rax
+	movq %rax, %cr3
+	movq %cr4, %rax                 /* keep PAE; drop SMEP/SMAP/PKE (CPL0 */
+	andq $~0x700004, %rax           /* touches user pages) and TSD (rdtsc */
+					/* at CPL3); keep the rest */
+	orq $0x20, %rax
+	movq %rax, %cr4
+	pushq $0x08
+	leaq long_common(%rip), %rax
+	pushq %rax
+	lretq
+
+long_common:
+	movl $0x10, %eax
+	movl %eax, %ds
+	movl %eax, %es
+	movl %eax, %ss
+	xorl %eax, %eax
+	movl %eax, %fs
+	movl %eax, %gs
+	movq $kstack_top, %rsp
+	call kmain
+1:	hlt
+	jmp 1b
+
+/* enter_user(entry, a0, a1, stack): iretq to CPL3 at entry(a0, a1), IF=0. */
+	.globl enter_user
+enter_user:
+	pushq $0x1b                     /* SS: user data | 3 */
+	pushq %rcx                      /* RSP */
+	pushq $0x2                      /* RFLAGS: IF=0, IOPL=0 */
+	pushq $0x23                     /* CS: user code | 3 */
+	pushq %rdi                      /* RIP */
+	movq %rsi, %rdi
+	movq %rdx, %rsi
+	iretq
+
+/* Stubs for vectors 0-255 (exceptions 0-31, interrupts 32-255), 16 bytes
+ * apart: push a dummy error code where the CPU pushes none, push the
+ * vector, go to trap_common. */
+	.p2align 4
+	.globl isr_stubs
+isr_stubs:
+	.set vec, 0
+	.rept 256
+	.p2align 4
+	.if (vec == 8) || ((vec >= 10) && (vec <= 14)) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+	.else
+	pushq $0
+	.endif
+	pushq $vec
+	jmp trap_common
+	.set vec, vec + 1
+	.endr
+
+trap_common:
+	pushq %rax
+	pushq %rbx
+	pushq %rcx
+	pushq %rdx
+	pushq %rsi
+	pushq %rdi
+	pushq %rbp
+	pushq %r8
+	pushq %r9
+	pushq %r10
+	pushq %r11
+	pushq %r12
+	pushq %r13
+	pushq %r14
+	pushq %r15
+	movq %rsp, %rdi
+	call trap
+	popq %r15
+	popq %r14
+	popq %r13
+	popq %r12
+	popq %r11
+	popq %r10
+	popq %r9
+	popq %r8
+	popq %rbp
+	popq %rdi
+	popq %rsi
+	popq %rdx
+	popq %rcx
+	popq %rbx
+	popq %rax
+	addq $16, %rsp
+	iretq
+
+	.data
+	.p2align 3
+	.globl boot_kind, boot_info_ptr, boot_tsc
+boot_info_ptr:	.quad 0
+boot_tsc:	.quad 0
+boot_kind:	.long 0
+
+	.p2align 4
+	.globl gdt
+gdt:
+	.quad 0                         /* 0x00 null */
+	.quad 0x00af9b000000ffff        /* 0x08 kernel code, 64-bit */
+	.quad 0x00cf93000000ffff        /* 0x10 kernel data */
+	.quad 0x00cff3000000ffff        /* 0x18 user data, DPL 3 */
+	.quad 0x00affb000000ffff        /* 0x20 user code, 64-bit, DPL 3 */
+	.quad 0, 0                      /* 0x28 TSS, filled in by kmain() */
+gdt_end:
+	.p2align 3
+	.word 0, 0, 0
+gdt_desc:
+	.word gdt_end - gdt - 1
+	.quad gdt
+
+/* Identity map of the first 4 GiB with 2 MiB pages, every level user-
+ * accessible so CPL3 code reaches the image, its buffers, boot data and the
+ * MMIO window; the top GiB (0xC0000000-0xFFFFFFFF) is uncached. */
+	.section .data.pagetables, "aw"
+	.p2align 12
+	.globl pml4
+pml4:
+	.quad pdpt + (PTE_P | PTE_W | PTE_U)
+	.fill 511, 8, 0
+pdpt:
+	.quad pd + 0x0000 + (PTE_P | PTE_W | PTE_U)
+	.quad pd + 0x1000 + (PTE_P | PTE_W | PTE_U)
+	.quad pd + 0x2000 + (PTE_P | PTE_W | PTE_U)
+	.quad pd + 0x3000 + (PTE_P | PTE_W | PTE_U)
+	.fill 508, 8, 0
+pd:
+	.set i, 0
+	.rept 1536
+	.quad (i << 21) | (PTE_P | PTE_W | PTE_U | PTE_PS)
+	.set i, i + 1
+	.endr
+	.rept 512
+	.quad (i << 21) | (PTE_P | PTE_W | PTE_U | PTE_PS | PTE_PCD | PTE_PWT)
+	.set i, i + 1
+	.endr
+
+	.section .bss
+	.p2align 12
+kstack:	.skip 16384
+	.globl kstack_top
+kstack_top:
+ustack:	.skip 32768
+	.globl ustack_top
+ustack_top:

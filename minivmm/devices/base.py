@@ -1,0 +1,259 @@
+"""VirtioDevice: the one interface between a virtio transport and a device.
+
+A device is a small class that knows nothing about MMIO: it says what it is
+(``device_type``), what it offers (``avail_features``), how many queues it has and how
+large they may be, what its configuration space holds, and what to do when a queue is
+kicked. The transport (minivmm.transport.mmio) drives everything else: feature
+negotiation, queue set-up from the driver's register writes, activation at DRIVER_OK,
+interrupts and reset.
+
+Threads: the transport calls in from the vCPU thread (register accesses), kicks arrive on
+the device thread (minivmm.eventloop). ``lock`` serialises the two; the transport holds it
+around every state change and the event loop around every kick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar, Final, Protocol
+
+from ..ratelimit import RateLimitedLog
+from ..virtio.chain import DescriptorChain
+from ..virtio.errors import VirtQueueError
+from ..virtio.mem import GuestMemoryLike
+from ..virtio.queue import Queue
+
+log = logging.getLogger(__name__)
+
+# Feature bits common to every device (virtio 1.2 §6)
+VIRTIO_F_INDIRECT_DESC: Final = 28
+VIRTIO_F_EVENT_IDX: Final = 29
+VIRTIO_F_VERSION_1: Final = 32
+VIRTIO_F_ACCESS_PLATFORM: Final = 33
+VIRTIO_F_RING_PACKED: Final = 34
+
+# Device IDs (virtio 1.2 §5)
+VIRTIO_ID_NET: Final = 1
+VIRTIO_ID_BLOCK: Final = 2
+VIRTIO_ID_CONSOLE: Final = 3
+VIRTIO_ID_RNG: Final = 4
+
+# InterruptStatus bits (virtio 1.2 §4.2.2, "InterruptStatus")
+VIRTIO_MMIO_INT_VRING: Final = 1 << 0
+VIRTIO_MMIO_INT_CONFIG: Final = 1 << 1
+
+
+class ActivationError(Exception):
+    """The device could not start (the transport then sets DEVICE_NEEDS_RESET)."""
+
+
+class Interrupt(Protocol):
+    """How a device tells its driver something happened (the transport implements it)."""
+
+    def signal_used_queue(self) -> None:
+        """Set InterruptStatus bit 0 and interrupt the guest (used buffers)."""
+
+    def signal_config_change(self) -> None:
+        """Set InterruptStatus bit 1 and interrupt the guest (configuration changed)."""
+
+    @property
+    def status(self) -> int:
+        """The InterruptStatus bits not yet acknowledged."""
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+class VirtioDevice(ABC):
+    """Base class of every virtio device. Subclasses set ``device_type`` and implement
+    ``config``, ``process_queue`` and (optionally) ``on_activate``/``on_reset``."""
+
+    device_type: ClassVar[int]
+    #: a name for logs and the command line
+    name: ClassVar[str] = "virtio"
+
+    def __init__(self, avail_features: int, queue_sizes: Sequence[int]) -> None:
+        self._avail_features = avail_features | bit(VIRTIO_F_VERSION_1)
+        self._acked_features = 0
+        self.queues = [Queue(size, i) for i, size in enumerate(queue_sizes)]
+        self.queue_events = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                             for _ in queue_sizes]
+        self.lock = threading.RLock()
+        self.memory: GuestMemoryLike | None = None
+        self.interrupt: Interrupt | None = None
+        self.config_generation = 0
+        #: set by the transport: called with a reason when the device must be reset
+        self.on_needs_reset: Callable[[str], None] | None = None
+        self.log = RateLimitedLog(logging.getLogger(f"minivmm.devices.{self.name}"))
+
+    # -- features (virtio 1.2 §2.2) ---------------------------------------------------
+
+    @property
+    def avail_features(self) -> int:
+        return self._avail_features
+
+    @property
+    def acked_features(self) -> int:
+        return self._acked_features
+
+    def set_acked_features(self, value: int) -> None:
+        """Record the driver's features; bits the device never offered are dropped."""
+        unknown = value & ~self._avail_features
+        if unknown:
+            self.log("%s: driver acked features 0x%x the device never offered; dropped",
+                     self.name, unknown)
+        self._acked_features = value & self._avail_features
+        event_idx = self.has_feature(VIRTIO_F_EVENT_IDX)
+        for q in self.queues:
+            q.set_event_idx(event_idx)  # the queues are not ready yet (FEATURES_OK)
+
+    def avail_features_by_page(self, page: int) -> int:
+        return (self._avail_features >> (32 * page)) & 0xFFFF_FFFF if 0 <= page < 2 else 0
+
+    def ack_features_by_page(self, page: int, value: int) -> None:
+        """DriverFeatures: replace 32 bits of what the driver acked (not yet filtered)."""
+        if not 0 <= page < 2:
+            self.log("%s: driver wrote features page %d (only 0 and 1 exist)", self.name, page)
+            return
+        shift = 32 * page
+        self._acked_features = (self._acked_features & ~(0xFFFF_FFFF << shift)) | (
+            (value & 0xFFFF_FFFF) << shift)
+
+    def has_feature(self, n: int) -> bool:
+        return bool(self._acked_features & bit(n))
+
+    def features_ok(self) -> bool:
+        """Whether the acked set is acceptable (FEATURES_OK). Every bit must have been
+        offered, and VERSION_1 is required: minivmm has no legacy interface."""
+        if self._acked_features & ~self._avail_features:
+            return False
+        return self.has_feature(VIRTIO_F_VERSION_1)
+
+    # -- configuration space (virtio 1.2 §2.5) ----------------------------------------
+
+    @abstractmethod
+    def config(self) -> bytes:
+        """The device-specific configuration space, as the driver reads it."""
+
+    def read_config(self, offset: int, data: memoryview) -> None:
+        """Fill ``data`` from offset; bytes past the end read as zeros."""
+        cfg = self.config()
+        chunk = cfg[offset : offset + len(data)] if 0 <= offset < len(cfg) else b""
+        data[: len(chunk)] = chunk
+        data[len(chunk) :] = bytes(len(data) - len(chunk))
+
+    def write_config(self, offset: int, data: memoryview) -> None:
+        """Most devices have a read-only configuration: writes are logged and dropped."""
+        self.log("%s: driver wrote %d bytes at config offset %d (read-only); ignored",
+                 self.name, len(data), offset)
+
+    def config_changed(self) -> None:
+        """Call when the configuration changed: bumps ConfigGeneration and interrupts."""
+        self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
+        if self.interrupt is not None:
+            self.interrupt.signal_config_change()
+
+    # -- life cycle -------------------------------------------------------------------
+
+    @property
+    def is_activated(self) -> bool:
+        return self.memory is not None
+
+    def activate(self, memory: GuestMemoryLike, interrupt: Interrupt) -> None:
+        """Start the device (DRIVER_OK). Raises ActivationError."""
+        for q in self.queues:
+            if not q.is_ready():
+                continue
+            try:
+                q.activate(memory)
+            except VirtQueueError as e:
+                raise ActivationError(f"queue {q.index}: {e}") from e
+        self.memory = memory
+        self.interrupt = interrupt
+        try:
+            self.on_activate()
+        except ActivationError:
+            self.memory = self.interrupt = None
+            raise
+
+    def reset(self) -> None:
+        """Back to the state before the driver found the device (Status = 0)."""
+        if self.is_activated:
+            self.on_reset()
+        self.memory = None
+        self.interrupt = None
+        self._acked_features = 0
+        for q, fd in zip(self.queues, self.queue_events, strict=True):
+            q.reset()
+            try:
+                os.eventfd_read(fd)  # drop a kick that arrived before the reset
+            except BlockingIOError:
+                pass
+
+    def on_activate(self) -> None:
+        """Hook: take what the device needs to run (files, fds). Raise ActivationError."""
+
+    def on_reset(self) -> None:
+        """Hook: release what on_activate took."""
+
+    def extra_fds(self) -> list[tuple[int, Callable[[], None]]]:
+        """File descriptors (besides queue events) the device thread should watch while
+        the device is active, with the callback to run when each is readable."""
+        return []
+
+    # -- work -------------------------------------------------------------------------
+
+    def kick(self, index: int) -> None:
+        """The driver notified queue ``index``: process it (on the device thread)."""
+        with self.lock:
+            if not self.is_activated or not 0 <= index < len(self.queues):
+                return
+            q = self.queues[index]
+            if not q.is_active():
+                return
+            try:
+                self.process_queue(index)
+            except VirtQueueError as e:
+                self.fail(f"queue {index}: {e}")
+
+    @abstractmethod
+    def process_queue(self, index: int) -> None:
+        """Handle every available chain of queue ``index``; raise VirtQueueError if the
+        guest broke the queue (the device is then marked DEVICE_NEEDS_RESET)."""
+
+    def fail(self, reason: str) -> None:
+        """The guest did something the device cannot recover from: stop and tell it."""
+        self.log("%s: %s; device needs reset", self.name, reason)
+        if self.on_needs_reset is not None:
+            self.on_needs_reset(reason)
+
+    @staticmethod
+    def available(queue: Queue) -> Iterator[DescriptorChain]:
+        """Every available chain, until the ring is empty *and* stays empty once
+        notifications are re-enabled (with EVENT_IDX that writes avail_event, which is
+        what makes the driver kick again; a chain that raced in is served too)."""
+        while True:
+            while (chain := queue.pop()) is not None:
+                yield chain
+            if not queue.enable_notification():
+                return
+
+    def signal_used(self, queue: Queue) -> None:
+        """Interrupt the driver for ``queue`` unless it suppressed notifications."""
+        if self.interrupt is not None and queue.needs_notification():
+            self.interrupt.signal_used_queue()
+
+    def close(self) -> None:
+        """Release everything (when the VM ends)."""
+        with self.lock:
+            if self.is_activated:
+                self.on_reset()
+            self.memory = None
+        for fd in self.queue_events:
+            os.close(fd)
+        self.queue_events = []

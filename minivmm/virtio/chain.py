@@ -1,0 +1,329 @@
+"""chain: one descriptor chain as a device sees it, read and written like a binary file.
+
+A chain (virtio 1.2 §2.7.5) is a device-readable part followed by a device-writable part.
+:meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>` walks and validates the descriptors
+once and hands over a :class:`DescriptorChain` holding zero-copy memoryviews of the
+buffers: ``chain.reader`` streams the readable part, ``chain.writer`` the writable part.
+Neither seeks; both expose their remaining views for ``os.preadv``/``os.pwritev``/
+``socket.recvmsg_into`` (then ``consume``/``advance`` record what that did).
+
+The guest may change its buffers while the device reads them: ``read``/``readinto`` copy,
+so a device parses headers from its own copy and never reads the same guest field twice.
+
+A chain returns itself to the used ring exactly once, with the writer's position as the
+used length: at the end of a ``with`` block (also when the block raises) or by
+:meth:`DescriptorChain.complete`. A chain popped before a queue reset is dropped on
+completion instead of being written into the re-initialised ring.
+
+This module knows nothing about rings; the queue builds chains through :class:`ChainOwner`.
+"""
+
+from __future__ import annotations
+
+import struct
+from types import TracebackType
+from typing import Any, Protocol
+
+BytesLike = bytes | bytearray | memoryview
+"""What ``write`` accepts and ``readinto`` fills."""
+
+__all__ = ["BytesLike", "ChainOwner", "DescriptorChain", "Reader", "Writer"]
+
+
+class ChainOwner(Protocol):
+    """What a chain needs from its queue: a way to return itself to the used ring."""
+
+    def return_chain(self, head: int, written: int, generation: int) -> None: ...
+
+
+def _remaining_views(views: list[memoryview], i: int, off: int, n: int) -> list[memoryview]:
+    if i < len(views) and off == 0 and len(views[i]) == n:
+        return [views[i]]  # the common case: exactly the current buffer
+    out: list[memoryview] = []
+    while n > 0 and i < len(views):
+        v = views[i]
+        take = min(len(v) - off, n)
+        out.append(v[off : off + take])
+        n -= take
+        i += 1
+        off = 0
+    return out
+
+
+class Reader:
+    """The device-readable part of a chain, as a read-only binary stream."""
+
+    __slots__ = ("_i", "_off", "_views", "remaining", "total")
+
+    def __init__(self, views: list[memoryview], total: int) -> None:
+        self._views = views
+        self._i = 0
+        self._off = 0
+        self.total = total
+        """Bytes in the readable part."""
+        self.remaining = total
+        """Bytes not read yet."""
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all that is left if ``n`` < 0), copied out of guest memory."""
+        rem = self.remaining
+        if n < 0 or n > rem:
+            n = rem
+        i = self._i
+        views = self._views
+        if i < len(views):
+            v = views[i]
+            off = self._off
+            end = off + n
+            lv = len(v)
+            if end < lv:  # the common cases: inside the current buffer, or up to its end
+                self._off = end
+            elif end == lv:
+                self._i = i + 1
+                self._off = 0
+            else:
+                buf = bytearray(n)
+                self.readinto(buf)
+                return bytes(buf)
+            self.remaining = rem - n
+            return v[off:end].tobytes()
+        return b""
+
+    def read_struct(self, fmt: struct.Struct) -> tuple[Any, ...]:
+        """Read ``fmt.size`` bytes and unpack them: one copy, straight from guest memory
+        (e.g. a virtio-blk request header). ``EOFError`` if fewer bytes remain."""
+        n = fmt.size
+        rem = self.remaining
+        if n > rem:
+            raise EOFError(f"{n}-byte {fmt.format!r} wanted, {rem} bytes left in the chain")
+        i = self._i
+        v = self._views[i]
+        off = self._off
+        end = off + n
+        lv = len(v)
+        if end < lv:
+            self._off = end
+        elif end == lv:
+            self._i = i + 1
+            self._off = 0
+        else:
+            return fmt.unpack(self.read(n))
+        self.remaining = rem - n
+        return fmt.unpack_from(v, off)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        """Fill ``buffer`` from the chain; returns the number of bytes copied."""
+        dst = memoryview(buffer).cast("B")
+        want = min(len(dst), self.remaining)
+        views = self._views
+        i = self._i
+        off = self._off
+        done = 0
+        while done < want:
+            v = views[i]
+            take = min(len(v) - off, want - done)
+            dst[done : done + take] = v[off : off + take]
+            done += take
+            off += take
+            if off == len(v):
+                i += 1
+                off = 0
+        self._i = i
+        self._off = off
+        self.remaining -= done
+        return done
+
+    def views(self, n: int = -1) -> list[memoryview]:
+        """The unread part (at most ``n`` bytes) as guest memoryviews, for ``pwritev``/
+        ``sendmsg``; the position does not move (call :meth:`consume` after)."""
+        if n < 0 or n > self.remaining:
+            n = self.remaining
+        return _remaining_views(self._views, self._i, self._off, n)
+
+    def consume(self, n: int) -> None:
+        """Move past ``n`` bytes (used through :meth:`views`)."""
+        rem = self.remaining
+        if not 0 <= n <= rem:
+            raise ValueError(f"cannot consume {n} bytes: {rem} remain")
+        self.remaining = rem - n
+        views = self._views
+        i = self._i
+        off = self._off + n
+        while i < len(views) and off >= len(views[i]):
+            off -= len(views[i])
+            i += 1
+        self._i = i
+        self._off = off
+
+
+class Writer:
+    """The device-writable part of a chain, as a write-only binary stream.
+
+    ``written`` (the position) is what the used ring reports to the driver."""
+
+    __slots__ = ("_i", "_off", "_views", "remaining", "total")
+
+    def __init__(self, views: list[memoryview], total: int) -> None:
+        self._views = views
+        self._i = 0
+        self._off = 0
+        self.total = total
+        """Bytes in the writable part."""
+        self.remaining = total
+        """Bytes not written yet."""
+
+    @property
+    def written(self) -> int:
+        """Bytes written so far: the position, and the used length the driver will see."""
+        return self.total - self.remaining
+
+    def write(self, data: BytesLike) -> int:
+        """Copy as much of ``data`` as fits; returns the number of bytes written (check it:
+        a short count means the driver's buffers were too small)."""
+        if type(data) is bytes:
+            src: BytesLike = data
+            n = len(data)
+        else:
+            src = memoryview(data)
+            if src.format != "B" or src.ndim != 1:
+                src = src.cast("B")
+            n = len(src)
+        views = self._views
+        i = self._i
+        rem = self.remaining
+        if n <= rem and i < len(views):
+            v = views[i]
+            off = self._off
+            end = off + n
+            lv = len(v)
+            if end <= lv:  # the common case: inside the current buffer
+                v[off:end] = src
+                if end == lv:
+                    self._i = i + 1
+                    self._off = 0
+                else:
+                    self._off = end
+                self.remaining = rem - n
+                return n
+        if type(src) is bytes:
+            src = memoryview(src)
+        n = min(n, self.remaining)
+        off = self._off
+        done = 0
+        while done < n:
+            v = views[i]
+            take = min(len(v) - off, n - done)
+            v[off : off + take] = src[done : done + take]
+            done += take
+            off += take
+            if off == len(v):
+                i += 1
+                off = 0
+        self._i = i
+        self._off = off
+        self.remaining -= done
+        return done
+
+    def views(self, n: int = -1) -> list[memoryview]:
+        """The unwritten part (at most ``n`` bytes) as guest memoryviews, for ``preadv``/
+        ``recvmsg_into``; the position does not move (call :meth:`advance` after)."""
+        if n < 0 or n > self.remaining:
+            n = self.remaining
+        i = self._i
+        views = self._views
+        if i < len(views) and self._off == 0 and len(views[i]) == n:
+            return [views[i]]  # the common case: exactly the next buffer
+        return _remaining_views(views, i, self._off, n)
+
+    def advance(self, n: int) -> None:
+        """Record ``n`` bytes written through :meth:`views`."""
+        rem = self.remaining
+        if not 0 <= n <= rem:
+            raise ValueError(f"cannot advance {n} bytes: {rem} remain")
+        self.remaining = rem - n
+        views = self._views
+        i = self._i
+        off = self._off + n
+        if i < len(views) and off == len(views[i]):  # the common case: a whole buffer
+            self._i = i + 1
+            self._off = 0
+            return
+        while i < len(views) and off >= len(views[i]):
+            off -= len(views[i])
+            i += 1
+        self._i = i
+        self._off = off
+
+
+_new = object.__new__
+
+
+class DescriptorChain:
+    """One available chain: ``head``, ``reader``, ``writer``; returns itself once."""
+
+    __slots__ = ("_done", "_generation", "_owner", "head", "reader", "writer")
+
+    def __init__(
+        self,
+        owner: ChainOwner,
+        generation: int,
+        head: int,
+        readable: list[memoryview],
+        readable_len: int,
+        writable: list[memoryview],
+        writable_len: int,
+    ) -> None:
+        self._owner = owner
+        self._generation = generation
+        self._done = False
+        self.head = head
+        """The head descriptor index: the id the used ring reports."""
+        # Reader(readable, readable_len) and Writer(writable, writable_len), without the
+        # two __init__ frames: this runs once per chain on the hot path.
+        r = _new(Reader)
+        r._views = readable
+        r._i = r._off = 0
+        r.total = r.remaining = readable_len
+        self.reader = r
+        w = _new(Writer)
+        w._views = writable
+        w._i = w._off = 0
+        w.total = w.remaining = writable_len
+        self.writer = w
+
+    @property
+    def done(self) -> bool:
+        """True once the chain has been returned to the used ring."""
+        return self._done
+
+    def complete(self, written: int | None = None) -> None:
+        """Return the chain to the used ring with ``written`` bytes (default: the writer's
+        position). Raises ``RuntimeError`` if it was already returned."""
+        if self._done:
+            raise RuntimeError(f"chain {self.head} was already returned to the used ring")
+        if written is None:
+            written = self.writer.written
+        elif not 0 <= written <= self.writer.total:
+            raise ValueError(f"written={written} is outside 0..{self.writer.total}")
+        self._done = True
+        self._owner.return_chain(self.head, written, self._generation)
+
+    def __enter__(self) -> DescriptorChain:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._done:
+            self._done = True
+            w = self.writer
+            self._owner.return_chain(self.head, w.total - w.remaining, self._generation)
+
+    def __repr__(self) -> str:
+        return (
+            f"<DescriptorChain head={self.head} readable={self.reader.total} "
+            f"writable={self.writer.total}{' done' if self._done else ''}>"
+        )

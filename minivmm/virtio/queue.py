@@ -1,0 +1,527 @@
+"""queue: the device side of one split virtqueue (virtio 1.2 §2.7).
+
+Life of a queue, driven by the transport from the driver's register writes:
+
+    q = Queue(max_size=256, index=0)          # QueueNumMax
+    q.set_size(n)                             # QueueNum
+    q.set_desc_table_address(low, high)       # QueueDescLow/High
+    q.set_avail_ring_address(low, high)       # QueueDriverLow/High
+    q.set_used_ring_address(low, high)        # QueueDeviceLow/High
+    q.set_event_idx(acked VIRTIO_F_EVENT_IDX) # at FEATURES_OK
+    q.set_ready(True)                         # QueueReady = 1
+    q.activate(mem)                           # at DRIVER_OK: raises a typed VirtQueueError
+                                              # (size, alignment, rings in memory)
+    ...                                       # the device pops chains
+    q.reset()                                 # Status = 0 or QueueReset
+
+``is_valid(mem)`` is the same check as ``activate`` answered as a bool, with no effect.
+Configuration writes while the queue is ready are ignored, as §4.2.2.3 requires.
+
+:meth:`Queue.pop` walks and validates one chain (direct or indirect, §2.7.5.3) and returns
+a :class:`~minivmm.virtio.chain.DescriptorChain`, or None when the ring is empty. A bad
+chain raises a :class:`~minivmm.virtio.errors.DescriptorError` (or
+``InvalidDescriptorIndex``); that available entry is consumed and the queue keeps working.
+An available index that jumps by more than the queue size raises
+:class:`~minivmm.virtio.errors.InvalidAvailRingIndex` and *stops* the queue: ``broken``
+holds the error and every later ``pop`` raises it again, until ``reset``. The transport
+should then set DEVICE_NEEDS_RESET.
+
+Work per ``pop`` is bounded: at most ``size`` descriptors in the table, plus at most the
+table length (at most 32768) inside one indirect table. The used index is the device's own
+counter (``next_used``), never read back from guest memory. Indices wrap at 2^16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from ..memory import GuestMemoryError
+from . import ring
+from .chain import DescriptorChain
+from .errors import (
+    ChainLengthOverflow,
+    DescriptorChainTooLong,
+    DescriptorOutOfMemory,
+    IndirectWithNext,
+    InvalidAvailRingIndex,
+    InvalidDescriptorIndex,
+    InvalidIndirectLength,
+    InvalidNextIndex,
+    InvalidQueueSize,
+    MisalignedRing,
+    NestedIndirect,
+    QueueNotReady,
+    ReadableAfterWritable,
+    VirtQueueError,
+)
+from .mem import U64_LIMIT, GuestMemoryLike, low_window, translate_ring
+from .ring import (
+    DESC,
+    U16,
+    USED_ELEM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    full_fence,
+)
+
+__all__ = ["Queue"]
+
+_MAX_CHAIN_BYTES = 0xFFFF_FFFF
+_MAX_INDIRECT_BYTES = ring.MAX_QUEUE_SIZE * ring.DESC_SIZE
+_INDIRECT_TABLE = "indirect table"
+
+
+def _split(value: int, low: int | None, high: int | None) -> int:
+    if low is not None:
+        value = (value & ~0xFFFF_FFFF) | (low & 0xFFFF_FFFF)
+    if high is not None:
+        value = (value & 0xFFFF_FFFF) | ((high & 0xFFFF_FFFF) << 32)
+    return value
+
+
+class Queue:
+    """One split virtqueue, device side. ``index`` only names the queue in messages."""
+
+    __slots__ = (
+        "_avail",
+        "_avail_addr",
+        "_avail_event_off",
+        "_avail_view",
+        "_cached_avail_idx",
+        "_desc",
+        "_desc_addr",
+        "_event_idx",
+        "_generation",
+        "_hop_range",
+        "_low",
+        "_low_end",
+        "_mask",
+        "_max_size",
+        "_mem",
+        "_next_avail",
+        "_next_used",
+        "_ready",
+        "_signalled_used",
+        "_size",
+        "_translate",
+        "_used",
+        "_used_addr",
+        "_used_event_off",
+        "broken",
+        "index",
+    )
+
+    def __init__(self, max_size: int, index: int = 0) -> None:
+        if not ring.is_valid_size(max_size, ring.MAX_QUEUE_SIZE):
+            raise ValueError(f"max_size {max_size} is not a power of two in 1..32768")
+        self._max_size = max_size
+        self.index = index
+        self._generation = 0
+        self.reset()
+
+    # --- configuration (the transport) --------------------------------------------------
+
+    def reset(self) -> None:
+        """Back to the state after device reset (§2.1.2); chains still held are dropped."""
+        self._generation += 1
+        self._size = self._max_size
+        self._desc_addr = 0
+        self._avail_addr = 0
+        self._used_addr = 0
+        self._event_idx = False
+        self._ready = False
+        self._next_avail = 0
+        self._next_used = 0
+        self.broken: VirtQueueError | None = None
+        """The error that stopped the queue (InvalidAvailRingIndex), or None."""
+        self._deactivate()
+
+    def _deactivate(self) -> None:
+        self._mem: GuestMemoryLike | None = None
+        self._translate: Callable[[int, int], memoryview] | None = None
+        self._low: memoryview | None = None
+        self._low_end = -1  # no buffer ends at or below this: the window is off
+        self._hop_range = range(0)
+        self._desc: memoryview | None = None
+        self._avail: memoryview | None = None  # None whenever pop must not run
+        self._avail_view: memoryview | None = None
+        self._used: memoryview | None = None
+        self._mask = 0
+        self._cached_avail_idx = self._next_avail
+        self._signalled_used: int | None = None
+        self._used_event_off = 0
+        self._avail_event_off = 0
+
+    @property
+    def max_size(self) -> int:
+        """QueueNumMax: the largest size the driver may choose."""
+        return self._max_size
+
+    @property
+    def size(self) -> int:
+        """QueueNum: the size the driver chose (max_size until it writes one)."""
+        return self._size
+
+    def set_size(self, size: int) -> None:
+        """QueueNum write. Any value is stored; ``activate`` rejects a bad one."""
+        if not self._ready:
+            self._size = size
+
+    @property
+    def desc_table_address(self) -> int:
+        return self._desc_addr
+
+    @property
+    def avail_ring_address(self) -> int:
+        return self._avail_addr
+
+    @property
+    def used_ring_address(self) -> int:
+        return self._used_addr
+
+    def set_desc_table_address(self, low: int | None = None, high: int | None = None) -> None:
+        """QueueDescLow/High write: either 32-bit half of the descriptor table address."""
+        if not self._ready:
+            self._desc_addr = _split(self._desc_addr, low, high)
+
+    def set_avail_ring_address(self, low: int | None = None, high: int | None = None) -> None:
+        """QueueDriverLow/High write: the available ring address."""
+        if not self._ready:
+            self._avail_addr = _split(self._avail_addr, low, high)
+
+    def set_used_ring_address(self, low: int | None = None, high: int | None = None) -> None:
+        """QueueDeviceLow/High write: the used ring address."""
+        if not self._ready:
+            self._used_addr = _split(self._used_addr, low, high)
+
+    @property
+    def event_idx(self) -> bool:
+        return self._event_idx
+
+    def set_event_idx(self, enabled: bool) -> None:
+        """Whether the driver acked VIRTIO_F_EVENT_IDX (set at FEATURES_OK)."""
+        if not self._ready:
+            self._event_idx = enabled
+
+    def set_ready(self, ready: bool) -> None:
+        """QueueReady write. Setting 0 deactivates the queue (its chains are dropped)."""
+        if ready == self._ready:
+            return
+        self._ready = ready
+        if not ready:
+            self._generation += 1
+            self._deactivate()
+
+    def is_ready(self) -> bool:
+        """QueueReady as the driver last wrote it."""
+        return self._ready
+
+    def _check(self, mem: GuestMemoryLike) -> tuple[memoryview, memoryview, memoryview]:
+        if not self._ready:
+            raise QueueNotReady(self.index)
+        size = self._size
+        if not ring.is_valid_size(size, self._max_size):
+            raise InvalidQueueSize(self.index, size, self._max_size)
+        parts = (
+            ("descriptor table", self._desc_addr, ring.DESC_ALIGN, ring.desc_table_size(size)),
+            ("available ring", self._avail_addr, ring.AVAIL_ALIGN, ring.avail_ring_size(size)),
+            ("used ring", self._used_addr, ring.USED_ALIGN, ring.used_ring_size(size)),
+        )
+        for part, addr, align, _ in parts:
+            if addr % align:
+                raise MisalignedRing(self.index, part, addr, align)
+        desc, avail, used = (translate_ring(mem, self.index, p, a, n) for p, a, _, n in parts)
+        return desc, avail, used
+
+    def is_valid(self, mem: GuestMemoryLike) -> bool:
+        """Whether ``activate(mem)`` would succeed (no side effects)."""
+        try:
+            self._check(mem)
+        except VirtQueueError:
+            return False
+        return True
+
+    def activate(self, mem: GuestMemoryLike) -> None:
+        """Validate the configuration and start serving the rings (at DRIVER_OK).
+
+        Raises QueueNotReady, InvalidQueueSize, MisalignedRing or RingOutsideMemory."""
+        desc, avail, used = self._check(mem)
+        self._mem = mem
+        self._translate = mem.translate
+        self._low = low_window(mem)
+        self._low_end = -1 if self._low is None else len(self._low)
+        self._hop_range = range(self._size)
+        self._desc = desc
+        self._avail = self._avail_view = avail
+        self._used = used
+        self._mask = self._size - 1
+        self._cached_avail_idx = self._next_avail
+        self._signalled_used = None
+        self._used_event_off = ring.used_event_offset(self._size)
+        self._avail_event_off = ring.avail_event_offset(self._size)
+        self.broken = None
+
+    def is_active(self) -> bool:
+        """True between a successful ``activate`` and ``reset``/``set_ready(False)``."""
+        return self._avail_view is not None
+
+    # --- indices (state save/restore) ---------------------------------------------------
+
+    @property
+    def next_avail(self) -> int:
+        """The available-ring index of the next chain the device will pop."""
+        return self._next_avail
+
+    @next_avail.setter
+    def next_avail(self, value: int) -> None:
+        self._next_avail = value & 0xFFFF
+        self._cached_avail_idx = self._next_avail
+
+    @property
+    def next_used(self) -> int:
+        """The device's used index: the value it last published in the used ring."""
+        return self._next_used
+
+    @next_used.setter
+    def next_used(self, value: int) -> None:
+        self._next_used = value & 0xFFFF
+        self._signalled_used = None
+
+    def _views(self) -> tuple[memoryview, memoryview]:
+        if self._avail_view is None or self._used is None:
+            raise QueueNotReady(self.index)
+        return self._avail_view, self._used
+
+    def avail_idx(self) -> int:
+        """The driver's available index, read from guest memory now."""
+        return int(U16.unpack_from(self._views()[0], ring.IDX_OFFSET)[0])
+
+    def used_idx(self) -> int:
+        """The used index as guest memory holds it (diagnostics; the engine never reads it)."""
+        return int(U16.unpack_from(self._views()[1], ring.IDX_OFFSET)[0])
+
+    # --- the data path -------------------------------------------------------------------
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None. Raises a VirtQueueError for a bad chain
+        (consumed) or a stopped queue (``broken``, raised again on every call)."""
+        avail = self._avail
+        if avail is None:
+            raise self.broken or QueueNotReady(self.index)
+        na = self._next_avail
+        if na == self._cached_avail_idx:
+            # The avail idx load comes before the ring-entry loads (see ring.py on ordering).
+            idx = U16.unpack_from(avail, 2)[0]
+            if idx == na:
+                return None
+            if (idx - na) & 0xFFFF > self._size:
+                self.broken = InvalidAvailRingIndex(self.index, idx, na, self._size)
+                self._avail = None
+                raise self.broken
+            self._cached_avail_idx = idx
+        slot = na & self._mask
+        head = U16.unpack_from(avail, 4 + 2 * slot)[0]
+        self._next_avail = (na + 1) & 0xFFFF
+        limit = self._size
+        if head >= limit:
+            raise InvalidDescriptorIndex(self.index, slot, head, limit)
+
+        # Walk the chain (§2.7.5). Each descriptor is unpacked once into Python ints, so
+        # the guest changing it meanwhile cannot make two checks see different values.
+        # At most ``size`` descriptors: a longer chain has a loop.
+        table = self._desc
+        low = self._low
+        low_end = self._low_end
+        unpack = DESC.unpack_from
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        seen_write = False
+        index = head
+        for _ in self._hop_range:
+            addr, length, flags, nxt = unpack(table, index << 4)  # type: ignore[arg-type]
+            if flags & VIRTQ_DESC_F_WRITE:
+                if flags & VIRTQ_DESC_F_INDIRECT:
+                    # §2.7.5.3.1: the device ignores WRITE on a descriptor to a table.
+                    return self._walk_indirect(head, index, addr, length, flags,
+                                               readable, rlen, writable, wlen, seen_write)
+                wlen += length
+                seen_write = True
+                if length:
+                    end = addr + length
+                    if end <= low_end:  # inside the directly sliceable window
+                        writable.append(low[addr:end])  # type: ignore[index]
+                    else:
+                        writable.append(self._buffer(head, index, addr, length, ""))
+            elif flags & VIRTQ_DESC_F_INDIRECT:
+                return self._walk_indirect(head, index, addr, length, flags,
+                                           readable, rlen, writable, wlen, seen_write)
+            elif seen_write:
+                raise ReadableAfterWritable(self.index, head, index, "")
+            else:
+                rlen += length
+                if length:
+                    end = addr + length
+                    if end <= low_end:
+                        readable.append(low[addr:end])  # type: ignore[index]
+                    else:
+                        readable.append(self._buffer(head, index, addr, length, ""))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                if rlen + wlen > _MAX_CHAIN_BYTES:
+                    raise ChainLengthOverflow(self.index, head, rlen + wlen)
+                return DescriptorChain(
+                    self, self._generation, head, readable, rlen, writable, wlen
+                )
+            if nxt >= limit:
+                raise InvalidNextIndex(self.index, head, index, nxt, limit)
+            index = nxt
+        raise DescriptorChainTooLong(self.index, head, limit)
+
+    def _walk_indirect(
+        self,
+        head: int,
+        index: int,
+        addr: int,
+        length: int,
+        flags: int,
+        readable: list[memoryview],
+        rlen: int,
+        writable: list[memoryview],
+        wlen: int,
+        seen_write: bool,
+    ) -> DescriptorChain:
+        """The rest of a chain, from the indirect table descriptor ``index`` points to.
+        It ends the direct chain (no NEXT); its entries chain by index within the table,
+        at most ``len / 16`` of them."""
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise IndirectWithNext(self.index, head, index)
+        if length == 0 or length & 15 or length > _MAX_INDIRECT_BYTES:
+            raise InvalidIndirectLength(self.index, head, index, length)
+        table = self._buffer(head, index, addr, length, "")
+        limit = length >> 4
+        where = _INDIRECT_TABLE
+        index = 0
+        for _ in range(limit):
+            addr, length, flags, nxt = DESC.unpack_from(table, index << 4)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                raise NestedIndirect(self.index, head, index)
+            if flags & VIRTQ_DESC_F_WRITE:
+                seen_write = True
+                wlen += length
+            elif seen_write:
+                raise ReadableAfterWritable(self.index, head, index, where)
+            else:
+                rlen += length
+            if rlen + wlen > _MAX_CHAIN_BYTES:
+                raise ChainLengthOverflow(self.index, head, rlen + wlen)
+            if length:
+                view = self._buffer(head, index, addr, length, where)
+                (writable if seen_write else readable).append(view)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return DescriptorChain(
+                    self, self._generation, head, readable, rlen, writable, wlen
+                )
+            if nxt >= limit:
+                raise InvalidNextIndex(self.index, head, index, nxt, limit, where)
+            index = nxt
+        raise DescriptorChainTooLong(self.index, head, limit, where)
+
+    def _buffer(
+        self,
+        head: int,
+        index: int,
+        addr: int,
+        length: int,
+        where: str,
+    ) -> memoryview:
+        """A buffer (or table) through ``translate``, checked: DescriptorOutOfMemory."""
+        translate = self._translate
+        try:
+            if translate is None or addr + length > U64_LIMIT:
+                raise GuestMemoryError(addr, length)
+            view = translate(addr, length)
+        except GuestMemoryError:
+            raise DescriptorOutOfMemory(self.index, head, index, addr, length, where) from None
+        if len(view) != length:
+            raise DescriptorOutOfMemory(self.index, head, index, addr, length, where)
+        return view
+
+    def iter(self) -> Iterator[DescriptorChain]:
+        """Pop chains until the ring is empty (errors propagate as from ``pop``)."""
+        while (chain := self.pop()) is not None:
+            yield chain
+
+    def add_used(self, head: int, length: int) -> None:
+        """Publish one used element (``head``, bytes written) and the new used index.
+
+        Devices normally let the chain do this (``with chain:``). ``ValueError`` for a
+        head >= size or a length outside u32: those are device bugs, not guest errors."""
+        used = self._used
+        if used is None:
+            raise QueueNotReady(self.index)
+        if not 0 <= head < self._size or not 0 <= length <= _MAX_CHAIN_BYTES:
+            raise ValueError(f"add_used({head}, {length}) on queue {self.index}: out of range")
+        nu = self._next_used
+        # The element store comes before the index store (see ring.py on ordering).
+        USED_ELEM.pack_into(used, 4 + 8 * (nu & self._mask), head, length)
+        nu = (nu + 1) & 0xFFFF
+        U16.pack_into(used, 2, nu)
+        self._next_used = nu
+
+    def return_chain(self, head: int, written: int, generation: int) -> None:
+        """Called by a chain when it completes; a chain from before a reset is dropped."""
+        used = self._used
+        if generation != self._generation or used is None:
+            return
+        nu = self._next_used
+        USED_ELEM.pack_into(used, 4 + 8 * (nu & self._mask), head, written)
+        nu = (nu + 1) & 0xFFFF
+        U16.pack_into(used, 2, nu)
+        self._next_used = nu
+
+    # --- notifications (§2.7.7, §2.7.10; VIRTIO_F_EVENT_IDX) ----------------------------
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used-buffer interrupt now, for the used entries
+        published since the last call (Linux ``vring_need_event`` with EVENT_IDX, else
+        the NO_INTERRUPT flag). Call it after a batch of ``add_used``."""
+        avail, _ = self._views()
+        full_fence()  # the used idx store must be visible before used_event is read
+        if self._event_idx:
+            new = self._next_used
+            old = self._signalled_used
+            self._signalled_used = new
+            if old is None:
+                return True
+            event = U16.unpack_from(avail, self._used_event_off)[0]
+            return ring.vring_need_event(event, new, old)
+        flags = U16.unpack_from(avail, ring.FLAGS_OFFSET)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def enable_notification(self) -> bool:
+        """Ask the driver to kick on new buffers. Returns True if buffers arrived
+        meanwhile (pop them before sleeping, or they may never be kicked)."""
+        avail, used = self._views()
+        if self._event_idx:
+            U16.pack_into(used, self._avail_event_off, self._next_avail)
+        else:
+            U16.pack_into(used, ring.FLAGS_OFFSET, 0)
+        full_fence()  # the store above must be visible before avail idx is read
+        return bool(U16.unpack_from(avail, ring.IDX_OFFSET)[0] != self._next_avail)
+
+    def disable_notification(self) -> None:
+        """Tell the driver kicks are not needed (a hint: it may kick anyway). With
+        EVENT_IDX there is nothing to write: avail_event stays behind."""
+        _, used = self._views()
+        if not self._event_idx:
+            U16.pack_into(used, ring.FLAGS_OFFSET, VIRTQ_USED_F_NO_NOTIFY)
+
+    def __repr__(self) -> str:
+        state = "broken" if self.broken else "active" if self.is_active() else "inactive"
+        return (
+            f"<Queue {self.index} size={self._size} {state} "
+            f"next_avail={self._next_avail} next_used={self._next_used}>"
+        )
