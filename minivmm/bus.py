@@ -64,6 +64,12 @@ class Bus:
                 return dev, base
         return None
 
+    def size_of(self, base: int) -> int:
+        """The size of the range registered at ``base``."""
+        i = bisect.bisect_left(self._starts, base)
+        entry = self._entries[i]
+        return entry[1] - entry[0]
+
     def read(self, addr: int, data: memoryview) -> None:
         hit = self.lookup(addr)
         if hit is None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import hostinfo
+from .console import ConsoleSink
 from .devices.base import VirtioDevice
 from .errors import UsageError
 from .eventloop import EventLoop
@@ -94,7 +95,7 @@ def _stop_on_signals(machine: Machine) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _virtio_devices(cfg: LaunchConfig, sink: object) -> list[VirtioDevice]:
+def _virtio_devices(cfg: LaunchConfig, sink: ConsoleSink) -> list[VirtioDevice]:
     """The devices the configuration asks for, opened (user errors surface here)."""
     devices: list[VirtioDevice] = []
     for disk in cfg.disks:

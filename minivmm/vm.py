@@ -44,10 +44,12 @@ REQUIRED_CAPS: Final = (
     c.KVM_CAP_EXT_CPUID,
 )
 
-_EXIT_REASON = struct.Struct("<I")
 _IO_EXIT = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
-_MMIO_EXIT = struct.Struct("<Q8xIB")  # phys_addr, data[8] (skipped), len, is_write
+# exit_reason, then the union read as kvm_run.mmio: phys_addr, data[8] (skipped), len,
+# is_write. Offsets are asserted against the ctypes layout below.
+_EXIT_HEAD = struct.Struct("<8xI20xQ8xIB")
 _MMIO_DATA_OFFSET: Final = RUN_EXIT_UNION_OFFSET + 8
+assert RUN_EXIT_REASON_OFFSET == 8 and RUN_EXIT_UNION_OFFSET == 32
 _INTERNAL = struct.Struct("<II")
 _SYSTEM_EVENT = struct.Struct("<I")
 _KICK_SIGNAL: Final = signal.SIGUSR1
@@ -199,6 +201,13 @@ class Machine:
             self.request_stop(1, "error", f"vCPU 0: {e}")
 
     def _run_loop(self) -> None:
+        """KVM_RUN and dispatch, until a stop is requested.
+
+        Per exit this does one ioctl, one struct unpack for the exit reason and the MMIO
+        fields together (harmless garbage for other exits), and, for MMIO, a range check
+        against the device hit last time before falling back to the bus's bisect. The data
+        memoryviews are made once, not per exit.
+        """
         vcpu = self.vcpu
         fd = vcpu.fd
         run = vcpu.run
@@ -207,12 +216,19 @@ class Machine:
         request = kvm_api.KVM_RUN
         get_errno = ctypes.get_errno
         counts = self.exit_counts
-        exit_reason = _EXIT_REASON.unpack_from
+        head = _EXIT_HEAD.unpack_from
         io_exit = _IO_EXIT.unpack_from
-        mmio_exit = _MMIO_EXIT.unpack_from
         union = RUN_EXIT_UNION_OFFSET
         pio = self.pio_bus
         mmio = self.mmio_bus
+        exit_io = c.KVM_EXIT_IO
+        exit_mmio = c.KVM_EXIT_MMIO
+        io_out = c.KVM_EXIT_IO_OUT
+        mmio_data = [view[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + n] for n in range(9)]
+        pio_data: dict[tuple[int, int], memoryview] = {}
+        last_base = last_end = 0  # the MMIO device hit last
+        last_read: Callable[[int, memoryview], None] = mmio.read
+        last_write: Callable[[int, memoryview], None] = mmio.write
         self.timeline.mark("first KVM_RUN")
         while self.result is None:
             if kvm_run(fd, request, 0) < 0:
@@ -221,23 +237,33 @@ class Machine:
                     run.immediate_exit = 0
                     continue
                 raise kvm_api.KvmError(request, err)
-            (reason,) = exit_reason(view, RUN_EXIT_REASON_OFFSET)
+            reason, addr, length, is_write = head(view)
             counts[reason & 63] += 1
-            if reason == c.KVM_EXIT_IO:
-                direction, size, port, count, off = io_exit(view, union)
-                if direction == c.KVM_EXIT_IO_OUT:
-                    for i in range(count):
-                        pio.write(port, view[off + i * size : off + (i + 1) * size])
-                else:
-                    for i in range(count):
-                        pio.read(port, view[off + i * size : off + (i + 1) * size])
-            elif reason == c.KVM_EXIT_MMIO:
-                addr, length, is_write = mmio_exit(view, union)
-                data = view[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + min(length, 8)]
+            if reason == exit_mmio:
+                data = mmio_data[length & 15] if length <= 8 else mmio_data[8]
+                if not last_base <= addr < last_end:
+                    hit = mmio.lookup(addr)
+                    if hit is None:
+                        (mmio.write if is_write else mmio.read)(addr, data)
+                        continue
+                    dev, last_base = hit
+                    last_end = last_base + mmio.size_of(last_base)
+                    last_read, last_write = dev.read, dev.write
                 if is_write:
-                    mmio.write(addr, data)
+                    last_write(addr - last_base, data)
                 else:
-                    mmio.read(addr, data)
+                    last_read(addr - last_base, data)
+            elif reason == exit_io:
+                direction, size, port, count, off = io_exit(view, union)
+                for i in range(count):
+                    key = (off + i * size, size)
+                    data = pio_data.get(key)
+                    if data is None:
+                        data = pio_data[key] = view[key[0] : key[0] + size]
+                    if direction == io_out:
+                        pio.write(port, data)
+                    else:
+                        pio.read(port, data)
             else:
                 self._slow_exit(reason)
 
