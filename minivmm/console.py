@@ -371,21 +371,22 @@ class ConsoleMachine(Protocol):
     """What ``attach_stdin`` needs from the VM (minivmm.vm.Machine has it)."""
 
     @property
-    def serial(self) -> Serial | None: ...
+    def console_input(self) -> Callable[[bytes], object] | None: ...
 
     def request_stop(self, status: int, reason: str, detail: str = "") -> None: ...
 
 
 @contextlib.contextmanager
 def attach_stdin(spec: str, machine: ConsoleMachine, *, fd: int | None = None) -> Iterator[None]:
-    """With ``--console stdio``: raw terminal + input pump into the UART while inside.
+    """With ``--console stdio``: raw terminal + input pump into the guest's console (the
+    UART, or virtio-console) while inside.
 
     Ctrl-A x ends the VM with status 0 (reason "console"). End of input leaves the guest
     running without input. Other consoles take no input. On leaving, the pump is
     stopped and the terminal restored, whatever happened inside.
     """
-    serial = machine.serial
-    if spec != "stdio" or serial is None:
+    feed = machine.console_input
+    if spec != "stdio" or feed is None:
         yield
         return
     if fd is None:
@@ -395,7 +396,7 @@ def attach_stdin(spec: str, machine: ConsoleMachine, *, fd: int | None = None) -
             yield
             return
     pump = InputPump(
-        serial.enqueue_input,
+        feed,
         lambda: machine.request_stop(0, "console", "Ctrl-A x typed on the console"),
         fd=fd,
     )

@@ -9,7 +9,9 @@ the MP table, then runs the guest until it ends. ``minivmm run`` is a thin wrapp
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from pathlib import Path
 from . import hostinfo
 from .console import ConsoleSink
 from .devices.base import VirtioDevice
+from .devices.console import ConsoleDevice
 from .errors import UsageError
 from .eventloop import EventLoop
 from .transport.placement import VirtioMmioDevices
@@ -57,6 +60,33 @@ class DiskSpec:
         return cls(Path(path), read_only, serial)
 
 
+@dataclass(frozen=True)
+class NetSpec:
+    """``--net tap=NAME[,mac=MAC]``"""
+
+    tap: str
+    mac: bytes | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> NetSpec:
+        from .devices.net import parse_mac
+
+        tap = None
+        mac = None
+        for opt in text.split(","):
+            key, eq, value = opt.partition("=")
+            if key == "tap" and eq and value:
+                tap = value
+            elif key == "mac" and eq:
+                mac = parse_mac(value)
+            else:
+                raise UsageError(f"--net {text!r}: unknown option {opt!r} "
+                                 "(known: tap=NAME, mac=52:54:00:xx:xx:xx)")
+        if tap is None:
+            raise UsageError(f"--net {text!r}: name a tap, e.g. --net tap=tap0")
+        return cls(tap, mac)
+
+
 @dataclass
 class LaunchConfig:
     kernel: Path
@@ -68,6 +98,7 @@ class LaunchConfig:
     #: "serial" (the 8250, ttyS0) or "virtio" (virtio-console, hvc0)
     console_device: str = "serial"
     disks: list[DiskSpec] = field(default_factory=list)
+    nets: list[NetSpec] = field(default_factory=list)
     rng: bool = False
     prefer_pvh: bool = True
     #: extra virtio devices (embedders, device authors testing their own device)
@@ -95,21 +126,24 @@ def _stop_on_signals(machine: Machine) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _virtio_devices(cfg: LaunchConfig, sink: ConsoleSink) -> list[VirtioDevice]:
+def _virtio_devices(cfg: LaunchConfig, sink: ConsoleSink,
+                    console_in: int | None) -> list[VirtioDevice]:
     """The devices the configuration asks for, opened (user errors surface here)."""
     devices: list[VirtioDevice] = []
     for disk in cfg.disks:
         from .devices.blk import BlockDevice
 
         devices.append(BlockDevice(disk.path, read_only=disk.read_only, serial=disk.serial))
+    for net in cfg.nets:
+        from .devices.net import NetDevice
+
+        devices.append(NetDevice(net.tap, mac=net.mac))
     if cfg.rng:
         from .devices.rng import RngDevice
 
         devices.append(RngDevice())
     if cfg.console_device == "virtio":
-        from .devices.console import ConsoleDevice
-
-        devices.append(ConsoleDevice(output=sink, input_fd=None))
+        devices.append(ConsoleDevice(output=sink, input_fd=console_in))
     elif cfg.console_device != "serial":
         raise UsageError(f"--console-device {cfg.console_device!r}: use serial or virtio")
     devices.extend(cfg.devices)
@@ -117,19 +151,24 @@ def _virtio_devices(cfg: LaunchConfig, sink: ConsoleSink) -> list[VirtioDevice]:
 
 
 def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Machine:
-    from .console import NullSink, open_sink
+    from .console import open_sink
     from .devices.legacy.debug_exit import DebugExit
     from .devices.legacy.i8042 import I8042
     from .devices.legacy.serial import Serial
 
     sink = open_sink(cfg.console)  # first: a bad --console is a usage error, not a VM error
-    virtio = _virtio_devices(cfg, sink)
+    # virtio-console reads its input from a pipe that the stdin pump fills, so the pump
+    # still sees Ctrl-A x; the pipe's capacity is the back-pressure.
+    pipe = os.pipe2(os.O_CLOEXEC) if cfg.console_device == "virtio" else None
+    virtio = _virtio_devices(cfg, sink, pipe[0] if pipe else None)
     machine = Machine(cfg.mem_size, cpus=cfg.cpus, timeline=timeline)
     try:
-        serial_sink = sink if cfg.console_device == "serial" else NullSink()
-        serial = Serial(machine.irq_line(layout.SERIAL_IRQ), serial_sink,
+        # Output of both consoles goes to --console (a Linux with console=hvc0 leaves the
+        # UART silent); input goes to the one --console-device names.
+        serial = Serial(machine.irq_line(layout.SERIAL_IRQ), sink,
                         first_byte=lambda: machine.timeline.mark("first console byte"))
         machine.serial = serial
+        machine.console_input = serial.enqueue_input
         machine.pio_bus.register(layout.SERIAL_PORT, Serial.SIZE, serial)
         i8042 = I8042(on_reset=lambda: machine.request_stop(0, "reboot", "i8042 reset"))
         machine.pio_bus.register(layout.I8042_PORT, I8042.SIZE, i8042)
@@ -141,6 +180,10 @@ def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Mac
         placed = VirtioMmioDevices(machine.vm, machine.memory, machine.mmio_bus, loop)
         for dev in virtio:
             placed.add(dev)
+            if isinstance(dev, ConsoleDevice) and pipe is not None:
+                dev.fd_watch = functools.partial(_watch, loop)
+                machine.console_input = functools.partial(os.write, pipe[1])
+                machine.on_stop(functools.partial(_close_pipe, pipe))
         machine.virtio = placed
         cmdline = " ".join(part for part in (cfg.cmdline, placed.cmdline()) if part)
 
@@ -161,6 +204,21 @@ def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Mac
         machine.close()
         raise
     return machine
+
+
+def _watch(loop: EventLoop, fd: int, callback: Callable[[], None] | None) -> None:
+    if callback is None:
+        loop.remove_reader(fd)
+    else:
+        loop.add_reader(fd, callback)
+
+
+def _close_pipe(pipe: tuple[int, int]) -> None:
+    for fd in pipe:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def device_hints(machine: Machine, kernel: Path) -> list[str]:

@@ -133,8 +133,10 @@ class Machine:
         self._stop_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._on_stop: list[Callable[[], None]] = []
-        #: the 8250 UART that stdin feeds, once attached
+        #: the 8250 UART, once attached
         self.serial: Serial | None = None
+        #: where console input goes (the UART's or virtio-console's input), if anywhere
+        self.console_input: Callable[[bytes], object] | None = None
         #: the virtio-mmio devices, once placed
         self.virtio: VirtioMmioDevices | None = None
 

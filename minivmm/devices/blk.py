@@ -1,0 +1,394 @@
+"""virtio-blk (virtio 1.2 §5.2): a disk backed by a raw image file.
+
+One request queue. A request (§5.2.6) is a chain: a 16-byte header (type, reserved,
+sector) in the readable part, then the data (readable for OUT, DISCARD and WRITE_ZEROES,
+writable for IN and GET_ID), then one writable status byte, the chain's last byte.
+
+A malformed request is the guest's mistake about one request, not about the queue: it is
+answered with VIRTIO_BLK_S_IOERR (or S_UNSUPP for an unknown type or flag) and a
+rate-limited log line naming what the guest did, and the device keeps working. Host I/O
+errors (EIO, ENOSPC, ...) are answered the same way; the VMM keeps running. Broken
+chains (the engine's VirtQueueError) still set DEVICE_NEEDS_RESET, as for every device.
+
+Data moves with ``preadv``/``pwritev`` between the image and the chain's guest
+memoryviews (no bounce buffer), looping over short transfers. FLUSH is ``fdatasync`` of
+the image before the status is written. DISCARD punches holes; WRITE_ZEROES uses
+``fallocate`` ZERO_RANGE (PUNCH_HOLE when the driver allows unmapping) and writes zeros
+where the filesystem cannot (EOPNOTSUPP).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from ..errors import UsageError
+from ..virtio.chain import DescriptorChain, Reader
+from .base import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_ID_BLOCK, VirtioDevice, bit
+
+# Feature bits (§5.2.3)
+VIRTIO_BLK_F_SIZE_MAX: Final = 1
+VIRTIO_BLK_F_SEG_MAX: Final = 2
+VIRTIO_BLK_F_RO: Final = 5
+VIRTIO_BLK_F_BLK_SIZE: Final = 6
+VIRTIO_BLK_F_FLUSH: Final = 9
+VIRTIO_BLK_F_DISCARD: Final = 13
+VIRTIO_BLK_F_WRITE_ZEROES: Final = 14
+
+# Request types and status values (§5.2.6)
+VIRTIO_BLK_T_IN: Final = 0
+VIRTIO_BLK_T_OUT: Final = 1
+VIRTIO_BLK_T_FLUSH: Final = 4
+VIRTIO_BLK_T_GET_ID: Final = 8
+VIRTIO_BLK_T_DISCARD: Final = 11
+VIRTIO_BLK_T_WRITE_ZEROES: Final = 13
+VIRTIO_BLK_S_OK: Final = 0
+VIRTIO_BLK_S_IOERR: Final = 1
+VIRTIO_BLK_S_UNSUPP: Final = 2
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: Final = 1
+VIRTIO_BLK_ID_BYTES: Final = 20
+
+# Layouts, named once (§5.2.4 and §5.2.6; little-endian)
+#: struct virtio_blk_config: capacity, size_max, seg_max, geometry (cylinders, heads,
+#: sectors), blk_size, topology (physical_block_exp, alignment_offset, min_io_size,
+#: opt_io_size), writeback, unused0, num_queues, max_discard_sectors, max_discard_seg,
+#: discard_sector_alignment, max_write_zeroes_sectors, max_write_zeroes_seg,
+#: write_zeroes_may_unmap, unused1[3], max_secure_erase_sectors, max_secure_erase_seg,
+#: secure_erase_sector_alignment
+BLK_CONFIG: Final = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3xIII")
+#: struct virtio_blk_req header: type, reserved, sector
+REQ_HEADER: Final = struct.Struct("<IIQ")
+#: struct virtio_blk_discard_write_zeroes: sector, num_sectors, flags
+DWZ_SEGMENT: Final = struct.Struct("<QII")
+assert BLK_CONFIG.size == 72 and REQ_HEADER.size == 16 and DWZ_SEGMENT.size == 16
+
+SECTOR_SIZE: Final = 512
+QUEUE_SIZE: Final = 256
+SEG_MAX: Final = QUEUE_SIZE - 2  # a chain holds the header and the status besides data
+BLK_SIZE: Final = 512
+MAX_DISCARD_SECTORS: Final = 1 << 23  # 4 GiB per segment
+MAX_DISCARD_SEG: Final = 32
+DISCARD_SECTOR_ALIGNMENT: Final = 8  # 4 KiB, the page-cache granularity of hole punching
+MAX_WRITE_ZEROES_SECTORS: Final = 1 << 23
+MAX_WRITE_ZEROES_SEG: Final = 32
+IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+FALLOC_FL_ZERO_RANGE: Final = 0x10
+_KNOWN_TYPES: Final = frozenset((VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH,
+                                 VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
+                                 VIRTIO_BLK_T_WRITE_ZEROES))
+_STATUS: Final = (b"\x00", b"\x01", b"\x02")
+_ZEROS: Final = memoryview(bytes(64 << 10))
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], None]:
+    fn = ctypes.CDLL(None, use_errno=True).fallocate64
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        if fn(fd, mode, offset, length) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+
+    return fallocate
+
+
+#: fallocate(2) with a mode (os has only posix_fallocate)
+fallocate: Callable[[int, int, int, int], None] = getattr(os, "fallocate", None) or (
+    _libc_fallocate())
+
+
+# -- one error class per way a guest can get a request wrong ---------------------------
+
+
+class BlkRequestError(Exception):
+    """A bad request: answered with ``status``; the device keeps working."""
+
+    status = VIRTIO_BLK_S_IOERR
+
+
+class HeaderTooShort(BlkRequestError):
+    def __init__(self, readable: int) -> None:
+        super().__init__(f"request has {readable} readable bytes, less than the "
+                         f"{REQ_HEADER.size}-byte header")
+
+
+class NoStatusByte(BlkRequestError):
+    def __init__(self) -> None:
+        super().__init__("request has no writable byte for the status (missing or readable)")
+
+
+class StatusNotLast(BlkRequestError):
+    def __init__(self, kind: int, writable: int) -> None:
+        super().__init__(f"type {kind} request has {writable} writable bytes; only the "
+                         "status byte, last in the chain, may be writable")
+
+
+class UnexpectedData(BlkRequestError):
+    def __init__(self, kind: int, extra: int) -> None:
+        super().__init__(f"type {kind} request carries {extra} readable bytes after the "
+                         "header; it takes none")
+
+
+class DataNotSectorMultiple(BlkRequestError):
+    def __init__(self, kind: int, length: int) -> None:
+        super().__init__(f"type {kind} request has {length} data bytes, not a multiple "
+                         f"of {SECTOR_SIZE}")
+
+
+class SectorOutOfRange(BlkRequestError):
+    def __init__(self, sector: int, count: int, capacity: int) -> None:
+        super().__init__(f"request for sectors {sector}+{count} is outside the disk "
+                         f"({capacity} sectors)")
+
+
+class ReadOnlyDisk(BlkRequestError):
+    def __init__(self, kind: int) -> None:
+        super().__init__(f"type {kind} request modifies a read-only disk")
+
+
+class UnsupportedRequest(BlkRequestError):
+    status = VIRTIO_BLK_S_UNSUPP
+
+    def __init__(self, kind: int) -> None:
+        super().__init__(f"request type {kind} is not supported")
+
+
+class BadSegmentList(BlkRequestError):
+    def __init__(self, kind: int, length: int, limit: int) -> None:
+        super().__init__(f"type {kind} request has {length} bytes of segments; it needs "
+                         f"1 to {limit} segments of {DWZ_SEGMENT.size} bytes")
+
+
+class SegmentTooLarge(BlkRequestError):
+    def __init__(self, kind: int, count: int, limit: int) -> None:
+        super().__init__(f"type {kind} segment of {count} sectors exceeds the limit {limit}")
+
+
+class UnsupportedSegmentFlags(BlkRequestError):
+    status = VIRTIO_BLK_S_UNSUPP
+
+    def __init__(self, kind: int, flags: int) -> None:
+        super().__init__(f"type {kind} segment has flags 0x{flags:x}, not allowed")
+
+
+class ImageEnded(BlkRequestError):
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"image file ended at byte {offset} (did it shrink?)")
+
+
+class BlockDevice(VirtioDevice):
+    device_type = VIRTIO_ID_BLOCK
+    name = "blk"
+
+    def __init__(self, path: Path, *, read_only: bool = False,
+                 serial: str | None = None) -> None:
+        opt = f"--disk {path}"
+        ident = (serial or "").encode()
+        if len(ident) > VIRTIO_BLK_ID_BYTES:
+            raise UsageError(f"{opt},serial={serial}: the serial is {len(ident)} bytes; "
+                             f"use at most {VIRTIO_BLK_ID_BYTES}")
+        self.path = path
+        self.read_only = read_only
+        self._fd = _open_image(path, read_only, opt)
+        try:
+            size = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as e:
+            os.close(self._fd)
+            raise UsageError(f"{opt}: cannot find its size ({e.strerror})") from None
+        #: the disk size in 512-byte sectors (a partial last sector is not addressable)
+        self.capacity = size // SECTOR_SIZE
+        self._id = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")  # §5.2.6: NUL padded
+        features = (bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC)
+                    | bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_SEG_MAX)
+                    | bit(VIRTIO_BLK_F_BLK_SIZE))
+        features |= bit(VIRTIO_BLK_F_RO) if read_only else (
+            bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES))
+        super().__init__(features, [QUEUE_SIZE])
+        self._config = BLK_CONFIG.pack(
+            self.capacity, 0, SEG_MAX, 0, 0, 0, BLK_SIZE, 0, 0, 0, 0, 0, 0, 1,
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_SECTOR_ALIGNMENT,
+            MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, 1, 0, 0, 0)
+
+    def config(self) -> bytes:
+        return self._config
+
+    def close(self) -> None:
+        super().close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- the request queue ----------------------------------------------------------
+
+    def process_queue(self, index: int) -> None:
+        q = self.queues[0]
+        served = False
+        q.disable_notification()
+        while True:
+            while (chain := q.pop()) is not None:
+                with chain:
+                    self._serve(chain)
+                served = True
+            if not q.enable_notification():  # re-check after re-enabling kicks
+                break
+        if served:
+            self.signal_used(q)
+
+    def _serve(self, chain: DescriptorChain) -> None:
+        w = chain.writer
+        if w.total == 0:
+            self.log("blk: %s; returned unanswered", NoStatusByte())
+            return
+        try:
+            status = self._execute(chain.reader, chain)
+        except BlkRequestError as e:
+            self.log("blk: %s", e)
+            status = e.status
+        except OSError as e:
+            self.log("blk: I/O error on %s: %s", self.path, e)
+            status = VIRTIO_BLK_S_IOERR
+        if w.remaining > 1:
+            w.advance(w.remaining - 1)
+        w.write(_STATUS[status])
+
+    def _execute(self, r: Reader, chain: DescriptorChain) -> int:
+        if r.remaining < REQ_HEADER.size:
+            raise HeaderTooShort(r.remaining)
+        kind, _, sector = r.read_struct(REQ_HEADER)
+        if kind not in _KNOWN_TYPES:  # before any shape check: the shape is unknown too
+            raise UnsupportedRequest(kind)
+        w = chain.writer
+        if kind == VIRTIO_BLK_T_IN:
+            self._no_data(kind, r)
+            self._check_range(kind, sector, w.remaining - 1)
+            offset = sector * SECTOR_SIZE
+            while w.remaining > 1:
+                views = w.views(w.remaining - 1)
+                got = os.preadv(self._fd, views if len(views) <= IOV_MAX else views[:IOV_MAX],
+                                offset)
+                if got == 0:
+                    raise ImageEnded(offset)
+                w.advance(got)
+                offset += got
+            return VIRTIO_BLK_S_OK
+        if kind == VIRTIO_BLK_T_GET_ID:
+            self._no_data(kind, r)
+            w.write(self._id[: min(w.remaining - 1, VIRTIO_BLK_ID_BYTES)])
+            return VIRTIO_BLK_S_OK
+        if w.remaining != 1:
+            raise StatusNotLast(kind, w.remaining)
+        if kind == VIRTIO_BLK_T_OUT:
+            if self.read_only:
+                raise ReadOnlyDisk(kind)
+            self._check_range(kind, sector, r.remaining)
+            offset = sector * SECTOR_SIZE
+            while r.remaining:
+                views = r.views()
+                put = os.pwritev(self._fd, views if len(views) <= IOV_MAX else views[:IOV_MAX],
+                                 offset)
+                if put == 0:
+                    raise OSError(errno.EIO, "the image took no bytes")
+                r.consume(put)
+                offset += put
+        elif kind == VIRTIO_BLK_T_FLUSH:
+            self._no_data(kind, r)
+            os.fdatasync(self._fd)
+        else:
+            self._discard_or_zero(kind, r)
+        return VIRTIO_BLK_S_OK
+
+    def _no_data(self, kind: int, r: Reader) -> None:
+        if r.remaining:
+            raise UnexpectedData(kind, r.remaining)
+
+    def _check_range(self, kind: int, sector: int, length: int) -> None:
+        if length % SECTOR_SIZE:
+            raise DataNotSectorMultiple(kind, length)
+        count = length // SECTOR_SIZE
+        # Python ints do not wrap: sector + count is the true end even near 2^64.
+        if sector > self.capacity or sector + count > self.capacity:
+            raise SectorOutOfRange(sector, count, self.capacity)
+
+    def _discard_or_zero(self, kind: int, r: Reader) -> None:
+        if self.read_only:
+            raise ReadOnlyDisk(kind)
+        discard = kind == VIRTIO_BLK_T_DISCARD
+        max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
+        max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
+        length = r.remaining
+        if length == 0 or length % DWZ_SEGMENT.size or length // DWZ_SEGMENT.size > max_seg:
+            raise BadSegmentList(kind, length, max_seg)
+        segments = [r.read_struct(DWZ_SEGMENT) for _ in range(length // DWZ_SEGMENT.size)]
+        allowed = 0 if discard else VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP  # §5.2.6.2
+        for sector, count, flags in segments:  # all checked before any is done
+            if flags & ~allowed:
+                raise UnsupportedSegmentFlags(kind, flags)
+            if count > max_sectors:
+                raise SegmentTooLarge(kind, count, max_sectors)
+            self._check_range(kind, sector, count * SECTOR_SIZE)
+        for sector, count, flags in segments:
+            offset, size = sector * SECTOR_SIZE, count * SECTOR_SIZE
+            if size == 0:
+                continue
+            if discard:
+                self._discard(offset, size)
+            else:
+                self._write_zeroes(offset, size, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+
+    def _discard(self, offset: int, size: int) -> None:
+        try:
+            fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            # discard is a hint (§5.2.6.2): a filesystem without holes keeps the data
+
+    def _write_zeroes(self, offset: int, size: int, unmap: bool) -> None:
+        modes = (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) if unmap else (
+            FALLOC_FL_ZERO_RANGE,)
+        for mode in modes:
+            try:
+                fallocate(self._fd, mode | FALLOC_FL_KEEP_SIZE, offset, size)
+                return
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+        end = offset + size
+        while offset < end:  # the filesystem refused both: write zeros
+            put = os.pwrite(self._fd, _ZEROS[: min(len(_ZEROS), end - offset)], offset)
+            if put == 0:
+                raise OSError(errno.EIO, "the image took no bytes")
+            offset += put
+
+
+def _open_image(path: Path, read_only: bool, opt: str) -> int:
+    """Open the image for the device; UsageError (one line) for what the user must fix."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{opt}: no such file; create an image (truncate -s 64M {path}) "
+                         "or fix the path") from None
+    except OSError as e:
+        raise UsageError(f"{opt}: cannot use it ({e.strerror}); fix the path") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{opt}: is a directory; name a raw image file")
+    if not read_only and not st.st_mode & 0o222:
+        raise UsageError(f"{opt}: the file is read-only; add ,ro or make it writable")
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        return os.open(path, flags)
+    except OSError as e:
+        if not read_only and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UsageError(f"{opt}: cannot open it for writing ({e.strerror}); add ,ro "
+                             "or make it writable") from None
+        raise UsageError(f"{opt}: cannot open it ({e.strerror})") from None

@@ -1,0 +1,460 @@
+"""virtio-net on a real tap, driven through the virtio-mmio transport by fake drivers.
+
+Every tap lives in a network namespace made for this test session (``ip netns add``),
+never in the host's own: the test thread enters it (setns) only to open the tap and its
+packet socket, both of which then keep working from anywhere. The host side of the tap
+is an AF_PACKET socket bound to it: what it sends arrives on the device's receive queue,
+what the guest transmits arrives on it. Deleting the namespace at the end (also after a
+failure) removes whatever is left.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import select
+import socket
+import struct
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pytest
+from guests import run_minivmm
+
+from minivmm.devices import net as netdev
+from minivmm.devices.base import VIRTIO_F_EVENT_IDX, VIRTIO_MMIO_INT_CONFIG
+from minivmm.devices.net import (
+    HDR_SIZE,
+    MAX_TX_FRAME,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_MRG_RXBUF,
+    NetDevice,
+)
+from minivmm.errors import UsageError
+from minivmm.launch import NetSpec
+from minivmm.transport.mmio import DEVICE_NEEDS_RESET
+from minivmm.transport.testing import DeviceHarness
+from minivmm.virtio.testing import FakeDriver
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun"),
+                                reason="this host has no /dev/net/tun (modprobe tun)")
+
+CLONE_NEWNET = 0x4000_0000
+ETH_TEST = 0x88B5  # IEEE 802 local experimental EtherType: nothing else sends it
+PACKET_OUTGOING = 4
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def netns() -> Iterator[str]:
+    name = f"minivmm-test-{os.getpid()}"
+    ip("netns", "add", name)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
+                        "net.ipv6.conf.all.disable_ipv6=1",
+                        "net.ipv6.conf.default.disable_ipv6=1"], check=True, timeout=30)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], timeout=30)
+
+
+@contextmanager
+def inside(ns: str) -> Iterator[None]:
+    """Run the block with this thread in network namespace ``ns``."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def frame(size: int, seed: int = 0) -> bytes:
+    """An Ethernet frame of ``size`` bytes with the test EtherType."""
+    head = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + ETH_TEST.to_bytes(2)
+    return head + bytes((i * 13 + seed) & 0xFF for i in range(size - len(head)))
+
+
+@dataclass
+class Net:
+    ns: str
+    h: DeviceHarness
+    dev: NetDevice
+    peer: socket.socket  # the host side of the tap
+    watch: list[tuple[int, bool]] = field(default_factory=list)
+
+    def send(self, data: bytes) -> None:
+        self.peer.send(data)
+
+    def wait_readable(self) -> None:
+        r, _, _ = select.select([self.dev.tap_fd], [], [], 5)
+        assert r, "the tap never became readable"
+
+    def pump(self) -> None:
+        """What the device thread does when the tap is readable."""
+        self.wait_readable()
+        self.dev.on_tap_readable()
+
+    def received(self) -> bytes:
+        """The next frame the guest sent, as the host's stack sees it on the tap."""
+        while True:
+            r, _, _ = select.select([self.peer], [], [], 5)
+            assert r, "nothing arrived on the tap"
+            data, addr = self.peer.recvfrom(1 << 17)
+            if addr[2] != PACKET_OUTGOING and data[12:14] == ETH_TEST.to_bytes(2):
+                return data
+
+    def initialise(self, features: int | None = None) -> None:
+        all_features = self.h.device_features()
+        self.h.initialise(all_features if features is None else features)
+
+
+def all_but(h: DeviceHarness, *bits: int) -> int:
+    f = h.device_features()
+    for b in bits:
+        f &= ~(1 << b)
+    return f
+
+
+@pytest.fixture
+def net(netns: str) -> Iterator[Net]:
+    name = f"mvt{uuid.uuid4().hex[:8]}"
+    with inside(netns):
+        dev = NetDevice(name)
+        peer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TEST))
+    h = DeviceHarness(dev, event_idx=True)
+    n = Net(netns, h, dev, peer)
+    dev.fd_watch = lambda fd, cb: n.watch.append((fd, cb is not None))
+    try:
+        ip("-n", netns, "link", "set", name, "mtu", "9000", "up")
+        peer.bind((name, ETH_TEST))
+        yield n
+    finally:
+        peer.close()
+        h.close()  # closes the tap: a tap the kernel created for us goes away with it
+
+
+# -- opening, features, configuration -------------------------------------------------
+
+
+def test_tap_created_with_default_mac_and_link_up(net: Net) -> None:
+    dev = net.dev
+    assert dev.tap_created
+    assert dev.device_type == 1 and len(dev.queues) == 2
+    features = net.h.device_features()
+    for bit in (0, 1, 5, 7, 8, 9, 11, 12, 13, 15, 16, 28, 29, 32):
+        assert features >> bit & 1, bit
+    assert not features & ((1 << 17) | (1 << 22)), "no control queue, no MTU: not offered"
+    mac = net.h.read_config(0, 4) + net.h.read_config(4, 2)  # 1, 2 or 4 bytes a read
+    assert mac == netdev.default_mac(dev.tap_name) and mac[0] & 3 == 2
+    assert net.h.read_config(6, 2) == b"\x01\x00"  # VIRTIO_NET_S_LINK_UP
+
+
+def test_mac_option_and_existing_tap(netns: str) -> None:
+    ip("-n", netns, "tuntap", "add", "dev", "mvtpre", "mode", "tap")
+    try:
+        with inside(netns):
+            dev = NetDevice("mvtpre", mac=bytes.fromhex("525400123456"))
+        try:
+            assert not dev.tap_created
+            assert dev.config()[:6] == bytes.fromhex("525400123456")
+        finally:
+            dev.close()
+    finally:
+        ip("-n", netns, "link", "del", "mvtpre")
+
+
+def test_offloads_need_their_checksum_feature(net: Net) -> None:
+    h = net.h
+    assert not h.negotiate(all_but(h, VIRTIO_NET_F_GUEST_CSUM))  # TSO without csum
+    assert h.negotiate(all_but(h, VIRTIO_NET_F_GUEST_CSUM, 7, 8, 9, 10))
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("x" * 16, "1 to 15 bytes"), ("", "1 to 15 bytes"), ("a/b", "may not contain"),
+    ("tap%d", "may not contain"), ("lo", "exists but is not a tap"),
+])
+def test_bad_tap_names(netns: str, name: str, want: str) -> None:
+    with inside(netns), pytest.raises(UsageError, match=want):
+        NetDevice(name)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("tap=t0,mac=01:00:5e:00:00:01", "multicast"), ("tap=t0,mac=52:54:00", "six hex"),
+    ("tap=t0,mac=zz:54:00:12:34:56", "six hex"), ("tap=t0,mac=00:00:00:00:00:00", "non-zero"),
+    ("mac=52:54:00:12:34:56", "name a tap"), ("tap=t0,queues=4", "unknown option"),
+    ("tap=", "unknown option"),
+])
+def test_netspec_errors(text: str, want: str) -> None:
+    with pytest.raises(UsageError, match=want):
+        NetSpec.parse(text)
+    assert NetSpec.parse("tap=t0,mac=52:54:00:ab:cd:ef") == NetSpec(
+        "t0", bytes.fromhex("525400abcdef"))
+
+
+@pytest.mark.parametrize(("opt", "want"), [
+    ("tap=t0,mac=01:02:03:04:05:06", "multicast"), ("tap=" + "x" * 20, "1 to 15 bytes"),
+])
+def test_cli_net_errors_are_one_line(opt: str, want: str) -> None:
+    p = run_minivmm("run", "--kernel", "/etc/hostname", "--net", opt, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and want in lines[0] and "Traceback" not in p.stderr
+
+
+def _as_nobody(netns: str, fn: Callable[[], str]) -> str:
+    """Run fn in a forked child, inside netns, as uid/gid 65534; its result or error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            _setns(os.open(f"/run/netns/{netns}", os.O_RDONLY))
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                out = fn()
+            except UsageError as e:
+                out = f"UsageError: {e}"
+            os.write(w, out.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_unprivileged_user_needs_a_tap_made_for_it(netns: str) -> None:
+    def try_open(name: str) -> Callable[[], str]:
+        def fn() -> str:
+            dev = NetDevice(name)
+            created = dev.tap_created
+            dev.close()
+            return f"opened created={created}"
+        return fn
+
+    out = _as_nobody(netns, try_open("mvtnone"))
+    assert out.startswith("UsageError") and "needs root or CAP_NET_ADMIN" in out, out
+    assert "ip tuntap add dev mvtnone mode tap user" in out
+    ip("-n", netns, "tuntap", "add", "dev", "mvtuser", "mode", "tap", "user", "65534")
+    try:
+        assert _as_nobody(netns, try_open("mvtuser")) == "opened created=False"
+    finally:
+        ip("-n", netns, "link", "del", "mvtuser")
+
+
+# -- receive ------------------------------------------------------------------------
+
+
+def test_rx_one_buffer_per_frame(net: Net) -> None:
+    net.initialise(all_but(net.h, VIRTIO_NET_F_MRG_RXBUF))
+    rx = net.h.drivers[0]
+    heads = [rx.publish(writable=[2048]) for _ in range(3)]
+    frames = [frame(60, 1), frame(1514, 2)]
+    for f in frames:
+        net.send(f)
+    net.h.interrupts()
+    net.pump()
+    used = rx.used()
+    assert [u.id for u in used] == heads[:2]
+    for u, f in zip(used, frames, strict=True):
+        assert u.len == HDR_SIZE + len(f)
+        flags, gso, _, _, _, _, num_buffers = struct.unpack_from("<BBHHHHH", u.data)
+        assert (flags, gso, num_buffers) == (0, 0, 1)
+        assert u.data[HDR_SIZE:] == f
+    assert net.h.interrupts() == 1, "one interrupt for the batch"
+    assert net.dev.rx_packets == 2 and net.dev.rx_bytes == sum(map(len, frames))
+
+
+def test_rx_frame_larger_than_the_buffer_is_dropped_and_counted(net: Net) -> None:
+    net.initialise(all_but(net.h, VIRTIO_NET_F_MRG_RXBUF))
+    rx = net.h.drivers[0]
+    head = rx.publish(writable=[1000])
+    net.send(frame(3000))
+    net.pump()
+    assert rx.used() == [] and net.dev.rx_dropped == 1
+    net.send(frame(500, 3))
+    net.pump()
+    (u,) = rx.used()
+    assert u.id == head and u.data[HDR_SIZE:] == frame(500, 3)
+
+
+def test_mrg_rxbuf_spreads_a_frame_over_several_buffers(net: Net) -> None:
+    net.initialise()
+    assert net.dev.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+    rx = net.h.drivers[0]
+    heads = [rx.publish(writable=[1500]) for _ in range(5)]
+    big = frame(4000, 5)
+    net.send(big)
+    net.pump()
+    used = rx.used()
+    assert [u.id for u in used] == heads[:3]
+    assert [u.len for u in used] == [1500, 1500, HDR_SIZE + 4000 - 3000]
+    assert struct.unpack_from("<H", used[0].data, 10)[0] == 3  # num_buffers
+    assert b"".join(u.data for u in used)[HDR_SIZE:] == big
+    # the two buffers held back serve the next frame, in ring order
+    net.send(frame(100, 6))
+    net.pump()
+    (u,) = rx.used()
+    assert u.id == heads[3] and u.data[HDR_SIZE:] == frame(100, 6)
+    assert struct.unpack_from("<H", u.data, 10)[0] == 1
+
+
+def test_mrg_rxbuf_header_split_across_descriptors(net: Net) -> None:
+    net.initialise()
+    rx = net.h.drivers[0]
+    heads = [rx.publish(writable=[4, 8, 500], indirect=True) for _ in range(3)]
+    f = frame(1000, 7)
+    net.send(f)
+    net.pump()
+    used = rx.used()
+    assert [u.id for u in used] == heads[:2]
+    assert struct.unpack_from("<H", used[0].data, 10)[0] == 2
+    assert b"".join(u.data for u in used)[HDR_SIZE:] == f
+
+
+def test_no_rx_buffers_stops_watching_the_tap_until_a_kick(net: Net) -> None:
+    net.initialise()
+    net.send(frame(200, 8))
+    net.pump()  # readable, but the guest has posted nothing
+    assert net.watch == [(net.dev.tap_fd, False)] and net.dev.rx_pauses == 1
+    net.dev.on_tap_readable()  # a stale wake-up does nothing
+    assert net.dev.rx_pauses == 1
+    rx = net.h.drivers[0]
+    head = rx.publish(writable=[2048])  # the driver kicks: resume and deliver
+    assert rx.kicks == 1
+    assert net.watch[-1] == (net.dev.tap_fd, True)
+    (u,) = rx.used()
+    assert u.id == head and u.data[HDR_SIZE:] == frame(200, 8)
+    assert net.dev.rx_dropped == 0
+
+
+def test_reset_drops_held_buffers_and_the_device_starts_again(net: Net) -> None:
+    net.initialise()
+    rx = net.h.drivers[0]
+    for _ in range(4):
+        rx.publish(writable=[1500])
+    net.send(frame(100))
+    net.pump()
+    assert len(rx.used()) == 1 and len(net.dev._stash) == 3
+    net.h.write32(0x070, 0)  # reset
+    assert net.dev._stash == [] and net.dev._iov == []
+    net.h.drivers = [FakeDriver(d.size, mem=d.mem, base=d.desc_addr, heap_size=1 << 20,
+                                event_idx=True) for d in net.h.drivers]
+    for i, d in enumerate(net.h.drivers):
+        d.on_kick = functools.partial(net.h.kick, i)
+    rx = net.h.drivers[0]
+    net.initialise()
+    head = rx.publish(writable=[1500])
+    net.send(frame(90, 9))
+    net.pump()
+    (u,) = rx.used()
+    assert u.id == head and u.data[HDR_SIZE:] == frame(90, 9)
+
+
+def test_rx_without_event_idx(net: Net) -> None:
+    net.h.drivers[0].event_idx = net.h.drivers[1].event_idx = False
+    net.initialise(all_but(net.h, VIRTIO_F_EVENT_IDX))
+    rx = net.h.drivers[0]
+    head = rx.publish(writable=[2048])
+    net.send(frame(64))
+    net.pump()
+    assert [u.id for u in rx.used()] == [head]
+
+
+# -- transmit -----------------------------------------------------------------------
+
+
+def test_tx_writes_each_chain_to_the_tap(net: Net) -> None:
+    net.initialise()
+    tx = net.h.drivers[1]
+    f1, f2 = frame(60, 10), frame(3000, 11)
+    hdr = bytes(HDR_SIZE)
+    h1 = tx.publish(readable=[hdr + f1])
+    assert net.received() == f1
+    h2 = tx.publish(readable=[hdr[:5], hdr[5:] + f2[:100], f2[100:]], indirect=True)
+    assert net.received() == f2
+    assert [(u.id, u.len) for u in tx.used()] == [(h1, 0), (h2, 0)]
+    assert net.dev.tx_packets == 2 and net.dev.tx_bytes == len(f1) + len(f2)
+
+
+def test_tx_batch_is_one_interrupt(net: Net) -> None:
+    net.initialise()
+    tx = net.h.drivers[1]
+    for i in range(5):
+        tx.publish(readable=[bytes(HDR_SIZE) + frame(80, i)], kick=False)
+    net.h.interrupts()
+    net.h.kick(1)
+    assert len(tx.used()) == 5 and net.h.interrupts() == 1
+    assert [net.received() for _ in range(5)] == [frame(80, i) for i in range(5)]
+
+
+def test_bad_tx_chains_are_dropped_and_counted(net: Net) -> None:
+    net.initialise()
+    tx = net.h.drivers[1]
+    hdr = bytes(HDR_SIZE)
+    tx.publish(readable=[b"short"])
+    tx.publish(readable=[hdr + frame(60)], writable=[16])
+    tx.publish(readable=[hdr, bytes(MAX_TX_FRAME - HDR_SIZE + 1)])
+    bad_gso = struct.pack("<BBHHHHH", 0, 0x7F, 0, 0, 0, 0, 0)
+    tx.publish(readable=[bad_gso + frame(60)])
+    good = frame(70, 12)
+    tx.publish(readable=[hdr + good])
+    assert net.received() == good
+    assert len(tx.used()) == 5
+    assert net.dev.tx_dropped == 3 and net.dev.tx_errors == 1 and net.dev.tx_packets == 1
+    assert not net.h.status & DEVICE_NEEDS_RESET
+
+
+# -- the tap going away ---------------------------------------------------------------
+
+
+def test_tap_deleted_link_down_vm_carries_on(net: Net) -> None:
+    net.initialise()
+    ip("-n", net.ns, "link", "del", net.dev.tap_name)
+    net.h.ack_interrupt()
+    net.pump()  # the fd reports an error: the read fails with EBADFD
+    assert not net.dev.link_up
+    assert net.watch == [(net.dev.tap_fd, False)]
+    assert net.h.read_config(6, 2) == b"\x00\x00"
+    assert net.h.interrupt_status & VIRTIO_MMIO_INT_CONFIG
+    assert net.h.read32(0x0FC) == 1  # ConfigGeneration moved
+    tx = net.h.drivers[1]
+    tx.publish(readable=[bytes(HDR_SIZE) + frame(60)])
+    assert len(tx.used()) == 1 and net.dev.tx_dropped == 1
+    rx = net.h.drivers[0]
+    rx.publish(writable=[2048])
+    assert rx.used() == [] and not net.h.status & DEVICE_NEEDS_RESET
+    assert net.dev.extra_fds() == []
+
+
+def test_tap_deleted_noticed_on_transmit(net: Net) -> None:
+    net.initialise(all_but(net.h, VIRTIO_NET_F_GUEST_TSO4, 8, 9, 10))
+    ip("-n", net.ns, "link", "del", net.dev.tap_name)
+    tx = net.h.drivers[1]
+    tx.publish(readable=[bytes(HDR_SIZE) + frame(60)])
+    assert not net.dev.link_up and net.dev.tx_dropped == 1
+    assert net.h.read_config(6, 2) == b"\x00\x00"
