@@ -7,6 +7,8 @@
 #                         also vmlinux-emulated and initramfs-check.cpio
 #   make guest-emulated   vmlinux-emulated and initramfs-check.cpio, always
 #   make test             the test suite
+#   make bench            minivmm next to QEMU (bench/run.py; BENCH_ARGS=--reps N)
+#   make bench-smoke      every benchmark once, tiny sizes (CI: checks it still runs)
 #   make clean            remove guest/out/ (the cache stays; delete
 #                         ~/.cache/minivmm to rebuild from scratch)
 
@@ -40,6 +42,13 @@ guest-initramfs-check:
 
 test:
 	$(PYTHON) -m pytest
+
+.PHONY: bench bench-smoke
+bench:
+	$(PYTHON) -m bench $(BENCH_ARGS)
+
+bench-smoke:
+	$(PYTHON) -m bench --smoke
 
 clean:
 	rm -rf guest/out

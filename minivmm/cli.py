@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "virtio-console (hvc0)")
     r.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
                    help="a raw disk image as virtio-blk (repeatable; /dev/vda, vdb, ...)")
+    r.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+                   help="virtio-net on a Linux tap (repeatable; created if absent and "
+                        "permitted, else make it with `ip tuntap add`)")
     r.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
     r.add_argument("--stats", action="store_true", help="print exit counters at the end")
     r.add_argument("--timeline", action="store_true", help="print boot milestones at the end")
@@ -81,7 +84,7 @@ def _process_start_monotonic() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .launch import DiskSpec, LaunchConfig, device_hints, launch
+    from .launch import DiskSpec, LaunchConfig, NetSpec, device_hints, launch
 
     default = DEFAULT_CMDLINE
     if args.console_device == "virtio":
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         console=args.console,
         console_device=args.console_device,
         disks=[DiskSpec.parse(d) for d in args.disk],
+        nets=[NetSpec.parse(n) for n in args.net],
         rng=args.rng,
     )
     if args.cpus < 1:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from minivmm.errors import UsageError
 
 if TYPE_CHECKING:
-    from minivmm.devices.legacy.serial import Serial
+    pass
 
 log = logging.getLogger(__name__)
 

@@ -181,7 +181,6 @@ def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Mac
         for dev in virtio:
             placed.add(dev)
             if isinstance(dev, ConsoleDevice) and pipe is not None:
-                dev.fd_watch = functools.partial(_watch, loop)
                 machine.console_input = functools.partial(os.write, pipe[1])
                 machine.on_stop(functools.partial(_close_pipe, pipe))
         machine.virtio = placed
@@ -204,13 +203,6 @@ def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Mac
         machine.close()
         raise
     return machine
-
-
-def _watch(loop: EventLoop, fd: int, callback: Callable[[], None] | None) -> None:
-    if callback is None:
-        loop.remove_reader(fd)
-    else:
-        loop.add_reader(fd, callback)
 
 
 def _close_pipe(pipe: tuple[int, int]) -> None:

@@ -16,6 +16,8 @@
  */
 #include "probe.h"
 #include "virtio.h"
+#include "net.h"
+#include "bench.h"
 
 #define PVH_MAGIC 0x336ec578u
 #define E820_RAM 1
@@ -288,6 +290,8 @@ static int device_option(const char *k, size_t kl, const char *v, size_t vl, int
 		bad = bad || parse_flag(v, vl, &vopt.blk_ro);
 	} else if (str_eq_n(k, kl, "probe.strict")) {
 		bad = bad || parse_flag(v, vl, &vopt.strict);
+	} else if (net_option(k, kl, v, vl, has_val, &bad)) {
+		/* net.c */
 	} else {
 		return 0;
 	}
@@ -299,6 +303,7 @@ static int device_option(const char *k, size_t kl, const char *v, size_t vl, int
 
 static void option(const char *k, size_t kl, const char *v, size_t vl, int has_val)
 {
+	int bad;
 	if (str_eq_n(k, kl, "virtio_mmio.device")) {
 		if (!has_val || vdev_add(v, vl))
 			bad_option("bad virtio_mmio.device=", v, vl);
@@ -310,6 +315,9 @@ static void option(const char *k, size_t kl, const char *v, size_t vl, int has_v
 				opt.have_expect_mem = 1;
 		} else if (device_option(k, kl, v, vl, has_val)) {
 			/* handled */
+		} else if (bench_option(k, kl, v, vl, has_val, &bad)) {
+			if (bad)
+				bad_option("bad value: ", k, kl);
 		} else if (str_eq_n(k, kl, "probe.check")) {
 			if (!has_val)
 				bad_option("probe.check needs a value", "", 0);
@@ -515,6 +523,8 @@ static const struct check checks[] = {
 	{ "features_refused", check_features_refused, 0 },
 	{ "bad_chain", check_bad_chain, 0 },
 	{ "reset", check_reset, 0 },
+	{ "net", check_net, 0 },
+	{ "bench", check_bench, 0 },
 	{ "triplefault", NULL, CHECK_FINAL },
 };
 

@@ -65,6 +65,11 @@ class Interrupt(Protocol):
         """The InterruptStatus bits not yet acknowledged."""
 
 
+FdWatch = Callable[[int, Callable[[], None] | None], None]
+"""``fd_watch(fd, callback)`` watches fd for readability on the device thread;
+``fd_watch(fd, None)`` stops watching it."""
+
+
 def bit(n: int) -> int:
     return 1 << n
 
@@ -90,6 +95,9 @@ class VirtioDevice(ABC):
         #: set by the transport: called with a reason when the device must be reset
         self.on_needs_reset: Callable[[str], None] | None = None
         self.log = RateLimitedLog(logging.getLogger(f"minivmm.devices.{self.name}"))
+        #: set by the VMM (or a test): lets a device stop and resume watching one of its
+        #: ``extra_fds`` while active, e.g. a tap when the guest has no receive buffers
+        self.fd_watch: FdWatch | None = None
 
     # -- features (virtio 1.2 §2.2) ---------------------------------------------------
 

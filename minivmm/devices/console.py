@@ -59,10 +59,6 @@ RECEIVEQ: Final = 0
 TRANSMITQ: Final = 1
 QUEUE_SIZE: Final = 256
 
-FdWatch = Callable[[int, Callable[[], None] | None], None]
-"""``fd_watch(fd, callback)`` watches fd for readability; ``fd_watch(fd, None)`` stops."""
-
-
 def _pollable(fd: int) -> bool:
     if stat.S_ISREG(os.fstat(fd).st_mode):
         return False
@@ -101,8 +97,6 @@ class ConsoleDevice(VirtioDevice):
         self.input_fd = input_fd
         self._config = CONSOLE_CONFIG.pack(cols & 0xFFFF, rows & 0xFFFF, 1, 0)
         self._pollable = input_fd is not None and _pollable(input_fd)
-        #: set by the VMM: how the device stops and resumes watching its input fd
-        self.fd_watch: FdWatch | None = None
         self._watching = False
         self.input_ended = input_fd is None
 

@@ -59,6 +59,7 @@ class VirtioMmioDevices:
         transport = MmioTransport(device, self.memory, irq_fd,
                                   on_activate=self._activated, on_reset=self._deactivated)
         self.bus.register(slot.base, layout.VIRTIO_MMIO_SIZE, transport)
+        device.fd_watch = self._watch_fd
         for qi, fd in enumerate(device.queue_events):
             self.vm.ioeventfd(fd, slot.base + NOTIFY_OFFSET, 4, datamatch=qi)
             self.loop.add_reader(fd, self._kicker(device, qi, fd))
@@ -78,6 +79,12 @@ class VirtioMmioDevices:
             kick(index)
 
         return on_kick
+
+    def _watch_fd(self, fd: int, callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            self.loop.remove_reader(fd)
+        else:
+            self.loop.add_reader(fd, callback)
 
     def _activated(self, device: VirtioDevice) -> None:
         for fd, callback in device.extra_fds():

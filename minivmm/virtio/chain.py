@@ -65,7 +65,8 @@ class Reader:
         """Bytes not read yet."""
 
     def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (all that is left if ``n`` < 0), copied out of guest memory."""
+        """Up to ``n`` bytes (all that is left if ``n`` < 0), copied out of guest memory.
+        The guest chose the length: cap ``n`` for anything but small headers."""
         rem = self.remaining
         if n < 0 or n > rem:
             n = rem
@@ -97,7 +98,10 @@ class Reader:
         if n > rem:
             raise EOFError(f"{n}-byte {fmt.format!r} wanted, {rem} bytes left in the chain")
         i = self._i
-        v = self._views[i]
+        views = self._views
+        if i >= len(views):
+            return fmt.unpack(b"")  # a zero-size struct at the end
+        v = views[i]
         off = self._off
         end = off + n
         lv = len(v)

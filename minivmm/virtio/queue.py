@@ -15,7 +15,7 @@ Life of a queue, driven by the transport from the driver's register writes:
     q.reset()                                 # Status = 0 or QueueReset
 
 ``is_valid(mem)`` is the same check as ``activate`` answered as a bool, with no effect.
-Configuration writes while the queue is ready are ignored, as §4.2.2.3 requires.
+Configuration writes while the queue is ready are ignored (virtio-mmio, §4.2.2).
 
 :meth:`Queue.pop` walks and validates one chain (direct or indirect, §2.7.5.3) and returns
 a :class:`~minivmm.virtio.chain.DescriptorChain`, or None when the ring is empty. A bad
@@ -57,7 +57,6 @@ from .errors import (
 from .mem import U64_LIMIT, GuestMemoryLike, low_window, translate_ring
 from .ring import (
     DESC,
-    U16,
     USED_ELEM,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -72,6 +71,10 @@ __all__ = ["Queue"]
 _MAX_CHAIN_BYTES = 0xFFFF_FFFF
 _MAX_INDIRECT_BYTES = ring.MAX_QUEUE_SIZE * ring.DESC_SIZE
 _INDIRECT_TABLE = "indirect table"
+# Positions in the rings viewed as u16 arrays (byte offset / 2).
+_FLAGS = ring.FLAGS_OFFSET // 2
+_IDX = ring.IDX_OFFSET // 2
+_RING = ring.RING_OFFSET // 2
 
 
 def _split(value: int, low: int | None, high: int | None) -> int:
@@ -108,6 +111,7 @@ class Queue:
         "_size",
         "_translate",
         "_used",
+        "_used16",
         "_used_addr",
         "_used_event_off",
         "broken",
@@ -149,6 +153,7 @@ class Queue:
         self._avail: memoryview | None = None  # None whenever pop must not run
         self._avail_view: memoryview | None = None
         self._used: memoryview | None = None
+        self._used16: memoryview | None = None
         self._mask = 0
         self._cached_avail_idx = self._next_avail
         self._signalled_used: int | None = None
@@ -255,14 +260,19 @@ class Queue:
         self._low_end = -1 if self._low is None else len(self._low)
         self._hop_range = range(self._size)
         self._desc = desc
-        self._avail = self._avail_view = avail
+        # The available ring is only ever read as u16s, and the used ring's flags, idx and
+        # avail_event are u16s: both go through "H" views, one aligned 16-bit access per
+        # index (see ring.py on why struct.pack_into must not be used for them).
+        avail16 = avail.cast("H")
+        self._avail_view = avail16
+        self._avail = None if self.broken else avail16  # a stopped queue stays stopped
         self._used = used
+        self._used16 = used.cast("H")
         self._mask = self._size - 1
         self._cached_avail_idx = self._next_avail
         self._signalled_used = None
-        self._used_event_off = ring.used_event_offset(self._size)
-        self._avail_event_off = ring.avail_event_offset(self._size)
-        self.broken = None
+        self._used_event_off = ring.used_event_offset(self._size) // 2
+        self._avail_event_off = ring.avail_event_offset(self._size) // 2
 
     def is_active(self) -> bool:
         """True between a successful ``activate`` and ``reset``/``set_ready(False)``."""
@@ -291,17 +301,18 @@ class Queue:
         self._signalled_used = None
 
     def _views(self) -> tuple[memoryview, memoryview]:
-        if self._avail_view is None or self._used is None:
+        """The available ring and the used ring, as arrays of u16 ("H" views)."""
+        if self._avail_view is None or self._used16 is None:
             raise QueueNotReady(self.index)
-        return self._avail_view, self._used
+        return self._avail_view, self._used16
 
     def avail_idx(self) -> int:
         """The driver's available index, read from guest memory now."""
-        return int(U16.unpack_from(self._views()[0], ring.IDX_OFFSET)[0])
+        return int(self._views()[0][_IDX])
 
     def used_idx(self) -> int:
         """The used index as guest memory holds it (diagnostics; the engine never reads it)."""
-        return int(U16.unpack_from(self._views()[1], ring.IDX_OFFSET)[0])
+        return int(self._views()[1][_IDX])
 
     # --- the data path -------------------------------------------------------------------
 
@@ -314,7 +325,7 @@ class Queue:
         na = self._next_avail
         if na == self._cached_avail_idx:
             # The avail idx load comes before the ring-entry loads (see ring.py on ordering).
-            idx = U16.unpack_from(avail, 2)[0]
+            idx = avail[_IDX]
             if idx == na:
                 return None
             if (idx - na) & 0xFFFF > self._size:
@@ -323,7 +334,7 @@ class Queue:
                 raise self.broken
             self._cached_avail_idx = idx
         slot = na & self._mask
-        head = U16.unpack_from(avail, 4 + 2 * slot)[0]
+        head = avail[_RING + slot]
         self._next_avail = (na + 1) & 0xFFFF
         limit = self._size
         if head >= limit:
@@ -400,27 +411,44 @@ class Queue:
             raise IndirectWithNext(self.index, head, index)
         if length == 0 or length & 15 or length > _MAX_INDIRECT_BYTES:
             raise InvalidIndirectLength(self.index, head, index, length)
-        table = self._buffer(head, index, addr, length, "")
+        low = self._low
+        low_end = self._low_end
+        end = addr + length
+        table = (
+            low[addr:end]  # type: ignore[index]
+            if end <= low_end
+            else self._buffer(head, index, addr, length, "")
+        )
         limit = length >> 4
         where = _INDIRECT_TABLE
+        unpack = DESC.unpack_from
         index = 0
         for _ in range(limit):
-            addr, length, flags, nxt = DESC.unpack_from(table, index << 4)
+            addr, length, flags, nxt = unpack(table, index << 4)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 raise NestedIndirect(self.index, head, index)
             if flags & VIRTQ_DESC_F_WRITE:
                 seen_write = True
                 wlen += length
+                if length:
+                    end = addr + length
+                    if end <= low_end:
+                        writable.append(low[addr:end])  # type: ignore[index]
+                    else:
+                        writable.append(self._buffer(head, index, addr, length, where))
             elif seen_write:
                 raise ReadableAfterWritable(self.index, head, index, where)
             else:
                 rlen += length
-            if rlen + wlen > _MAX_CHAIN_BYTES:
-                raise ChainLengthOverflow(self.index, head, rlen + wlen)
-            if length:
-                view = self._buffer(head, index, addr, length, where)
-                (writable if seen_write else readable).append(view)
+                if length:
+                    end = addr + length
+                    if end <= low_end:
+                        readable.append(low[addr:end])  # type: ignore[index]
+                    else:
+                        readable.append(self._buffer(head, index, addr, length, where))
             if not flags & VIRTQ_DESC_F_NEXT:
+                if rlen + wlen > _MAX_CHAIN_BYTES:
+                    raise ChainLengthOverflow(self.index, head, rlen + wlen)
                 return DescriptorChain(
                     self, self._generation, head, readable, rlen, writable, wlen
                 )
@@ -460,7 +488,8 @@ class Queue:
         Devices normally let the chain do this (``with chain:``). ``ValueError`` for a
         head >= size or a length outside u32: those are device bugs, not guest errors."""
         used = self._used
-        if used is None:
+        used16 = self._used16
+        if used is None or used16 is None:
             raise QueueNotReady(self.index)
         if not 0 <= head < self._size or not 0 <= length <= _MAX_CHAIN_BYTES:
             raise ValueError(f"add_used({head}, {length}) on queue {self.index}: out of range")
@@ -468,18 +497,19 @@ class Queue:
         # The element store comes before the index store (see ring.py on ordering).
         USED_ELEM.pack_into(used, 4 + 8 * (nu & self._mask), head, length)
         nu = (nu + 1) & 0xFFFF
-        U16.pack_into(used, 2, nu)
+        used16[_IDX] = nu
         self._next_used = nu
 
     def return_chain(self, head: int, written: int, generation: int) -> None:
         """Called by a chain when it completes; a chain from before a reset is dropped."""
         used = self._used
-        if generation != self._generation or used is None:
+        used16 = self._used16
+        if generation != self._generation or used is None or used16 is None:
             return
         nu = self._next_used
         USED_ELEM.pack_into(used, 4 + 8 * (nu & self._mask), head, written)
         nu = (nu + 1) & 0xFFFF
-        U16.pack_into(used, 2, nu)
+        used16[_IDX] = nu
         self._next_used = nu
 
     # --- notifications (§2.7.7, §2.7.10; VIRTIO_F_EVENT_IDX) ----------------------------
@@ -496,28 +526,27 @@ class Queue:
             self._signalled_used = new
             if old is None:
                 return True
-            event = U16.unpack_from(avail, self._used_event_off)[0]
+            event = avail[self._used_event_off]
             return ring.vring_need_event(event, new, old)
-        flags = U16.unpack_from(avail, ring.FLAGS_OFFSET)[0]
-        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not avail[_FLAGS] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def enable_notification(self) -> bool:
         """Ask the driver to kick on new buffers. Returns True if buffers arrived
         meanwhile (pop them before sleeping, or they may never be kicked)."""
         avail, used = self._views()
         if self._event_idx:
-            U16.pack_into(used, self._avail_event_off, self._next_avail)
+            used[self._avail_event_off] = self._next_avail
         else:
-            U16.pack_into(used, ring.FLAGS_OFFSET, 0)
+            used[_FLAGS] = 0
         full_fence()  # the store above must be visible before avail idx is read
-        return bool(U16.unpack_from(avail, ring.IDX_OFFSET)[0] != self._next_avail)
+        return bool(avail[_IDX] != self._next_avail)
 
     def disable_notification(self) -> None:
         """Tell the driver kicks are not needed (a hint: it may kick anyway). With
         EVENT_IDX there is nothing to write: avail_event stays behind."""
         _, used = self._views()
         if not self._event_idx:
-            U16.pack_into(used, ring.FLAGS_OFFSET, VIRTQ_USED_F_NO_NOTIFY)
+            used[_FLAGS] = VIRTQ_USED_F_NO_NOTIFY
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else "active" if self.is_active() else "inactive"

@@ -17,10 +17,13 @@ The driver writes a descriptor, then the available-ring entry, then (after a wri
 barrier) the available ``idx``; the device must read them in the opposite order. The
 device writes the used element, then the used ``idx``. What makes this safe here:
 
-* Each index load or store is one aligned 16-bit access, so it is never torn. On a
-  little-endian host CPython's ``struct`` swaps its ``<H`` handlers for the native ones,
-  which ``memcpy`` two bytes: one ``movzwl``/``movw`` on x86. The rings are aligned (2 and
-  4) and the index fields sit at offset 2, so the access is aligned.
+* Each index load or store is one aligned 16-bit access, so it is never torn: the queue
+  reads and writes the rings' u16 fields through ``memoryview.cast("H")`` item access,
+  which CPython compiles to a two-byte ``memcpy``, one ``movzwl``/``movw`` on x86. The
+  rings are aligned (2 and 4) and the fields sit at even offsets. ``struct.pack_into``
+  must NOT be used for them: it zero-fills its target before storing (``memset`` in
+  ``s_pack_internal``), so a driver on another CPU can read a used idx of 0 in between
+  (seen for real: a probe guest reading a used idx that jumped backwards).
 * Loads are not reordered with other loads and stores not with other stores on x86 (TSO),
   and each ``struct`` call is an opaque C call that the compiler cannot move other memory
   accesses across (a compiler barrier). So "read avail idx, then ring entries and

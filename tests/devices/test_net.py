@@ -15,6 +15,7 @@ import functools
 import os
 import select
 import socket
+import stat
 import struct
 import subprocess
 import uuid
@@ -45,6 +46,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun"),
                                 reason="this host has no /dev/net/tun (modprobe tun)")
 
 CLONE_NEWNET = 0x4000_0000
+CLONE_NEWNS = 0x0002_0000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 ETH_TEST = 0x88B5  # IEEE 802 local experimental EtherType: nothing else sends it
 PACKET_OUTGOING = 4
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -222,6 +225,19 @@ def test_cli_net_errors_are_one_line(opt: str, want: str) -> None:
     assert len(lines) == 1 and want in lines[0] and "Traceback" not in p.stderr
 
 
+def _private_tun_node() -> None:
+    """In this (child) process only: a mount namespace whose /dev/net/tun is mode 0666,
+    as distributions ship it (some hosts, like CI containers, have 0600)."""
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    if _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    if _libc.mount(b"tmpfs", b"/dev/net", b"tmpfs", 0, b"mode=755") != 0:
+        raise OSError(ctypes.get_errno(), "mount tmpfs on /dev/net")
+    os.mknod("/dev/net/tun", 0o666 | stat.S_IFCHR, os.makedev(10, 200))
+    os.chmod("/dev/net/tun", 0o666)
+
+
 def _as_nobody(netns: str, fn: Callable[[], str]) -> str:
     """Run fn in a forked child, inside netns, as uid/gid 65534; its result or error."""
     r, w = os.pipe()
@@ -230,6 +246,7 @@ def _as_nobody(netns: str, fn: Callable[[], str]) -> str:
         try:
             os.close(r)
             _setns(os.open(f"/run/netns/{netns}", os.O_RDONLY))
+            _private_tun_node()
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
@@ -237,6 +254,8 @@ def _as_nobody(netns: str, fn: Callable[[], str]) -> str:
                 out = fn()
             except UsageError as e:
                 out = f"UsageError: {e}"
+            except Exception as e:
+                out = f"child failed: {e!r}"
             os.write(w, out.encode())
         finally:
             os._exit(0)
@@ -282,11 +301,64 @@ def test_rx_one_buffer_per_frame(net: Net) -> None:
     assert [u.id for u in used] == heads[:2]
     for u, f in zip(used, frames, strict=True):
         assert u.len == HDR_SIZE + len(f)
-        flags, gso, _, _, _, _, num_buffers = struct.unpack_from("<BBHHHHH", u.data)
+        flags, gso, _, _, _, _, num_buffers = struct.unpack_from("<BBHHHHH", u.written)
         assert (flags, gso, num_buffers) == (0, 0, 1)
-        assert u.data[HDR_SIZE:] == f
+        assert u.written[HDR_SIZE:] == f
     assert net.h.interrupts() == 1, "one interrupt for the batch"
     assert net.dev.rx_packets == 2 and net.dev.rx_bytes == sum(map(len, frames))
+
+
+@pytest.mark.parametrize("guest_csum", [True, False])
+def test_rx_checksum_offload_follows_guest_csum(net: Net, guest_csum: bool) -> None:
+    """With GUEST_CSUM the tap hands over the host's UDP datagram with its checksum
+    left to do (NEEDS_CSUM, csum_start/offset: TUNSETOFFLOAD took effect); without it,
+    the kernel completes the checksum and the header's flags are zero."""
+    off = () if guest_csum else (VIRTIO_NET_F_GUEST_CSUM, 7, 8, 9, 10)
+    net.initialise(all_but(net.h, *off))
+    rx = net.h.drivers[0]
+    rx.publish(writable=[2048])
+    mac = ":".join(f"{b:02x}" for b in net.dev.mac)
+    name = net.dev.tap_name
+    ip("-n", net.ns, "addr", "add", "10.9.0.1/24", "dev", name)
+    ip("-n", net.ns, "neigh", "add", "10.9.0.2", "lladdr", mac, "dev", name)
+    with inside(net.ns):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with udp:
+        udp.sendto(b"ping" * 25, ("10.9.0.2", 9))
+    net.pump()
+    (u,) = rx.used()
+    flags, _, _, _, csum_start, csum_offset, _ = struct.unpack_from("<BBHHHHH", u.written)
+    eth = u.written[HDR_SIZE:]
+    assert eth[:6] == net.dev.mac and eth[12:14] == b"\x08\x00"
+    assert eth[14 + 9] == socket.IPPROTO_UDP and eth[-100:] == b"ping" * 25
+    if guest_csum:
+        assert flags & netdev.VIRTIO_NET_HDR_F_NEEDS_CSUM
+        assert (csum_start, csum_offset) == (14 + 20, 6)
+    else:
+        assert flags == 0
+        assert eth[14 + 20 + 6 : 14 + 20 + 8] != b"\0\0"  # the UDP checksum is filled
+
+
+@pytest.mark.parametrize("guest_csum", [True, False])
+def test_rx_header_flags_kept_only_with_guest_csum(net: Net, guest_csum: bool) -> None:
+    """§5.1.6.4.1: without GUEST_CSUM the flags read 0, even DATA_VALID (which a tap sets
+    for frames the host's NIC validated; a socketpair stands in for the tap here)."""
+    off = () if guest_csum else (VIRTIO_NET_F_GUEST_CSUM, 7, 8, 9, 10)
+    net.initialise(all_but(net.h, *off))
+    rx = net.h.drivers[0]
+    rx.publish(writable=[2048])
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap, net.dev._tap = net.dev._tap, ours.fileno()
+    try:
+        theirs.send(struct.pack("<BBHHHHH", 2, 0, 0, 0, 0, 0, 0x7777) + frame(100))
+        net.pump()
+    finally:
+        net.dev._tap = tap
+        ours.close()
+        theirs.close()
+    (u,) = rx.used()
+    flags, _, _, _, _, _, num_buffers = struct.unpack_from("<BBHHHHH", u.written)
+    assert (flags, num_buffers) == (2 if guest_csum else 0, 1)
 
 
 def test_rx_frame_larger_than_the_buffer_is_dropped_and_counted(net: Net) -> None:
@@ -299,7 +371,7 @@ def test_rx_frame_larger_than_the_buffer_is_dropped_and_counted(net: Net) -> Non
     net.send(frame(500, 3))
     net.pump()
     (u,) = rx.used()
-    assert u.id == head and u.data[HDR_SIZE:] == frame(500, 3)
+    assert u.id == head and u.written[HDR_SIZE:] == frame(500, 3)
 
 
 def test_mrg_rxbuf_spreads_a_frame_over_several_buffers(net: Net) -> None:
@@ -313,14 +385,17 @@ def test_mrg_rxbuf_spreads_a_frame_over_several_buffers(net: Net) -> None:
     used = rx.used()
     assert [u.id for u in used] == heads[:3]
     assert [u.len for u in used] == [1500, 1500, HDR_SIZE + 4000 - 3000]
-    assert struct.unpack_from("<H", used[0].data, 10)[0] == 3  # num_buffers
-    assert b"".join(u.data for u in used)[HDR_SIZE:] == big
+    assert struct.unpack_from("<H", used[0].written, 10)[0] == 3  # num_buffers
+    assert b"".join(u.written for u in used)[HDR_SIZE:] == big
+    # while the device holds buffers it asks for no kicks: the tap wakes it
+    rx.publish(writable=[1500], kick=False)
+    assert not rx.kick_needed()
     # the two buffers held back serve the next frame, in ring order
     net.send(frame(100, 6))
     net.pump()
     (u,) = rx.used()
-    assert u.id == heads[3] and u.data[HDR_SIZE:] == frame(100, 6)
-    assert struct.unpack_from("<H", u.data, 10)[0] == 1
+    assert u.id == heads[3] and u.written[HDR_SIZE:] == frame(100, 6)
+    assert struct.unpack_from("<H", u.written, 10)[0] == 1
 
 
 def test_mrg_rxbuf_header_split_across_descriptors(net: Net) -> None:
@@ -332,8 +407,8 @@ def test_mrg_rxbuf_header_split_across_descriptors(net: Net) -> None:
     net.pump()
     used = rx.used()
     assert [u.id for u in used] == heads[:2]
-    assert struct.unpack_from("<H", used[0].data, 10)[0] == 2
-    assert b"".join(u.data for u in used)[HDR_SIZE:] == f
+    assert struct.unpack_from("<H", used[0].written, 10)[0] == 2
+    assert b"".join(u.written for u in used)[HDR_SIZE:] == f
 
 
 def test_no_rx_buffers_stops_watching_the_tap_until_a_kick(net: Net) -> None:
@@ -344,12 +419,21 @@ def test_no_rx_buffers_stops_watching_the_tap_until_a_kick(net: Net) -> None:
     net.dev.on_tap_readable()  # a stale wake-up does nothing
     assert net.dev.rx_pauses == 1
     rx = net.h.drivers[0]
-    head = rx.publish(writable=[2048])  # the driver kicks: resume and deliver
-    assert rx.kicks == 1
-    assert net.watch[-1] == (net.dev.tap_fd, True)
+    heads = [rx.publish(writable=[2048], kick=False) for _ in range(2)]
+    assert rx.kick_needed()  # notifications were re-enabled when the ring ran dry
+    rx.kick()  # resume and deliver; the second buffer is held for the next frame
+    assert net.watch == [(net.dev.tap_fd, False), (net.dev.tap_fd, True)]
     (u,) = rx.used()
-    assert u.id == head and u.data[HDR_SIZE:] == frame(200, 8)
-    assert net.dev.rx_dropped == 0
+    assert u.id == heads[0] and u.written[HDR_SIZE:] == frame(200, 8)
+    assert net.dev.rx_dropped == 0 and net.dev.rx_pauses == 1
+
+
+def test_rx_queue_never_set_up_stops_watching_the_tap(net: Net) -> None:
+    net.h.initialise(queues=[1])  # a driver that only transmits
+    net.send(frame(60))
+    net.pump()
+    assert net.watch == [(net.dev.tap_fd, False)]
+    assert not net.h.status & DEVICE_NEEDS_RESET
 
 
 def test_reset_drops_held_buffers_and_the_device_starts_again(net: Net) -> None:
@@ -359,9 +443,9 @@ def test_reset_drops_held_buffers_and_the_device_starts_again(net: Net) -> None:
         rx.publish(writable=[1500])
     net.send(frame(100))
     net.pump()
-    assert len(rx.used()) == 1 and len(net.dev._stash) == 3
+    assert len(rx.used()) == 1 and net.dev.rx_held == 3
     net.h.write32(0x070, 0)  # reset
-    assert net.dev._stash == [] and net.dev._iov == []
+    assert net.dev.rx_held == 0
     net.h.drivers = [FakeDriver(d.size, mem=d.mem, base=d.desc_addr, heap_size=1 << 20,
                                 event_idx=True) for d in net.h.drivers]
     for i, d in enumerate(net.h.drivers):
@@ -372,7 +456,7 @@ def test_reset_drops_held_buffers_and_the_device_starts_again(net: Net) -> None:
     net.send(frame(90, 9))
     net.pump()
     (u,) = rx.used()
-    assert u.id == head and u.data[HDR_SIZE:] == frame(90, 9)
+    assert u.id == head and u.written[HDR_SIZE:] == frame(90, 9)
 
 
 def test_rx_without_event_idx(net: Net) -> None:
@@ -427,6 +511,42 @@ def test_bad_tx_chains_are_dropped_and_counted(net: Net) -> None:
     assert len(tx.used()) == 5
     assert net.dev.tx_dropped == 3 and net.dev.tx_errors == 1 and net.dev.tx_packets == 1
     assert not net.h.status & DEVICE_NEEDS_RESET
+
+
+@pytest.mark.parametrize(("feature", "gso_type", "proto"), [
+    (netdev.VIRTIO_NET_F_HOST_TSO4, 1, socket.IPPROTO_TCP),  # VIRTIO_NET_HDR_GSO_TCPV4
+    (netdev.VIRTIO_NET_F_HOST_UFO, 3, socket.IPPROTO_UDP),  # VIRTIO_NET_HDR_GSO_UDP
+])
+def test_tx_segmentation_offload_reaches_the_host(net: Net, feature: int, gso_type: int,
+                                                  proto: int) -> None:
+    """A 3000-byte TSO/UFO frame with a partial checksum: the kernel takes it whole."""
+    if not net.dev.avail_features >> feature & 1:
+        pytest.skip(f"this kernel's tap does not accept feature {feature}")
+    net.initialise()
+    l4 = 20 if proto == socket.IPPROTO_TCP else 8
+    payload = bytes(range(256)) * 12
+    total = 20 + l4 + len(payload)
+    iph = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, 1, 0, 64, proto, 0,
+                      bytes([10, 9, 0, 2]), bytes([10, 9, 0, 1]))
+    if proto == socket.IPPROTO_TCP:
+        l4h = struct.pack(">HHIIBBHHH", 1000, 9, 1, 0, 5 << 4, 0x18, 65535, 0, 0)
+        csum_offset = 16
+    else:
+        l4h = struct.pack(">HHHH", 1000, 9, 8 + len(payload), 0)
+        csum_offset = 6
+    eth = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02\x08\x00"
+    hdr = struct.pack("<BBHHHHH", netdev.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type,
+                      14 + 20 + l4, 1000, 14 + 20, csum_offset, 0)
+    with inside(net.ns):
+        sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    with sniff:
+        sniff.bind((net.dev.tap_name, 0x0800))
+        net.h.drivers[1].publish(readable=[hdr + eth + iph + l4h, payload])
+        assert net.dev.tx_errors == 0 and net.dev.tx_packets == 1
+        r, _, _ = select.select([sniff], [], [], 5)
+        assert r, "the host saw nothing"
+        data = sniff.recv(1 << 17)
+    assert data[14:] == iph + l4h + payload  # one frame, as the guest sent it
 
 
 # -- the tap going away ---------------------------------------------------------------

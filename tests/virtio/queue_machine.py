@@ -139,6 +139,28 @@ class QueueMachine(RuleBasedStateMachine):
 
     # --- the driver, cheating -------------------------------------------------------------
 
+    @rule(
+        data=st.data(),
+        chains=st.integers(1, 3),
+        kind=st.one_of(st.none(), st.integers(0, 4)),
+        payload=st.binary(max_size=24),
+    )
+    def round_trip(
+        self, data: st.DataObject, chains: int, kind: int | None, payload: bytes
+    ) -> None:
+        """Publish a few chains, maybe cheat once, then let the device drain the ring."""
+        for _ in range(chains):
+            self.publish(
+                data.draw(st.lists(st.binary(max_size=24), max_size=2)),
+                data.draw(st.lists(st.integers(0, 24), min_size=1, max_size=2)),
+                data.draw(st.booleans()),
+            )
+        if kind is not None:
+            self.cheat(data, kind)
+        for _ in range(self.size + 1):
+            if not self.device_pop(16, payload, False):
+                break
+
     @rule(data=st.data(), kind=st.integers(0, 4))
     def cheat(self, data: st.DataObject, kind: int) -> None:
         """One random rule-breaking write (one rule, so honest steps stay the majority)."""
@@ -217,12 +239,19 @@ class QueueMachine(RuleBasedStateMachine):
 
     # --- the device -------------------------------------------------------------------------
 
-    def _check_views(self, chain: DescriptorChain) -> None:
+    def _check_views(self, chain: DescriptorChain) -> bool:
+        """Views inside guest RAM, as long as their descriptors say; returns whether a
+        writable one overlaps the descriptor table or available ring (a driver may
+        ask for that, and then the device legitimately writes there)."""
+        overlap = False
         for part in (chain.reader, chain.writer):
             views = part.views()
             assert sum(v.nbytes for v in views) == part.remaining == part.total
             for v in views:
-                self.fake.gpa_of(v)  # raises unless inside guest RAM
+                gpa = self.fake.gpa_of(v)  # raises unless inside guest RAM
+                if part is chain.writer:
+                    overlap |= gpa < self.drv.used_addr and gpa + v.nbytes > self.drv.desc_addr
+        return overlap
 
     @rule(
         count=st.integers(1, 4),
@@ -236,13 +265,13 @@ class QueueMachine(RuleBasedStateMachine):
                 break
 
     def device_pop(self, reads: int, payload: bytes, hold: bool) -> bool:
-        """One pop; False when the ring was empty."""
+        """One pop; False when the ring was empty or the queue is stopped."""
         before = self.fake.translations
         try:
             chain = self.q.pop()
         except VirtQueueError as e:
             event(f"pop raised {type(e).__name__}")
-            return True
+            return self.q.broken is None
         finally:
             assert self.fake.translations - before <= self.size + MAX_POP_TRANSLATIONS_EXTRA
         if chain is None:
@@ -250,9 +279,11 @@ class QueueMachine(RuleBasedStateMachine):
             return False
         event("pop: a chain")
         assert 0 <= chain.head < self.size and chain.head in self.offered
-        self._check_views(chain)
+        overlap = self._check_views(chain)
         chain.reader.read(reads)
         chain.writer.write(payload)
+        if overlap:
+            self.snapshot()
         if hold:
             self.held.append((chain, self.generation))
         else:

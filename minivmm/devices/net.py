@@ -1,0 +1,439 @@
+"""virtio-net (virtio 1.2 §5.1) backed by a Linux TAP interface (see minivmm.devices.tap).
+
+One queue pair: receiveq1 (0) carries frames from the tap to the guest, transmitq1 (1)
+frames from the guest to the tap. No control queue, so no multiqueue, filtering or
+guest-set MAC. Every frame carries the 12-byte ``virtio_net_hdr_v1`` (§5.1.6), which the
+tap reads and writes itself (IFF_VNET_HDR): the device never parses a packet.
+
+Offered: VERSION_1, MAC, STATUS, MRG_RXBUF, CSUM/GUEST_CSUM, HOST_/GUEST_ TSO4, TSO6,
+ECN and (when the kernel still accepts TUN_F_UFO) UFO, EVENT_IDX and INDIRECT_DESC. The
+GUEST_* offloads the driver acks become the tap's TUNSETOFFLOAD at DRIVER_OK; the HOST_*
+ones need nothing, the kernel finishes (segments, checksums) what the guest sends.
+
+Receive, zero copy: ``os.readv`` from the tap straight into the guest's buffers. One read
+returns one frame, whose size is unknown beforehand, so the device first holds enough
+buffers for the largest frame: one chain without MRG_RXBUF; with it, chains until
+:data:`MAX_RX_FRAME` bytes or the ring is empty, their views in one iovec. The frame
+fills ``k`` of them (``num_buffers`` = k, §5.1.6.4); the others stay held (the "stash",
+with their iovec) for the next frame: the ring has no way to give a chain back. A reset
+drops the stash with the queue. A frame larger than the held buffers is dropped and
+counted (``rx_dropped``). When the guest has no receive buffer the device stops watching
+the tap (``fd_watch``, no reading and dropping, no spinning) and re-enables
+notifications; the next kick of receiveq1 resumes it.
+
+Transmit: each chain's readable views go to the tap with one ``os.writev``, header
+included. A chain with a writable buffer, shorter than the header or longer than
+:data:`MAX_TX_FRAME` is dropped (``tx_dropped``, a rate-limited log line); a frame the
+kernel refuses (a bad header) is counted in ``tx_errors``. Both directions process
+everything available, then interrupt once.
+
+The tap going away (its interface deleted: reads and writes fail with EBADFD) turns the
+link down: STATUS reads 0 after a configuration-change interrupt, transmitted frames
+are dropped, and the VM keeps running.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import struct
+from collections.abc import Callable
+from typing import Final
+
+from ..errors import UsageError
+from ..virtio.chain import DescriptorChain
+from ..virtio.errors import VirtQueueError
+from . import tap as taplib
+from .base import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_ID_NET,
+    ActivationError,
+    VirtioDevice,
+    bit,
+)
+
+# Feature bits (§5.1.3)
+VIRTIO_NET_F_CSUM: Final = 0
+VIRTIO_NET_F_GUEST_CSUM: Final = 1
+VIRTIO_NET_F_MAC: Final = 5
+VIRTIO_NET_F_GUEST_TSO4: Final = 7
+VIRTIO_NET_F_GUEST_TSO6: Final = 8
+VIRTIO_NET_F_GUEST_ECN: Final = 9
+VIRTIO_NET_F_GUEST_UFO: Final = 10
+VIRTIO_NET_F_HOST_TSO4: Final = 11
+VIRTIO_NET_F_HOST_TSO6: Final = 12
+VIRTIO_NET_F_HOST_ECN: Final = 13
+VIRTIO_NET_F_HOST_UFO: Final = 14
+VIRTIO_NET_F_MRG_RXBUF: Final = 15
+VIRTIO_NET_F_STATUS: Final = 16
+
+VIRTIO_NET_S_LINK_UP: Final = 1
+VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
+
+#: struct virtio_net_config (§5.1.4) up to max_virtqueue_pairs: mac, status, pairs
+NET_CONFIG: Final = struct.Struct("<6sHH")
+#: sizeof(struct virtio_net_hdr_v1) (§5.1.6): flags, gso_type, hdr_len, gso_size,
+#: csum_start, csum_offset, num_buffers
+HDR_SIZE: Final = 12
+NUM_BUFFERS_OFFSET: Final = 10
+_U16: Final = struct.Struct("<H")
+#: the largest frame: 65535 bytes of IP packet, a 14-byte Ethernet header, plus the header
+MAX_RX_FRAME: Final = 65550 + HDR_SIZE
+MAX_TX_FRAME: Final = 65535 + HDR_SIZE
+IOV_MAX: Final = 1024
+QUEUE_SIZE: Final = 256
+#: frames moved per tap wake-up before the device thread serves the other devices
+RX_BATCH: Final = QUEUE_SIZE
+RXQ: Final = 0
+TXQ: Final = 1
+
+#: feature a driver may ack -> what it needs first (§5.1.3.1)
+_REQUIRES: Final = {
+    VIRTIO_NET_F_GUEST_TSO4: (VIRTIO_NET_F_GUEST_CSUM,),
+    VIRTIO_NET_F_GUEST_TSO6: (VIRTIO_NET_F_GUEST_CSUM,),
+    VIRTIO_NET_F_GUEST_UFO: (VIRTIO_NET_F_GUEST_CSUM,),
+    VIRTIO_NET_F_GUEST_ECN: (VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6),
+    VIRTIO_NET_F_HOST_TSO4: (VIRTIO_NET_F_CSUM,),
+    VIRTIO_NET_F_HOST_TSO6: (VIRTIO_NET_F_CSUM,),
+    VIRTIO_NET_F_HOST_UFO: (VIRTIO_NET_F_CSUM,),
+    VIRTIO_NET_F_HOST_ECN: (VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6),
+}
+#: guest receive feature -> TUNSETOFFLOAD bit
+_TUN_OFFLOAD: Final = {
+    VIRTIO_NET_F_GUEST_CSUM: taplib.TUN_F_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4: taplib.TUN_F_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6: taplib.TUN_F_TSO6,
+    VIRTIO_NET_F_GUEST_ECN: taplib.TUN_F_TSO_ECN,
+    VIRTIO_NET_F_GUEST_UFO: taplib.TUN_F_UFO,
+}
+
+
+def parse_mac(text: str) -> bytes:
+    """``52:54:00:12:34:56`` -> 6 bytes; UsageError for anything else."""
+    parts = text.replace("-", ":").split(":")
+    try:
+        if len(parts) != 6 or any(len(p) != 2 for p in parts):
+            raise ValueError
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise UsageError(f"mac={text!r}: write a MAC address as six hex pairs, "
+                         "e.g. mac=52:54:00:12:34:56") from None
+    check_mac(mac)
+    return mac
+
+
+def check_mac(mac: bytes) -> None:
+    text = ":".join(f"{b:02x}" for b in mac)
+    if len(mac) != 6:
+        raise UsageError(f"mac {mac.hex()!r}: a MAC address is 6 bytes")
+    if mac[0] & 1:
+        raise UsageError(f"mac={text}: a multicast address; the first byte must be even "
+                         "(e.g. 52:54:00:...)")
+    if not any(mac):
+        raise UsageError("mac=00:00:00:00:00:00: choose a non-zero address")
+
+
+def default_mac(tap: str) -> bytes:
+    """A stable locally administered unicast address derived from the tap's name."""
+    digest = hashlib.sha256(b"minivmm-net:" + tap.encode()).digest()
+    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+
+
+def _poke(views: list[memoryview], offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of the bytes ``views`` cover (a header split across
+    tiny descriptors: the slow path)."""
+    for v in views:
+        if offset < len(v):
+            take = min(len(v) - offset, len(data))
+            v[offset : offset + take] = data[:take]
+            data = data[take:]
+            offset = 0
+            if not data:
+                return
+        else:
+            offset -= len(v)
+
+
+class NetDevice(VirtioDevice):
+    device_type = VIRTIO_ID_NET
+    name = "net"
+
+    def __init__(self, tap: str, *, mac: bytes | None = None) -> None:
+        if mac is not None:
+            check_mac(mac)
+        self.tap_name = tap
+        self.mac = default_mac(tap) if mac is None else bytes(mac)
+        self._tap, self.tap_created = taplib.open_tap(tap)
+        try:
+            offloads = taplib.supported_offloads(self._tap)
+        except BaseException:
+            os.close(self._tap)
+            raise
+        features = bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC) | sum(
+            bit(f) for f in (VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF))
+        if offloads & taplib.TUN_F_CSUM:
+            features |= bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM)
+        if offloads & taplib.TUN_F_TSO4:
+            features |= sum(bit(f) for f in (
+                VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN,
+                VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN))
+        if offloads & taplib.TUN_F_UFO:
+            features |= bit(VIRTIO_NET_F_GUEST_UFO) | bit(VIRTIO_NET_F_HOST_UFO)
+        super().__init__(features, [QUEUE_SIZE, QUEUE_SIZE])
+        self.link_up = True
+        self._config = NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1)
+        self._watching = False
+        self._rx_need = 1  # bytes of buffers to hold before a read (at DRIVER_OK)
+        self._fix_flags = False  # clear the header's flags (GUEST_CSUM not acked)
+        # held receive chains: (chain, number of views, bytes), and all their views
+        self._stash: list[tuple[DescriptorChain, int, int]] = []
+        # ... followed by one spare byte of our own: a read that reaches it was truncated
+        self._spare = memoryview(bytearray(1))
+        self._iov: list[memoryview] = [self._spare]
+        self._stash_bytes = 0
+        #: counters (for --stats and tests)
+        self.rx_packets = self.rx_bytes = self.rx_dropped = self.rx_bad_chains = 0
+        self.rx_pauses = 0
+        self.tx_packets = self.tx_bytes = self.tx_dropped = self.tx_errors = 0
+
+    @property
+    def tap_fd(self) -> int:
+        return self._tap
+
+    @property
+    def rx_held(self) -> int:
+        """Receive chains popped and held for the next frames (the stash)."""
+        return len(self._stash)
+
+    def config(self) -> bytes:
+        return self._config
+
+    def features_ok(self) -> bool:
+        if not super().features_ok():
+            return False
+        for feature, needs in _REQUIRES.items():
+            if self.has_feature(feature) and not any(self.has_feature(n) for n in needs):
+                self.log("net: driver acked feature %d without %s (§5.1.3.1)", feature,
+                         " or ".join(map(str, needs)))
+                return False
+        return True
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def extra_fds(self) -> list[tuple[int, Callable[[], None]]]:
+        return [(self._tap, self.on_tap_readable)] if self.link_up else []
+
+    def on_activate(self) -> None:
+        if self.fd_watch is None:
+            raise ActivationError("net: fd_watch is unset (the VMM must provide it)")
+        offload = 0
+        for feature, flag in _TUN_OFFLOAD.items():
+            if self.has_feature(feature):
+                offload |= flag
+        self._rx_need = MAX_RX_FRAME if self.has_feature(VIRTIO_NET_F_MRG_RXBUF) else 1
+        self._fix_flags = not self.has_feature(VIRTIO_NET_F_GUEST_CSUM)
+        if self.link_up:
+            try:
+                taplib.set_offload(self._tap, offload)
+            except OSError as e:
+                if e.errno != taplib.EBADFD:
+                    raise ActivationError(f"net: TUNSETOFFLOAD 0x{offload:x}: {e}") from e
+                self._link_lost(e)
+        self._watching = self.link_up  # the VMM registers extra_fds() now
+
+    def on_reset(self) -> None:
+        self._set_watching(False)
+        self._stash.clear()  # their queue is being reset: nothing to give back to
+        del self._iov[:-1]
+        self._stash_bytes = 0
+        if self.link_up:
+            try:
+                taplib.set_offload(self._tap, 0)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        super().close()
+        if self._tap >= 0:
+            os.close(self._tap)
+            self._tap = -1
+
+    def _set_watching(self, on: bool) -> None:
+        if on == self._watching:
+            return
+        self._watching = on
+        if self.fd_watch is not None:
+            self.fd_watch(self._tap, self.on_tap_readable if on else None)
+
+    def _link_lost(self, e: OSError) -> None:
+        """The tap's interface is gone: link down (§5.1.4), the VM carries on."""
+        self.log("net: tap %s went away (%s): link down", self.tap_name, e.strerror)
+        self.link_up = False
+        self._set_watching(False)
+        self._config = NET_CONFIG.pack(self.mac, 0, 1)
+        if self.is_activated:
+            self.config_changed()
+
+    # -- queues -----------------------------------------------------------------------
+
+    def process_queue(self, index: int) -> None:
+        if index == TXQ:
+            self._transmit()
+        elif self.link_up:
+            if not self._watching:
+                self.queues[RXQ].disable_notification()
+                self._set_watching(True)  # the driver posted buffers: resume
+            self._receive()
+
+    def on_tap_readable(self) -> None:
+        """The tap has frames (called on the device thread)."""
+        with self.lock:
+            if not self.is_activated or not self._watching:
+                return
+            try:
+                self._receive()
+            except VirtQueueError as e:
+                self._set_watching(False)  # the tap stays readable: don't spin on it
+                self.fail(f"queue {RXQ}: {e}")
+
+    def _take_buffers(self) -> None:
+        """Hold chains until they cover ``_rx_need`` bytes or the ring is empty."""
+        q = self.queues[RXQ]
+        stash = self._stash
+        while self._stash_bytes < self._rx_need:
+            chain = q.pop()
+            if chain is None:
+                # Kicks are only wanted once every held buffer is used (then the device
+                # stops watching the tap); until then the next frame pops new buffers.
+                if not stash and q.enable_notification():
+                    continue  # buffers arrived meanwhile
+                return
+            w = chain.writer
+            if chain.reader.total or w.total < HDR_SIZE:
+                self.rx_bad_chains += 1
+                self.log("net: receive chain %d: %d readable bytes and %d writable (needs "
+                         "only writable, at least %d); returned unused", chain.head,
+                         chain.reader.total, w.total, HDR_SIZE)
+                chain.complete(0)
+                continue
+            views = w.views()
+            self._iov[-1:-1] = views
+            stash.append((chain, len(views), w.total))
+            self._stash_bytes += w.total
+
+    def _receive(self) -> None:
+        q = self.queues[RXQ]
+        if not q.is_active():  # the driver never set receiveq1 up
+            self._set_watching(False)
+            return
+        tap = self._tap
+        readv = os.readv
+        stash = self._stash
+        iov = self._iov
+        delivered = 0
+        try:
+            while delivered < RX_BATCH:
+                if self._stash_bytes < self._rx_need:
+                    self._take_buffers()
+                    if not stash:
+                        self.rx_pauses += 1
+                        self._set_watching(False)  # until the driver kicks receiveq1
+                        if not taplib.is_attached(tap):  # an error woke us, not a frame
+                            self._link_lost(OSError(taplib.EBADFD, os.strerror(
+                                taplib.EBADFD)))
+                        return
+                room = self._stash_bytes
+                vec = iov
+                if len(iov) > IOV_MAX:
+                    vec = [*iov[: IOV_MAX - 1], self._spare]
+                    room = sum(map(len, vec)) - 1
+                try:
+                    n = readv(tap, vec)
+                except BlockingIOError:
+                    return
+                except OSError as e:
+                    if e.errno == taplib.EBADFD:
+                        self._link_lost(e)
+                        return
+                    self.rx_dropped += 1  # EFAULT: the frame did not fit and is gone
+                    self.log("net: reading tap %s failed: %s", self.tap_name, e.strerror)
+                    continue
+                if n > room or n < HDR_SIZE:
+                    self.rx_dropped += 1  # truncated: the buffers stay for the next one
+                    self.log("net: a frame from tap %s did not fit the %d bytes of receive "
+                             "buffers; dropped", self.tap_name, room)
+                    continue
+                self._deliver(n)
+                delivered += 1
+        finally:
+            if delivered:
+                self.signal_used(q)
+
+    def _deliver(self, n: int) -> None:
+        """The frame of ``n`` bytes is in the first held chains: write the header's
+        num_buffers (and clear flags without GUEST_CSUM), then return those chains."""
+        stash = self._stash
+        k = nviews = 0
+        left = n
+        while left > 0:
+            _, cviews, cbytes = stash[k]
+            k += 1
+            nviews += cviews
+            left -= cbytes
+        iov = self._iov
+        head = iov[0]
+        if len(head) >= HDR_SIZE:
+            _U16.pack_into(head, NUM_BUFFERS_OFFSET, k)
+            if self._fix_flags:
+                head[0] = 0
+        else:
+            _poke(iov, NUM_BUFFERS_OFFSET, _U16.pack(k))
+            if self._fix_flags:
+                _poke(iov, 0, b"\0")
+        left = n
+        for i in range(k):
+            chain, _, cbytes = stash[i]
+            chain.complete(cbytes if left > cbytes else left)
+            left -= cbytes
+            self._stash_bytes -= cbytes
+        del stash[:k]
+        del iov[:nviews]
+        self.rx_packets += 1
+        self.rx_bytes += n - HDR_SIZE
+
+    def _transmit(self) -> None:
+        q = self.queues[TXQ]
+        tap = self._tap
+        writev = os.writev
+        served = False
+        for chain in self.available(q):
+            served = True
+            with chain:
+                r = chain.reader
+                size = r.total
+                if chain.writer.total or not HDR_SIZE <= size <= MAX_TX_FRAME:
+                    self.tx_dropped += 1
+                    self.log("net: transmit chain %d: %d readable bytes (needs %d..%d) and "
+                             "%d writable (needs 0); dropped", chain.head, size, HDR_SIZE,
+                             MAX_TX_FRAME, chain.writer.total)
+                    continue
+                if not self.link_up:
+                    self.tx_dropped += 1
+                    continue
+                try:
+                    writev(tap, r.views())
+                except OSError as e:
+                    if e.errno == taplib.EBADFD:
+                        self._link_lost(e)
+                        self.tx_dropped += 1
+                        continue
+                    self.tx_errors += 1
+                    self.log("net: tap %s refused a %d-byte frame: %s", self.tap_name, size,
+                             errno.errorcode.get(e.errno or 0, e.strerror))
+                    continue
+                self.tx_packets += 1
+                self.tx_bytes += size - HDR_SIZE
+        if served:
+            self.signal_used(q)
