@@ -15,7 +15,9 @@
  *   mmio             n reads of MagicValue of the first virtio device, each
  *                    bracketed by rdtsc (per-read min and max reported)
  *   rng              n requests of 16 bytes on the first virtio-rng, one at a
- *                    time: publish, kick, poll the used ring
+ *                    time: publish, kick (unless the device set
+ *                    VIRTQ_USED_F_NO_NOTIFY), poll the used ring; the used
+ *                    id and that used idx moved by exactly 1 are checked
  *   blk_rand4k_qd1   n 4 KiB reads at random 4 KiB-aligned sectors, one at a time
  *   blk_rand4k_qd32  n 4 KiB random reads, 32 in flight (refilled as they complete)
  *   blk_seq1m_read   probe.bench_mb 1 MiB reads from sector 0 on (wrapping)
@@ -23,6 +25,8 @@
  * The blk workloads use the first virtio-blk with a queue of up to 256 entries
  * (3 descriptors per request), no EVENT_IDX, no indirect descriptors, and
  * VIRTQ_AVAIL_F_NO_INTERRUPT: completion is found by polling, as for rng.
+ * rng and blk lines end in kicks=<QueueNotify writes> (the rest were suppressed
+ * by the device's NO_NOTIFY flag).
  */
 #include "bench.h"
 #include "virtio.h"
@@ -167,17 +171,30 @@ static int bench_rng(const char *name, char *err, size_t errlen)
 	struct vdrv *v = &rng_drv;
 	struct vdev *d = vdev_find(VIRTIO_ID_RNG, 0);
 	struct vbuf b = { (uint64_t)rng_buf, sizeof(rng_buf), 1 };
-	uint64_t i, t0, t1, bytes = 0;
-	uint32_t len;
+	struct vq *q = &v->q[0];
+	uint64_t i, t0, t1, bytes = 0, kicks = 0;
+	uint32_t len, id;
 	if (!d)
 		return seterr(err, errlen, "rng: no virtio-rng");
 	if (vdrv_init(v, d, 0, 1))
 		return seterr(err, errlen, v->err);
-	v->q[0].avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
+	q->avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
 	t0 = rdtsc();
 	for (i = 0; i < bopt.n; i++) {
-		if (vq_request(v, 0, &b, 1, 0, &len))
+		uint16_t before = q->last_used;
+		vq_publish(v, 0, &b, 1, 0);
+		vmb(); /* the avail idx store before the used flags load */
+		if (!(q->used->flags & VIRTQ_USED_F_NO_NOTIFY)) {
+			vwrite32(d, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+			kicks++;
+		}
+		if (vq_wait(v, 0, &id, &len))
 			break;
+		if (id != 0 || (uint16_t)(q->used->idx - before) != 1) {
+			verr(v, "request %lu: used id %u, used idx %u (want %u)", i, id,
+			     q->used->idx, (uint16_t)(before + 1));
+			break;
+		}
 		bytes += len;
 	}
 	t1 = rdtsc();
@@ -185,7 +202,7 @@ static int bench_rng(const char *name, char *err, size_t errlen)
 	if (i < bopt.n)
 		return seterr(err, errlen, v->err);
 	line_head(name, bopt.n, t1 - t0);
-	out(" bytes=%lu\r\n", bytes);
+	out(" bytes=%lu kicks=%lu\r\n", bytes, kicks);
 	return 0;
 }
 
@@ -202,7 +219,7 @@ static struct {
 	volatile struct virtq_desc *desc;
 	volatile struct virtq_avail *avail;
 	volatile struct virtq_used *used;
-	uint64_t capacity;
+	uint64_t capacity, kicks;
 } bq;
 
 static uint8_t bq_mem[3][4096] __attribute__((aligned(4096))); /* desc, avail, used */
@@ -254,6 +271,7 @@ static int bq_init(char *err, size_t errlen)
 	bq.avail = (volatile struct virtq_avail *)bq_mem[1];
 	bq.used = (volatile struct virtq_used *)bq_mem[2];
 	bq.avail_idx = bq.last_used = 0;
+	bq.kicks = 0;
 	bq.avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
 	vwrite32(d, VIRTIO_MMIO_QUEUE_NUM, size);
 	vwrite32(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)(uint64_t)bq.desc);
@@ -303,8 +321,10 @@ static void bq_kick(void)
 	vbarrier();
 	bq.avail->idx = bq.avail_idx;
 	vmb();
-	if (!(bq.used->flags & VIRTQ_USED_F_NO_NOTIFY))
+	if (!(bq.used->flags & VIRTQ_USED_F_NO_NOTIFY)) {
 		vwrite32(bq.dev, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+		bq.kicks++;
+	}
 }
 
 /* Wait for at least one used element. 0, or -1 on timeout. */
@@ -381,7 +401,7 @@ static int bench_blk(const char *name, unsigned depth, uint32_t type, int seq, c
 	line_head(name, n, t1 - t0);
 	if (khz)
 		out(" mb_per_s=%lu", n * len * khz / 1000 / (t1 - t0) / 1000);
-	out(" qd=%u bytes=%lu capacity=%lu\r\n", depth, n * len, bq.capacity);
+	out(" qd=%u bytes=%lu capacity=%lu kicks=%lu\r\n", depth, n * len, bq.capacity, bq.kicks);
 	return 0;
 }
 
