@@ -7,6 +7,7 @@
 #                         also vmlinux-emulated and initramfs-check.cpio
 #   make guest-emulated   vmlinux-emulated and initramfs-check.cpio, always
 #   make test             the test suite
+#   make fuzz             the virtqueue engine fuzzer (FUZZ_SECONDS=300)
 #   make bench            minivmm next to QEMU (bench/run.py; BENCH_ARGS=--reps N)
 #   make bench-smoke      every benchmark once, tiny sizes (CI: checks it still runs)
 #   make clean            remove guest/out/ (the cache stays; delete
@@ -42,6 +43,12 @@ guest-initramfs-check:
 
 test:
 	$(PYTHON) -m pytest
+
+# The virtqueue engine's Hypothesis fuzzer, for longer runs than CI's (FUZZ_SECONDS=600).
+FUZZ_SECONDS ?= 300
+.PHONY: fuzz
+fuzz:
+	$(PYTHON) -m tests.virtio.fuzz_queue --seconds $(FUZZ_SECONDS)
 
 .PHONY: bench bench-smoke
 bench:

@@ -40,11 +40,13 @@ def _python_baseline() -> tuple[float, float, float]:
     process's peak RSS in MiB (median of 3)."""
     import os
     import subprocess
-    bare, imp, rss = [], [], []
+    bare: list[float] = []
+    imp: list[float] = []
+    rss: list[float] = []
     for _ in range(3):
         for code, acc in (("pass", bare), ("import minivmm.launch, minivmm.cli", imp)):
             t0 = time.monotonic()
-            p = subprocess.Popen([sys.executable, "-c", code], cwd=vmms.REPO)
+            p = subprocess.Popen([sys.executable, "-c", code], cwd=vmms.MINIVMM_HOME)
             _, _, ru = os.wait4(p.pid, 0)
             p.returncode = 0
             acc.append((time.monotonic() - t0) * 1000)
@@ -87,10 +89,13 @@ def hints(b: Bench, summary: dict[str, dict[str, object]], floor: dict[str, floa
                 for k, v in t.items():
                     tl.setdefault(k, []).append(v)
             phases = ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in tl.items())
+            ready = statistics.median(tl.get("kvm ready", [float("nan")]))
             out.append(f"start-up: minivmm {m:.0f} ms vs QEMU {q:.0f} ms to the first line; "
-                       f"minivmm --timeline (ms, median): {phases}. A bare `python3 -c pass` "
-                       f"takes {bare_ms:.0f} ms and importing minivmm.launch {import_ms:.0f} ms, "
-                       "so the rest of 'kvm ready' is VM, memory and vCPU set-up in minivmm")
+                       f"minivmm --timeline (ms, median): {phases}. `python3 -c pass` takes "
+                       f"{bare_ms:.0f} ms and `python3 -c 'import minivmm.launch, minivmm.cli'` "
+                       f"{import_ms:.0f} ms: interpreter start {bare_ms:.0f} ms + imports "
+                       f"{import_ms - bare_ms:.0f} ms, leaving ~{ready - import_ms:.0f} ms of "
+                       "'kvm ready' for KVM VM, guest memory and vCPU set-up")
         elif key == "mmio_guest":
             mh, qh = s("mmio_host", "minivmm_median"), s("mmio_host", "qemu_median")
             out.append(f"mmio: host wall per read minivmm {mh:.1f} us, QEMU {qh:.1f} us, C floor "

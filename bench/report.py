@@ -13,11 +13,11 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from minivmm import hostinfo
-
+from . import vmms
 from .vmms import QEMU
 
 
@@ -84,7 +84,8 @@ def best_qemu(samples: dict[str, dict[str, list[float]]], row: Row) -> tuple[str
     return pick, samples[pick][row.key]
 
 
-def table(samples: dict[str, dict[str, list[float]]], failed: set[str]) -> tuple[str, dict[str, dict[str, object]]]:
+def table(samples: dict[str, dict[str, list[float]]],
+          failed: set[str]) -> tuple[str, dict[str, dict[str, object]]]:
     """The printed table and, per row, what it shows (for the JSON and the hints)."""
     head = f"{'workload':<44} {'unit':<6} {'minivmm':>16} {'QEMU':>16} {'ratio':>6}  goal"
     out = [head, "-" * len(head)]
@@ -100,7 +101,10 @@ def table(samples: dict[str, dict[str, list[float]]], failed: set[str]) -> tuple
             goal = "FAIL (a run failed)"
         cell_m = f"{fmt(mm)} ±{spread_pct(mini):.0f}%" if mini else "-"
         cell_q = f"{fmt(qm)} ±{spread_pct(q):.0f}%" if q else "-"
-        label = row.label + (f" [{mode.split('_', 1)[1]}]" if "_" in mode and row.key in BLK_ROWS else "")
+        if "_" in mode and row.key in BLK_ROWS:
+            label = f"{row.label} [{mode.split('_', 1)[1]}]"
+        else:
+            label = row.label
         out.append(f"{label:<44} {row.unit:<6} {cell_m:>16} {cell_q:>16} {fmt(r):>6}  {goal}")
         summary[row.key] = {"label": row.label, "unit": row.unit, "minivmm_median": mm,
                             "qemu_median": qm, "qemu_mode": mode, "ratio": r,
@@ -116,6 +120,12 @@ def _cmd(argv: list[str]) -> str:
 
 
 def host_facts(tsc_khz: float) -> dict[str, object]:
+    """CPU, kernel, KVM module (minivmm.hostinfo of the minivmm under test), Python, QEMU."""
+    sys.path.insert(0, str(vmms.MINIVMM_HOME))
+    try:
+        from minivmm import hostinfo
+    finally:
+        sys.path.pop(0)
     return {
         "cpu_model": hostinfo.cpu_model(),
         "cpus": os.cpu_count(),
@@ -138,9 +148,9 @@ def write_json(path: Path, doc: dict[str, object]) -> None:
 def plot(path: Path, summary: dict[str, dict[str, object]]) -> bool:
     """A bar chart of the ratios, only if matplotlib is installed (never a dependency)."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return False
     keys = [k for k, v in summary.items() if v["ratio"] == v["ratio"]]

@@ -3,8 +3,10 @@
     python -m bench [--reps N] [--smoke] [--no-io-uring] [--out DIR]
 
 Builds the probe (into bench/out/, from guest/probe) and the C floor (bench/floor.c,
-gcc), writes a raw image of non-zero data (1 GiB; read once so it sits in the host page
-cache), then repeats, alternating which VMM goes first:
+gcc), copies minivmm/ to bench/out/snapshot/ and runs it from there (the workspace is
+shared: an edit during the run must not mix versions; the JSON records the commit and
+a hash of the copy), writes a raw image of non-zero data (1 GiB; read once so it sits
+in the host page cache), then repeats, alternating which VMM goes first:
 
   floor    bench/out/floor: one-instruction guest loops with bare KVM_RUN (C)
   startup  the probe with `probe.check=virtio` (virtio-rng + virtio-blk attached):
@@ -109,7 +111,7 @@ class Bench:
             self.raw.append({"vmm": vmm.label, "kind": kind, "argv": argv,
                              "status": r.status, "ok": ok, "attempt": attempt,
                              "first_line_s": r.first_line_s, "exit_s": r.exit_s,
-                             "maxrss_kib": r.maxrss_kib, "hwm_kib": r.hwm_kib,
+                             "cpu_s": r.cpu_s, "maxrss_kib": r.maxrss_kib, "hwm_kib": r.hwm_kib,
                              "guest_rss_kib": r.guest_rss_kib, "bench": r.bench,
                              "bench_host_s": r.bench_host_s,
                              "tail": None if ok else r.tail()})
@@ -152,6 +154,20 @@ class Bench:
                 for k, v in guest_figures(r, self.khz).items():
                     self.add(vmm.label if vmm in order else "qemu_" + vmm.qemu_aio, k, v)
 
+    def kicks_per_op(self) -> dict[str, str]:
+        """Median kicks per operation of each rng/blk workload, per VMM (main runs)."""
+        acc: dict[str, dict[str, list[float]]] = {}
+        for run in self.raw:
+            if not run["ok"] or run["kind"] != "main":
+                continue
+            vmm = "minivmm" if str(run["vmm"]) == "minivmm" else "qemu"
+            for w, kv in run["bench"].items():  # type: ignore[attr-defined]
+                if "kicks" in kv:
+                    acc.setdefault(w, {}).setdefault(vmm, []).append(
+                        int(kv["kicks"]) / int(kv["n"]))
+        return {w: " ".join(f"{v}={statistics.median(x):.2f}" for v, x in d.items())
+                for w, d in acc.items()}
+
     def qemu_modes(self) -> list[Vmm]:
         if vmms.QEMU is None:
             return []
@@ -169,6 +185,7 @@ class Bench:
         t_start = time.monotonic()
         self.notes: list[str] = []
         self.probe, self.floor_bin = vmms.build(self.out)
+        self.version = vmms.snapshot(self.out)
         self.image = self.out / ("disk-16m.img" if self.args.smoke else "disk-1g.img")
         vmms.make_image(self.image, self.sizes.image)
         mini = Vmm("minivmm")
@@ -200,6 +217,16 @@ class Bench:
             f = fl.get("cpl3_mmio_read", float("nan")) / 1000
             print(f"  {kind}: minivmm {report.fmt(float(m))} us, QEMU {report.fmt(float(q))} us"  # type: ignore[arg-type]
                   f" = {float(m) / f:.2f}x / {float(q) / f:.2f}x the C floor ({f:.1f} us)")  # type: ignore[arg-type]
+        cpu: dict[str, list[float]] = {}
+        for run in self.raw:
+            if run["ok"] and run["kind"] == "main":
+                cpu.setdefault(str(run["vmm"]), []).append(float(run["cpu_s"]))  # type: ignore[arg-type]
+        print("VMM CPU time per main run (user+sys, median s): " + ", ".join(
+            f"{k} {statistics.median(v):.2f}" for k, v in cpu.items()))
+        kicks = self.kicks_per_op()
+        if kicks:
+            print("QueueNotify writes per operation (guest count; the rest suppressed by "
+                  "NO_NOTIFY): " + "; ".join(f"{w} {v}" for w, v in kicks.items()))
         for n in self.notes:
             print(f"note: {n}")
         from .hints import hints
@@ -214,11 +241,13 @@ class Bench:
         path = self.out / f"results-{stamp}{'-smoke' if self.args.smoke else ''}.json"
         report.write_json(path, {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": self.args.smoke,
-            "reps": reps, "sizes": asdict(self.sizes), "host": report.host_facts(self.khz),
+            "reps": reps, "sizes": asdict(self.sizes), "minivmm": self.version,
+            "host": report.host_facts(self.khz),
             "qemu_modes": [q.label for q in qemus], "summary": summary,
             "samples": self.samples, "floor": self.floor, "runs": self.raw,
             "minivmm_timelines": self.timelines, "hints": hint_lines, "notes": self.notes,
-            "failures": self.failures, "failed_runs": self.failed_runs, "duration_s": time.monotonic() - t_start})
+            "kicks_per_op": self.kicks_per_op(), "failures": self.failures,
+            "failed_runs": self.failed_runs, "duration_s": time.monotonic() - t_start})
         print(f"results: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
         png = path.with_suffix(".png")
         if not self.args.smoke and report.plot(png, summary):

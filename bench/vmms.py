@@ -29,6 +29,9 @@ GUEST_MEM = 128 * MIB
 BENCH_LINE = re.compile(r"^probe: bench (\S+) (.*)$")
 KV = re.compile(r"(\w+)=(\S+)")
 QEMU = shutil.which("qemu-system-x86_64")
+#: where minivmm runs from: a copy of the package taken at the start of a benchmark
+#: (snapshot()), so edits to the working tree during a run don't mix versions
+MINIVMM_HOME = REPO
 
 QEMU_BASE = [
     "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
@@ -58,14 +61,14 @@ class Vmm:
                 a.append("--stats")
             if timeline:
                 a.append("--timeline")
-            return a + ["--cmdline", cmdline]
+            return [*a, "--cmdline", cmdline]
         assert QEMU is not None
         a = [QEMU, *QEMU_BASE, "-kernel", str(probe), "-append", cmdline]
         if disk is not None:
             a += ["-device", "virtio-blk-device,drive=d0", "-drive",
                   f"id=d0,file={disk},format=raw,if=none,cache={self.qemu_cache},"
                   f"aio={self.qemu_aio}"]
-        return a + ["-device", "virtio-rng-device"]
+        return [*a, "-device", "virtio-rng-device"]
 
     @property
     def label(self) -> str:
@@ -89,6 +92,7 @@ class RunOutput:
     maxrss_kib: int  # getrusage of the child (peak RSS)
     hwm_kib: int = 0  # last VmHWM sample (sample_memory)
     guest_rss_kib: int = 0  # largest Rss of the guest-RAM mapping seen (sample_memory)
+    cpu_s: float = 0.0  # user + system CPU time of the VMM process (rusage)
     bench: dict[str, dict[str, str]] = field(default_factory=dict)
     bench_host_s: dict[str, float] = field(default_factory=dict)
 
@@ -136,7 +140,7 @@ def run(argv: list[str], *, timeout: float = 120.0, sample_memory: bool = False,
     """Start argv, time-stamp its output lines, reap it with wait4."""
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=REPO)
+                         stderr=subprocess.PIPE, cwd=MINIVMM_HOME)
     assert p.stdout is not None and p.stderr is not None
     sel = selectors.DefaultSelector()
     sel.register(p.stdout, selectors.EVENT_READ, "out")
@@ -183,7 +187,7 @@ def run(argv: list[str], *, timeout: float = 120.0, sample_memory: bool = False,
     p.stdout.close()
     p.stderr.close()
     r = RunOutput(argv, p.returncode, first, t_exit, lines, err.decode("utf-8", "replace"),
-                  ru.ru_maxrss, hwm, guest)
+                  ru.ru_maxrss, hwm, guest, ru.ru_utime + ru.ru_stime)
     _parse_bench(r)
     return r
 
@@ -199,6 +203,38 @@ def _parse_bench(r: RunOutput) -> None:
                 r.bench_host_s[m.group(1)] = t - prev
         if line.startswith("probe:"):
             prev = t
+
+
+def snapshot(out: Path, tries: int = 12) -> dict[str, str]:
+    """Copy minivmm/ to out/snapshot/ and run minivmm from there (MINIVMM_HOME). The
+    copy must import; a tree caught mid-edit (it doesn't) is copied again, up to
+    `tries` times 5 s apart. Returns the git commit and a hash of the copied sources."""
+    global MINIVMM_HOME
+    import hashlib
+    dest = out / "snapshot"
+    err = ""
+    for _ in range(tries):
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(REPO / "minivmm", dest / "minivmm",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        p = subprocess.run([sys.executable, "-c", "import minivmm.cli, minivmm.launch"],
+                           cwd=dest, capture_output=True, text=True)
+        if p.returncode == 0:
+            break
+        err = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "import failed"
+        time.sleep(5)
+    else:
+        raise SystemExit(f"bench: minivmm/ does not import ({err}); fix it and run again")
+    MINIVMM_HOME = dest
+    h = hashlib.sha256()
+    for f in sorted((dest / "minivmm").rglob("*.py")):
+        h.update(str(f.relative_to(dest)).encode() + b"\0" + f.read_bytes())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "minivmm"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return {"git_head": head, "minivmm_tree_modified": str(bool(dirty)),
+            "minivmm_sources_sha256": h.hexdigest()[:16], "path": str(dest)}
 
 
 def build(out: Path) -> tuple[Path, Path]:

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtio-net on a Linux tap (repeatable; created if absent and "
                         "permitted, else make it with `ip tuntap add`)")
     r.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    r.add_argument("--host-quirks", default="auto", choices=["auto", "off"],
+                   help="auto (default): on a host whose KVM emulates guest kernel code, "
+                        "add the command-line options a Linux guest needs there; off: never")
     r.add_argument("--stats", action="store_true", help="print exit counters at the end")
     r.add_argument("--timeline", action="store_true", help="print boot milestones at the end")
     r.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
@@ -89,10 +92,12 @@ def run(args: argparse.Namespace) -> int:
     default = DEFAULT_CMDLINE
     if args.console_device == "virtio":
         default = default.replace("console=ttyS0", "console=hvc0")
+    cmdline = default if args.cmdline is None else args.cmdline
+    quirks = hostinfo.host_quirks_cmdline(args.host_quirks, args.kernel, cmdline)
     cfg = LaunchConfig(
         kernel=args.kernel,
         initrd=args.initrd,
-        cmdline=default if args.cmdline is None else args.cmdline,
+        cmdline=f"{cmdline} {quirks}".strip(),
         mem_size=parse_size(args.mem),
         cpus=args.cpus,
         console=args.console,
@@ -118,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if args.timeline:
         for line in machine.timeline.lines():
             print(line, file=sys.stderr)
+        print(f"timeline: host-quirks {args.host_quirks}: "
+              f"{'added ' + repr(quirks) if quirks else 'nothing added'}", file=sys.stderr)
     return result.status
 
 

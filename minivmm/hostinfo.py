@@ -21,6 +21,27 @@ EMULATED_HOST_HINT = (
 
 
 @cache
+#: What a Linux guest needs on a host whose KVM emulates guest kernel code, beyond the
+#: kernel changes of guest/linux/patches (see README, "Hosts without hardware
+#: virtualization"): no XSAVE (the emulator fails on xrstor), CPU features the emulator
+#: can't run cleared inside the guest (CPUID masks have no effect under kvm_pvm), and
+#: fewer emulated instructions at boot (no mitigations, KASLR, rodata or TSC checks).
+EMULATED_HOST_CMDLINE = (
+    "noxsave mitigations=off nokaslr clearcpuid=popcnt,smap,smep,umip,fsgsbase,pcid,"
+    "invpcid,rdrand,rdseed,rdtscp,rdpid,cx16,pku,114 rodata=off tsc=reliable no_timer_check"
+)
+
+
+def host_quirks_cmdline(mode: str, kernel: Path, cmdline: str) -> str:
+    """The options ``--host-quirks MODE`` adds to ``cmdline`` for ``kernel`` ('' if none):
+    with 'auto', EMULATED_HOST_CMDLINE's options the command line lacks, for a Linux
+    kernel on a host that emulates guest kernel code; never otherwise."""
+    if mode != "auto" or not kvm_emulates_guest_kernel() or not looks_like_linux(kernel):
+        return ""
+    have = {opt.split("=", 1)[0] for opt in cmdline.split()}
+    return " ".join(o for o in EMULATED_HOST_CMDLINE.split() if o.split("=", 1)[0] not in have)
+
+
 def kvm_module() -> str:
     """'kvm_intel', 'kvm_amd', 'kvm_pvm' or '' (unknown)."""
     for name in ("kvm_pvm", "kvm_intel", "kvm_amd"):
