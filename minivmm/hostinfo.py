@@ -20,7 +20,6 @@ EMULATED_HOST_HINT = (
 )
 
 
-@cache
 #: What a Linux guest needs on a host whose KVM emulates guest kernel code, beyond the
 #: kernel changes of guest/linux/patches (see README, "Hosts without hardware
 #: virtualization"): no XSAVE (the emulator fails on xrstor), CPU features the emulator
@@ -42,6 +41,7 @@ def host_quirks_cmdline(mode: str, kernel: Path, cmdline: str) -> str:
     return " ".join(o for o in EMULATED_HOST_CMDLINE.split() if o.split("=", 1)[0] not in have)
 
 
+@cache
 def kvm_module() -> str:
     """'kvm_intel', 'kvm_amd', 'kvm_pvm' or '' (unknown)."""
     for name in ("kvm_pvm", "kvm_intel", "kvm_amd"):
