@@ -27,7 +27,7 @@ from typing import Any, Protocol
 BytesLike = bytes | bytearray | memoryview
 """What ``write`` accepts and ``readinto`` fills."""
 
-__all__ = ["BytesLike", "ChainOwner", "DescriptorChain", "Reader", "Writer"]
+__all__ = ["BytesLike", "ChainOwner", "DescriptorChain", "Reader", "Writer", "new_chain"]
 
 
 class ChainOwner(Protocol):
@@ -54,15 +54,15 @@ class Reader:
     """The device-readable part of a chain, as a read-only binary stream."""
 
     __slots__ = ("_i", "_off", "_views", "remaining", "total")
-
-    def __init__(self, views: list[memoryview], total: int) -> None:
-        self._views = views
-        self._i = 0
-        self._off = 0
-        self.total = total
-        """Bytes in the readable part."""
-        self.remaining = total
-        """Bytes not read yet."""
+    # No __init__: :func:`new_chain` fills the slots (a class call with a Python __init__
+    # costs several times more, once per chain on the hot path).
+    _views: list[memoryview]
+    _i: int  # the current view
+    _off: int  # the position inside it
+    total: int
+    """Bytes in the readable part."""
+    remaining: int
+    """Bytes not read yet."""
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all that is left if ``n`` < 0), copied out of guest memory.
@@ -166,15 +166,14 @@ class Writer:
     ``written`` (the position) is what the used ring reports to the driver."""
 
     __slots__ = ("_i", "_off", "_views", "remaining", "total")
-
-    def __init__(self, views: list[memoryview], total: int) -> None:
-        self._views = views
-        self._i = 0
-        self._off = 0
-        self.total = total
-        """Bytes in the writable part."""
-        self.remaining = total
-        """Bytes not written yet."""
+    # No __init__, as Reader.
+    _views: list[memoryview]
+    _i: int
+    _off: int
+    total: int
+    """Bytes in the writable part."""
+    remaining: int
+    """Bytes not written yet."""
 
     @property
     def written(self) -> int:
@@ -259,58 +258,37 @@ class Writer:
         self._off = off
 
 
-_new = object.__new__
-
-
 class DescriptorChain:
-    """One available chain: ``head``, ``reader``, ``writer``; returns itself once."""
+    """One available chain: ``head``, ``reader``, ``writer``; returns itself once.
 
-    __slots__ = ("_done", "_generation", "_owner", "head", "reader", "writer")
+    Built by :func:`new_chain` (the queue's ``pop``), not by calling the class."""
 
-    def __init__(
-        self,
-        owner: ChainOwner,
-        generation: int,
-        head: int,
-        readable: list[memoryview],
-        readable_len: int,
-        writable: list[memoryview],
-        writable_len: int,
-    ) -> None:
-        self._owner = owner
-        self._generation = generation
-        self._done = False
-        self.head = head
-        """The head descriptor index: the id the used ring reports."""
-        # Reader(readable, readable_len) and Writer(writable, writable_len), without the
-        # two __init__ frames: this runs once per chain on the hot path.
-        r = _new(Reader)
-        r._views = readable
-        r._i = r._off = 0
-        r.total = r.remaining = readable_len
-        self.reader = r
-        w = _new(Writer)
-        w._views = writable
-        w._i = w._off = 0
-        w.total = w.remaining = writable_len
-        self.writer = w
+    __slots__ = ("_generation", "_owner", "head", "reader", "writer")
+    _owner: ChainOwner | None  # None once returned to the used ring
+    _generation: int
+    head: int
+    """The head descriptor index: the id the used ring reports."""
+    reader: Reader
+    writer: Writer
 
     @property
     def done(self) -> bool:
         """True once the chain has been returned to the used ring."""
-        return self._done
+        return self._owner is None
 
     def complete(self, written: int | None = None) -> None:
         """Return the chain to the used ring with ``written`` bytes (default: the writer's
         position). Raises ``RuntimeError`` if it was already returned."""
-        if self._done:
+        owner = self._owner
+        if owner is None:
             raise RuntimeError(f"chain {self.head} was already returned to the used ring")
+        w = self.writer
         if written is None:
-            written = self.writer.written
-        elif not 0 <= written <= self.writer.total:
-            raise ValueError(f"written={written} is outside 0..{self.writer.total}")
-        self._done = True
-        self._owner.return_chain(self.head, written, self._generation)
+            written = w.total - w.remaining
+        elif not 0 <= written <= w.total:
+            raise ValueError(f"written={written} is outside 0..{w.total}")
+        self._owner = None
+        owner.return_chain(self.head, written, self._generation)
 
     def __enter__(self) -> DescriptorChain:
         return self
@@ -321,13 +299,43 @@ class DescriptorChain:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._done:
-            self._done = True
+        owner = self._owner
+        if owner is not None:
+            self._owner = None
             w = self.writer
-            self._owner.return_chain(self.head, w.total - w.remaining, self._generation)
+            owner.return_chain(self.head, w.total - w.remaining, self._generation)
 
     def __repr__(self) -> str:
         return (
             f"<DescriptorChain head={self.head} readable={self.reader.total} "
-            f"writable={self.writer.total}{' done' if self._done else ''}>"
+            f"writable={self.writer.total}{' done' if self._owner is None else ''}>"
         )
+
+
+def new_chain(
+    owner: ChainOwner,
+    generation: int,
+    head: int,
+    readable: list[memoryview],
+    readable_len: int,
+    writable: list[memoryview],
+    writable_len: int,
+) -> DescriptorChain:
+    """A chain over validated buffers: ``readable`` (``readable_len`` bytes in all) then
+    ``writable``; ``owner.return_chain(head, written, generation)`` takes it back. The
+    lists are kept, not copied (``pop`` leaves zero-length buffers out of them)."""
+    r = Reader()
+    r._views = readable
+    r._i = r._off = 0
+    r.total = r.remaining = readable_len
+    w = Writer()
+    w._views = writable
+    w._i = w._off = 0
+    w.total = w.remaining = writable_len
+    c = DescriptorChain()
+    c._owner = owner
+    c._generation = generation
+    c.head = head
+    c.reader = r
+    c.writer = w
+    return c

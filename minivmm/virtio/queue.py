@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 
 from ..memory import GuestMemoryError
 from . import ring
-from .chain import DescriptorChain
+from .chain import DescriptorChain, new_chain
 from .errors import (
     ChainLengthOverflow,
     DescriptorChainTooLong,
@@ -383,9 +383,7 @@ class Queue:
             if not flags & VIRTQ_DESC_F_NEXT:
                 if rlen + wlen > _MAX_CHAIN_BYTES:
                     raise ChainLengthOverflow(self.index, head, rlen + wlen)
-                return DescriptorChain(
-                    self, self._generation, head, readable, rlen, writable, wlen
-                )
+                return new_chain(self, self._generation, head, readable, rlen, writable, wlen)
             if nxt >= limit:
                 raise InvalidNextIndex(self.index, head, index, nxt, limit)
             index = nxt
@@ -414,17 +412,20 @@ class Queue:
         low = self._low
         low_end = self._low_end
         end = addr + length
-        table = (
-            low[addr:end]  # type: ignore[index]
-            if end <= low_end
-            else self._buffer(head, index, addr, length, "")
-        )
+        if end <= low_end:
+            # Unpacked in place from the window (no slice): entry i is at base + 16 * i,
+            # and the table [addr, end) was just checked to lie inside the window.
+            table: memoryview = low  # type: ignore[assignment]
+            base = addr
+        else:
+            table = self._buffer(head, index, addr, length, "")
+            base = 0
         limit = length >> 4
         where = _INDIRECT_TABLE
         unpack = DESC.unpack_from
         index = 0
         for _ in range(limit):
-            addr, length, flags, nxt = unpack(table, index << 4)
+            addr, length, flags, nxt = unpack(table, base + (index << 4))
             if flags & VIRTQ_DESC_F_INDIRECT:
                 raise NestedIndirect(self.index, head, index)
             if flags & VIRTQ_DESC_F_WRITE:
@@ -449,9 +450,7 @@ class Queue:
             if not flags & VIRTQ_DESC_F_NEXT:
                 if rlen + wlen > _MAX_CHAIN_BYTES:
                     raise ChainLengthOverflow(self.index, head, rlen + wlen)
-                return DescriptorChain(
-                    self, self._generation, head, readable, rlen, writable, wlen
-                )
+                return new_chain(self, self._generation, head, readable, rlen, writable, wlen)
             if nxt >= limit:
                 raise InvalidNextIndex(self.index, head, index, nxt, limit, where)
             index = nxt

@@ -341,6 +341,7 @@ def test_pump_on_a_raw_pty_uses_escape_keys_by_default(pty: tuple[int, int]) -> 
 class FakeMachine:
     def __init__(self) -> None:
         self.serial: Serial | None = Serial(RecordingLine(), RecordingSink())
+        self.console_input = self.serial.enqueue_input
         self.stops: list[tuple[int, str, str]] = []
         self.stopped = threading.Event()
 
