@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 
 from ..memory import GuestMemoryError
 from . import ring
-from .chain import DescriptorChain, new_chain
+from .chain import DescriptorChain, Reader, Writer, new_chain
 from .errors import (
     ChainLengthOverflow,
     DescriptorChainTooLong,
@@ -57,7 +57,7 @@ from .errors import (
 from .mem import U64_LIMIT, GuestMemoryLike, low_window, translate_ring
 from .ring import (
     DESC,
-    USED_ELEM,
+    USED_ELEM_LEN_SHIFT,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -75,6 +75,7 @@ _INDIRECT_TABLE = "indirect table"
 _FLAGS = ring.FLAGS_OFFSET // 2
 _IDX = ring.IDX_OFFSET // 2
 _RING = ring.RING_OFFSET // 2
+_unpack_desc = DESC.unpack_from
 
 
 def _split(value: int, low: int | None, high: int | None) -> int:
@@ -110,9 +111,9 @@ class Queue:
         "_signalled_used",
         "_size",
         "_translate",
-        "_used",
         "_used16",
         "_used_addr",
+        "_used_elems",
         "_used_event_off",
         "broken",
         "index",
@@ -152,7 +153,7 @@ class Queue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None  # None whenever pop must not run
         self._avail_view: memoryview | None = None
-        self._used: memoryview | None = None
+        self._used_elems: memoryview | None = None
         self._used16: memoryview | None = None
         self._mask = 0
         self._cached_avail_idx = self._next_avail
@@ -266,7 +267,8 @@ class Queue:
         avail16 = avail.cast("H")
         self._avail_view = avail16
         self._avail = None if self.broken else avail16  # a stopped queue stays stopped
-        self._used = used
+        # The used ring's elements as u64 words, id | len << 32 (ring.py): one store each.
+        self._used_elems = used[ring.RING_OFFSET : ring.avail_event_offset(self._size)].cast("Q")
         self._used16 = used.cast("H")
         self._mask = self._size - 1
         self._cached_avail_idx = self._next_avail
@@ -346,7 +348,7 @@ class Queue:
         table = self._desc
         low = self._low
         low_end = self._low_end
-        unpack = DESC.unpack_from
+        unpack = _unpack_desc
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         rlen = wlen = 0
@@ -383,7 +385,21 @@ class Queue:
             if not flags & VIRTQ_DESC_F_NEXT:
                 if rlen + wlen > _MAX_CHAIN_BYTES:
                     raise ChainLengthOverflow(self.index, head, rlen + wlen)
-                return new_chain(self, self._generation, head, readable, rlen, writable, wlen)
+                r = Reader()
+                r._views = readable
+                r._i = r._off = 0
+                r.total = r.remaining = rlen
+                w = Writer()
+                w._views = writable
+                w._i = w._off = 0
+                w.total = w.remaining = wlen
+                c = DescriptorChain()
+                c._owner = self
+                c._generation = self._generation
+                c.head = head
+                c.reader = r
+                c.writer = w
+                return c
             if nxt >= limit:
                 raise InvalidNextIndex(self.index, head, index, nxt, limit)
             index = nxt
@@ -422,7 +438,7 @@ class Queue:
             base = 0
         limit = length >> 4
         where = _INDIRECT_TABLE
-        unpack = DESC.unpack_from
+        unpack = _unpack_desc
         index = 0
         for _ in range(limit):
             addr, length, flags, nxt = unpack(table, base + (index << 4))
@@ -486,27 +502,27 @@ class Queue:
 
         Devices normally let the chain do this (``with chain:``). ``ValueError`` for a
         head >= size or a length outside u32: those are device bugs, not guest errors."""
-        used = self._used
+        elems = self._used_elems
         used16 = self._used16
-        if used is None or used16 is None:
+        if elems is None or used16 is None:
             raise QueueNotReady(self.index)
         if not 0 <= head < self._size or not 0 <= length <= _MAX_CHAIN_BYTES:
             raise ValueError(f"add_used({head}, {length}) on queue {self.index}: out of range")
         nu = self._next_used
         # The element store comes before the index store (see ring.py on ordering).
-        USED_ELEM.pack_into(used, 4 + 8 * (nu & self._mask), head, length)
+        elems[nu & self._mask] = head | length << USED_ELEM_LEN_SHIFT
         nu = (nu + 1) & 0xFFFF
         used16[_IDX] = nu
         self._next_used = nu
 
     def return_chain(self, head: int, written: int, generation: int) -> None:
         """Called by a chain when it completes; a chain from before a reset is dropped."""
-        used = self._used
+        elems = self._used_elems
         used16 = self._used16
-        if generation != self._generation or used is None or used16 is None:
+        if generation != self._generation or elems is None or used16 is None:
             return
         nu = self._next_used
-        USED_ELEM.pack_into(used, 4 + 8 * (nu & self._mask), head, written)
+        elems[nu & self._mask] = head | written << USED_ELEM_LEN_SHIFT
         nu = (nu + 1) & 0xFFFF
         used16[_IDX] = nu
         self._next_used = nu

@@ -67,6 +67,10 @@ DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")
 """One used element: id (the chain's head), len (bytes written)."""
+USED_ELEM_LEN_SHIFT = 32
+"""The queue stores a used element as one u64, ``id | len << USED_ELEM_LEN_SHIFT``,
+through a ``memoryview.cast("Q")`` of the ring's elements: the same bytes as USED_ELEM on
+a little-endian host, which the "H" and "Q" views here assume (x86, as KVM for x86 is)."""
 
 
 def desc_table_size(size: int) -> int:
