@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,13 +73,46 @@ class ProbeRun:
                 out.append((int(f["addr"], 16), int(f["size"], 16), int(f["type"])))
         return out
 
+    @property
+    def raw(self) -> str:
+        return self.out + self.err
+
     def check(self, name: str) -> str:
+        """The whole line ``check <name> ok ...`` or ``check <name> FAIL ...``."""
+        return self.one(f"check {name} ")
+
+    def result(self, name: str) -> str:
         """What follows ``check <name> ``: ``ok ...`` or ``FAIL ...``."""
-        return self.one(f"check {name} ").removeprefix(f"check {name} ")
+        return self.check(name).removeprefix(f"check {name} ")
 
     def assert_pass(self) -> None:
         assert self.status == 0 and "result pass" in self.lines, (
             f"probe did not pass (status {self.status}):\n{self.out}\n{self.err}")
+
+
+def debug_exit_status(v: int) -> int:
+    """QEMU's exit status for a debug-exit write of v (minivmm's is v itself)."""
+    return (v << 1) | 1
+
+
+def qemu_probe(elf: Path, append: str, *, mem: str = "128M", extra: Sequence[str] = (),
+               prefix: Sequence[str] = (), timeout: float = 120) -> ProbeRun:
+    """The probe under QEMU's microvm (REFERENCE.md §2 flags), with isa-debug-exit at
+    0x501; ``extra`` adds devices, ``prefix`` goes before the command (a netns exec).
+    Without /dev/kvm, QEMU's TCG runs it instead."""
+    assert QEMU is not None, "qemu-system-x86_64 is not installed"
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        accel = ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
+    else:
+        accel = ["-accel", "tcg", "-cpu", "max"]
+    cmd = [*prefix, QEMU, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
+           "-global", "virtio-mmio.force-legacy=false", *accel, "-m", mem, "-nodefaults",
+           "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+           "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-kernel", str(elf),
+           "-append", append, *extra]
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    return ProbeRun(p.returncode, p.stdout.decode("latin-1").replace("\r", ""),
+                    p.stderr.decode("latin-1"))
 
 
 _LDS = """

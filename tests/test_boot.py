@@ -46,7 +46,7 @@ def test_memory_map_matches_mem(mem: str) -> None:
     run.assert_pass()
     assert run.e820() == expected_e820(size)
     assert run.fields("mem ")["ram"] == str(size)
-    assert run.check("expect_mem").startswith("ok")
+    assert run.result("expect_mem").startswith("ok")
 
 
 def test_command_line_arrives_intact() -> None:
@@ -60,7 +60,7 @@ def test_command_line_arrives_intact() -> None:
 def test_wrong_expectation_is_reported_through_debug_exit() -> None:
     run = probe("probe.expect_mem=256M")  # the guest has 128M: one failed check
     assert run.status == 1
-    assert "FAIL" in run.check("expect_mem")
+    assert "FAIL" in run.result("expect_mem")
 
 
 def test_triple_fault_is_a_reboot() -> None:

@@ -37,7 +37,7 @@ def test_reads_writes_flush_and_serial(tmp_path: Path) -> None:
     run = probe(f"{img},serial=minivmm-disk-1",
                 f"probe.blk_pattern=7 probe.blk_sectors={SECTORS} probe.blk_serial=minivmm-disk-1")
     run.assert_pass()
-    result = run.check("blk")
+    result = run.result("blk")
     assert "flush=yes" in result and "id=minivmm-disk-1" in result
     data = img.read_bytes()
     for s in range(SECTORS):  # the last 8 sectors hold seed+1's pattern, the rest seed's
@@ -50,7 +50,7 @@ def test_read_only_disk_refuses_writes(tmp_path: Path) -> None:
     before = img.read_bytes()
     run = probe(f"{img},ro", "probe.blk_pattern=3 probe.blk_ro=1")
     run.assert_pass()
-    assert "ro=1" in run.check("blk")
+    assert "ro=1" in run.result("blk")
     assert img.read_bytes() == before
 
 

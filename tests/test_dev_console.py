@@ -19,7 +19,7 @@ def test_console_transmit_reaches_the_console_sink(tmp_path: Path) -> None:
     run = ProbeRun(p.returncode, text, p.stderr)
     run.assert_pass()
     assert "probe: hello from virtio-console\n" in text
-    assert run.check("console") == "ok bytes=33"
+    assert run.result("console") == "ok bytes=33"
 
 
 def test_virtio_console_default_cmdline_uses_hvc0(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def test_arp_and_ping_through_the_tap_with_mergeable_rx_buffers() -> None:
         after = ns.tap_stats()
         peer_mac = ns.tap_mac()
     run.assert_pass()
-    result = dict(kv.split("=", 1) for kv in run.check("net").split()[1:])
+    result = dict(kv.split("=", 1) for kv in run.result("net").split()[1:])
     assert result["mac"] == MAC
     assert result["peer_mac"] == peer_mac  # the host's kernel answered the ARP request
     assert int(result["num_buffers"]) > 1  # a 1500-byte reply spread over 512-byte buffers
@@ -48,7 +48,7 @@ def test_generated_mac_is_stable_and_locally_administered() -> None:
                          "--net", f"tap={ns.tap}") for _ in range(2)]
     for run in runs:
         run.assert_pass()
-    macs = {dict(kv.split("=", 1) for kv in run.check("net").split()[1:])["mac"]
+    macs = {dict(kv.split("=", 1) for kv in run.result("net").split()[1:])["mac"]
             for run in runs}
     assert len(macs) == 1
     first_octet = int(macs.pop().split(":")[0], 16)

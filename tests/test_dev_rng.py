@@ -17,7 +17,7 @@ def probe(checks: str, *extra: str) -> ProbeRun:
 def test_rng_requests_polled() -> None:
     run = probe("rng")
     run.assert_pass()
-    fields = dict(kv.split("=") for kv in run.check("rng").split()[1:])
+    fields = dict(kv.split("=") for kv in run.result("rng").split()[1:])
     assert fields["requests"] == "4" and fields["bytes"] == "256"
     assert fields["indirect"] == "1" and fields["event_idx"] == "1"
 
@@ -25,8 +25,8 @@ def test_rng_requests_polled() -> None:
 def test_rng_interrupt_through_irqfd() -> None:
     run = probe("rng_irq")
     run.assert_pass()
-    assert "isr=0x1" in run.check("rng_irq")
-    assert "irq=5" in run.check("rng_irq")  # the first virtio IRQ of the layout
+    assert "isr=0x1" in run.result("rng_irq")
+    assert "irq=5" in run.result("rng_irq")  # the first virtio IRQ of the layout
 
 
 def test_rng_device_listed_on_the_command_line() -> None:

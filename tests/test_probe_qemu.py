@@ -12,16 +12,14 @@ Skipped (with the reason) only where qemu-system-x86_64 is not installed. Withou
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from guests import QEMU, debug_exit_status, qemu_probe
+from guests import ProbeRun as Run
 
-QEMU = shutil.which("qemu-system-x86_64")
 if QEMU is None:
     pytest.skip("qemu-system-x86_64 is not installed", allow_module_level=True)
 
@@ -35,34 +33,7 @@ TIMEOUT = 120  # seconds; a run takes well under one second here
 # The debug-exit codes the probe uses besides "number of failed checks".
 EXIT_FAULT = 125
 
-LINE = re.compile(r"^probe: (.*)$")
 KV = re.compile(r"(\w+)=(\S+)")
-
-
-@dataclass
-class Run:
-    status: int
-    lines: list[str]  # the probe's lines, without the "probe: " prefix
-    raw: str
-
-    def one(self, prefix: str) -> str:
-        found = [line for line in self.lines if line.startswith(prefix)]
-        assert len(found) == 1, f"want one line starting {prefix!r}:\n{self.raw}"
-        return found[0]
-
-    def fields(self, prefix: str) -> dict[str, str]:
-        return dict(KV.findall(self.one(prefix)))
-
-    def e820(self) -> list[tuple[int, int, int]]:
-        out = []
-        for line in self.lines:
-            if line.startswith("e820 "):
-                f = dict(KV.findall(line))
-                out.append((int(f["addr"], 16), int(f["size"], 16), int(f["type"])))
-        return out
-
-    def check(self, name: str) -> str:
-        return self.one(f"check {name} ")
 
 
 @pytest.fixture(scope="session")
@@ -76,42 +47,7 @@ def probe_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def qemu(elf: Path, append: str, *, mem: str = "128M", extra: tuple[str, ...] = ()) -> Run:
-    if os.access("/dev/kvm", os.R_OK | os.W_OK):
-        accel = ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
-    else:
-        accel = ["-accel", "tcg", "-cpu", "max"]
-    assert QEMU is not None
-    cmd = [
-        QEMU,
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        *accel,
-        "-m",
-        mem,
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0x501,iosize=1",
-        "-kernel",
-        str(elf),
-        "-append",
-        append,
-        *extra,
-    ]
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
-    raw = p.stdout.decode("latin-1")
-    lines = [m.group(1) for m in (LINE.match(s.rstrip("\r")) for s in raw.split("\n")) if m]
-    return Run(p.returncode, lines, raw + p.stderr.decode("latin-1"))
-
-
-def debug_exit_status(v: int) -> int:
-    return (v << 1) | 1
+    return qemu_probe(elf, append, mem=mem, extra=extra, timeout=TIMEOUT)
 
 
 def test_boot_report_and_cmdline_intact(probe_elf: Path) -> None:

@@ -12,9 +12,7 @@ missing; everything else that goes wrong fails.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,12 +24,10 @@ if shutil.which("qemu-system-x86_64") is None:
 if missing():
     pytest.skip(str(missing()), allow_module_level=True)
 
+from guests import ProbeRun as Run
+from guests import debug_exit_status, qemu_probe
 from test_probe_qemu import (
-    LINE,
-    QEMU,
     TIMEOUT,
-    Run,
-    debug_exit_status,
     probe_elf,  # noqa: F401  (the session fixture that builds it)
 )
 
@@ -62,48 +58,13 @@ def qemu_net(
     ns: NetNamespace | None, elf: Path, append: str, *, mac: str = MAC, net: bool = True
 ) -> Run:
     """QEMU's microvm inside ns with a virtio-net-device on ns's tap (net=False: none)."""
-    assert QEMU is not None
-    if os.access("/dev/kvm", os.R_OK | os.W_OK):
-        accel = ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
-    else:
-        accel = ["-accel", "tcg", "-cpu", "max"]
-    nic = []
+    nic: list[str] = []
     if net:
         assert ns is not None
-        nic = [
-            "-netdev",
-            f"tap,id=n0,ifname={ns.tap},script=no,downscript=no,vhost=off",
-            "-device",
-            f"virtio-net-device,netdev=n0,mac={mac}",
-        ]
-    cmd = [
-        *(ns.exec_prefix() if ns else []),
-        QEMU,
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        *accel,
-        "-m",
-        "128M",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0x501,iosize=1",
-        "-kernel",
-        str(elf),
-        "-append",
-        append,
-        *nic,
-    ]
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
-    raw = p.stdout.decode("latin-1")
-    lines = [m.group(1) for m in (LINE.match(s.rstrip("\r")) for s in raw.split("\n")) if m]
-    return Run(p.returncode, lines, raw + p.stderr.decode("latin-1"))
+        nic = ["-netdev", f"tap,id=n0,ifname={ns.tap},script=no,downscript=no,vhost=off",
+               "-device", f"virtio-net-device,netdev=n0,mac={mac}"]
+    return qemu_probe(elf, append, extra=nic, prefix=ns.exec_prefix() if ns else (),
+                      timeout=TIMEOUT)
 
 
 def buffers_for(payload: int) -> int:

@@ -19,14 +19,14 @@ def probe(checks: str) -> ProbeRun:
 def test_unoffered_features_and_missing_version_1_are_refused() -> None:
     run = probe("features_refused")
     run.assert_pass()
-    assert "unoffered=refused" in run.check("features_refused")
-    assert "no_version_1=refused" in run.check("features_refused")
+    assert "unoffered=refused" in run.result("features_refused")
+    assert "no_version_1=refused" in run.result("features_refused")
 
 
 def test_malformed_chains_set_needs_reset_and_the_vm_survives() -> None:
     run = probe("bad_chain,rng")
     run.assert_pass()
-    result = run.check("bad_chain")
+    result = run.result("bad_chain")
     for case in ("next_oob", "addr_oob", "loop"):
         assert f"{case}=needs_reset" in result
     assert "after=ok" in result
@@ -36,4 +36,4 @@ def test_malformed_chains_set_needs_reset_and_the_vm_survives() -> None:
 def test_reset_and_reinitialise() -> None:
     run = probe("reset,rng")
     run.assert_pass()
-    assert run.check("reset").startswith("ok")
+    assert run.result("reset").startswith("ok")
