@@ -97,11 +97,10 @@ class Reader:
         rem = self.remaining
         if n > rem:
             raise EOFError(f"{n}-byte {fmt.format!r} wanted, {rem} bytes left in the chain")
+        if not n:
+            return fmt.unpack(b"")  # a zero-size struct
         i = self._i
-        views = self._views
-        if i >= len(views):
-            return fmt.unpack(b"")  # a zero-size struct at the end
-        v = views[i]
+        v = self._views[i]  # bytes remain, so a (non-empty) view does
         off = self._off
         end = off + n
         lv = len(v)
@@ -194,7 +193,7 @@ class Writer:
         views = self._views
         i = self._i
         rem = self.remaining
-        if n <= rem and i < len(views):
+        if 0 < n <= rem:  # then views[i] exists: bytes remain
             v = views[i]
             off = self._off
             end = off + n

@@ -385,6 +385,8 @@ class Queue:
             if not flags & VIRTQ_DESC_F_NEXT:
                 if rlen + wlen > _MAX_CHAIN_BYTES:
                     raise ChainLengthOverflow(self.index, head, rlen + wlen)
+                # new_chain(self, self._generation, head, readable, rlen, writable, wlen),
+                # inlined: one Python call less per chain on the hottest path.
                 r = Reader()
                 r._views = readable
                 r._i = r._off = 0
