@@ -116,6 +116,9 @@ def hints(b: Bench, summary: dict[str, dict[str, object]], floor: dict[str, floa
                        f"exit itself costs about {fl_write:.0f} us here (C floor, CPL3 MMIO "
                        f"write), the rest is the device path (ioeventfd wake-up, queue walk in "
                        "Python, preadv/pwritev, used ring)")
+        elif key in ("net_tx64", "net_tx1500", "net_rr"):
+            from .netbench import hint
+            out.append(hint(b, key, summary))
         elif key == "mem_overhead":
             out.append(f"memory: minivmm overhead {m:.1f} MiB vs QEMU {q:.1f} MiB; "
                        f"`python3 -c 'import minivmm.launch'` alone peaks at {import_rss:.1f} "

@@ -17,6 +17,8 @@ in the host page cache), then repeats, alternating which VMM goes first:
   main     one guest running every probe benchmark (probe.bench=...): figures from the
            guest's rdtsc; the host's wall time between output lines cross-checks mmio
   main (QEMU aio=io_uring, when QEMU accepts it): the blk workloads again
+  net      the probe's net_tx64, net_tx1500, net_rr with a virtio-net on a tap, each VMM
+           in a fresh network namespace (bench/netbench.py; needs root, `ip`, /dev/net/tun)
 
 QEMU: microvm, virtio-mmio v2, -drive cache=writeback with aio=threads (and io_uring as
 a second mode; each blk row compares with QEMU's better mode and names it). The table
@@ -35,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import report, vmms
+from . import netbench, report, vmms
 from .vmms import MIB, REPO, RunOutput, Vmm
 
 WORKLOADS = ["mmio", "rng", "blk_rand4k_qd1", "blk_rand4k_qd32", "blk_seq1m_read",
@@ -52,10 +54,13 @@ class Sizes:
     image: int  # bytes
     floor_n: int
     mem_n: int
+    net_pkts: int  # frames per net_tx* run
+    net_rr: int  # round trips per net_rr run
 
 
-FULL = Sizes(n=2500, mb=256, image=1 << 30, floor_n=5000, mem_n=1000)
-SMOKE = Sizes(n=20, mb=2, image=16 * MIB, floor_n=200, mem_n=20)
+FULL = Sizes(n=2500, mb=256, image=1 << 30, floor_n=5000, mem_n=1000, net_pkts=100000,
+             net_rr=5000)
+SMOKE = Sizes(n=20, mb=2, image=16 * MIB, floor_n=200, mem_n=20, net_pkts=200, net_rr=20)
 
 
 def cmdline(workloads: list[str], n: int, mb: int) -> str:
@@ -96,15 +101,19 @@ class Bench:
         self.timelines: list[dict[str, float]] = []
         self.guest_tsc_src: set[str] = set()
         self.khz = 0.0
+        self.net_skip = netbench.unavailable()
+        self.tap_rx: dict[str, list[int]] = {}
 
     def add(self, vmm: str, key: str, value: float) -> None:
         self.samples.setdefault(vmm, {}).setdefault(key, []).append(value)
 
     def launch(self, vmm: Vmm, kind: str, cmd: str, rows: list[str], *,
-               sample_memory: bool = False, timeline: bool = False) -> RunOutput | None:
+               sample_memory: bool = False, timeline: bool = False,
+               argv: list[str] | None = None) -> RunOutput | None:
         """One run; a failed run is recorded and (full mode only, --retries) repeated, so
-        an intermittent VMM bug costs a sample, not the benchmark. Smoke mode: no retry."""
-        argv = vmm.argv(self.probe, cmd, self.image, timeline=timeline)
+        an intermittent VMM bug costs a sample, not the benchmark. Smoke mode: no retry.
+        argv: the command, if not the usual one with the probe and the disk."""
+        argv = argv or vmm.argv(self.probe, cmd, self.image, timeline=timeline)
         for attempt in range(1 + (0 if self.args.smoke else self.args.retries)):
             r = vmms.run(argv, sample_memory=sample_memory, timeout=300)
             ok = vmm.passed(r.status) and r.passed_probe
@@ -153,12 +162,21 @@ class Bench:
                 self.guest_tsc_src.update(kv.get("tsc_src", "?") for kv in r.bench.values())
                 for k, v in guest_figures(r, self.khz).items():
                     self.add(vmm.label if vmm in order else "qemu_" + vmm.qemu_aio, k, v)
+        if self.net_skip:
+            return
+        for vmm in order:  # net
+            r, rx = netbench.run_in_namespace(self, vmm, "net", netbench.WORKLOADS,
+                                              s.net_pkts, s.net_rr, netbench.ROWS)
+            if r:
+                self.tap_rx.setdefault(vmm.name, []).append(rx)
+                for k, v in netbench.figures(r, self.khz).items():
+                    self.add(vmm.label, k, v)
 
     def kicks_per_op(self) -> dict[str, str]:
         """Median kicks per operation of each rng/blk workload, per VMM (main runs)."""
         acc: dict[str, dict[str, list[float]]] = {}
         for run in self.raw:
-            if not run["ok"] or run["kind"] != "main":
+            if not run["ok"] or run["kind"] not in ("main", "net"):
                 continue
             vmm = "minivmm" if str(run["vmm"]) == "minivmm" else "qemu"
             for w, kv in run["bench"].items():  # type: ignore[attr-defined]
@@ -227,6 +245,11 @@ class Bench:
         if kicks:
             print("QueueNotify writes per operation (guest count; the rest suppressed by "
                   "NO_NOTIFY): " + "; ".join(f"{w} {v}" for w, v in kicks.items()))
+        if self.net_skip:
+            self.notes.append(f"network rows not run: {self.net_skip}")
+        elif self.tap_rx:
+            self.notes.append(netbench.tap_check(
+                self.tap_rx, netbench.expected_frames(self.sizes.net_pkts, self.sizes.net_rr)))
         for n in self.notes:
             print(f"note: {n}")
         from .hints import hints
@@ -253,8 +276,9 @@ class Bench:
         if not self.args.smoke and report.plot(png, summary):
             print(f"plot: {png}")
         missing = [r.key for r in report.ROWS
-                   if not self.samples.get("minivmm", {}).get(r.key)
-                   or (qemus and not report.best_qemu(self.samples, r)[1])]
+                   if not (self.net_skip and r.key in netbench.ROWS)
+                   and (not self.samples.get("minivmm", {}).get(r.key)
+                        or (qemus and not report.best_qemu(self.samples, r)[1]))]
         if missing:
             print(f"FAILED: no figure for {', '.join(missing)}")
         return 1 if self.failures or missing else 0

@@ -51,12 +51,17 @@ class Vmm:
     qemu_cache: str = "writeback"
 
     def argv(self, probe: Path, cmdline: str, disk: Path | None, *,
-             stats: bool = False, timeline: bool = False) -> list[str]:
+             stats: bool = False, timeline: bool = False,
+             net: tuple[str, str] | None = None) -> list[str]:
+        """net: (tap, mac) of a virtio-net on an existing tap (run it in the tap's
+        namespace: see bench/netbench.py)."""
         if self.name == "minivmm":
             a = [sys.executable, "-m", "minivmm", "run", "--kernel", str(probe),
                  "--mem", "128M", "--console", "stdio", "--rng"]
             if disk is not None:
                 a += ["--disk", str(disk)]
+            if net is not None:
+                a += ["--net", f"tap={net[0]},mac={net[1]}"]
             if stats:
                 a.append("--stats")
             if timeline:
@@ -68,6 +73,9 @@ class Vmm:
             a += ["-device", "virtio-blk-device,drive=d0", "-drive",
                   f"id=d0,file={disk},format=raw,if=none,cache={self.qemu_cache},"
                   f"aio={self.qemu_aio}"]
+        if net is not None:
+            a += ["-netdev", f"tap,id=n0,ifname={net[0]},script=no,downscript=no,vhost=off",
+                  "-device", f"virtio-net-device,netdev=n0,mac={net[1]}"]
         return [*a, "-device", "virtio-rng-device"]
 
     @property

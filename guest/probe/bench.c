@@ -22,6 +22,7 @@
  *   blk_rand4k_qd32  n 4 KiB random reads, 32 in flight (refilled as they complete)
  *   blk_seq1m_read   probe.bench_mb 1 MiB reads from sector 0 on (wrapping)
  *   blk_seq1m_write  the same, writes (the image's contents are overwritten)
+ *   net_tx64, net_tx1500, net_rr   the first virtio-net (netbench.c)
  * The blk workloads use the first virtio-blk with a queue of up to 256 entries
  * (3 descriptors per request), no EVENT_IDX, no indirect descriptors, and
  * VIRTQ_AVAIL_F_NO_INTERRUPT: completion is found by polling, as for rng.
@@ -29,6 +30,7 @@
  * by the device's NO_NOTIFY flag).
  */
 #include "bench.h"
+#include "netbench.h"
 #include "virtio.h"
 
 #define VIRTIO_BLK_T_IN  0
@@ -49,6 +51,8 @@ static struct {
 int bench_option(const char *k, size_t kl, const char *v, size_t vl, int has_val, int *bad)
 {
 	*bad = !has_val;
+	if (netbench_option(k, kl, v, vl, has_val, bad))
+		return 1;
 	if (str_eq_n(k, kl, "probe.bench")) {
 		bopt.list = v;
 		bopt.list_len = vl;
@@ -113,8 +117,13 @@ static int seterr(char *err, size_t errlen, const char *s)
 	return -1;
 }
 
+uint64_t bench_tsc_khz(void)
+{
+	return khz;
+}
+
 /* "n=.. cycles=.. tsc_khz=.. tsc_src=.." and, with a known rate, ops/s. */
-static void line_head(const char *name, uint64_t n, uint64_t cycles)
+void bench_line_head(const char *name, uint64_t n, uint64_t cycles)
 {
 	out("probe: bench %s n=%lu cycles=%lu tsc_khz=%lu tsc_src=%s", name, n, cycles, khz,
 	    khz_src);
@@ -156,7 +165,7 @@ static int bench_mmio(const char *name, char *err, size_t errlen)
 	t1 = rdtsc();
 	if (bad)
 		return seterr(err, errlen, "mmio: MagicValue read wrong");
-	line_head(name, bopt.n, t1 - t0);
+	bench_line_head(name, bopt.n, t1 - t0);
 	out(" min=%lu max=%lu base=0x%lx\r\n", lo, hi, d->base);
 	return 0;
 }
@@ -201,7 +210,7 @@ static int bench_rng(const char *name, char *err, size_t errlen)
 	vdrv_reset(v);
 	if (i < bopt.n)
 		return seterr(err, errlen, v->err);
-	line_head(name, bopt.n, t1 - t0);
+	bench_line_head(name, bopt.n, t1 - t0);
 	out(" bytes=%lu kicks=%lu\r\n", bytes, kicks);
 	return 0;
 }
@@ -398,7 +407,7 @@ static int bench_blk(const char *name, unsigned depth, uint32_t type, int seq, c
 		return -1;
 	t1 = rdtsc();
 	vdrv_reset(&(struct vdrv){ .dev = bq.dev });
-	line_head(name, n, t1 - t0);
+	bench_line_head(name, n, t1 - t0);
 	if (khz)
 		out(" mb_per_s=%lu", n * len * khz / 1000 / (t1 - t0) / 1000);
 	out(" qd=%u bytes=%lu capacity=%lu kicks=%lu\r\n", depth, n * len, bq.capacity, bq.kicks);
@@ -421,6 +430,8 @@ static int run_one(const char *w, size_t wl, char *err, size_t errlen)
 		return bench_blk("blk_seq1m_read", 1, VIRTIO_BLK_T_IN, 1, err, errlen);
 	if (str_eq_n(w, wl, "blk_seq1m_write"))
 		return bench_blk("blk_seq1m_write", 1, VIRTIO_BLK_T_OUT, 1, err, errlen);
+	if (netbench_is(w, wl))
+		return netbench_run(w, wl, bopt.n, err, errlen);
 	return seterr(err, errlen, "unknown workload");
 }
 
