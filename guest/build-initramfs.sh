@@ -52,6 +52,7 @@ fi
 
 mkdir -p "$MINIVMM_CACHE"
 tmp=$(mktemp -d "$MINIVMM_CACHE/.$key.XXXXXX")
+chmod 755 "$tmp"
 trap 'rm -rf "$tmp"' EXIT
 spec=$tmp/spec
 cat >"$spec" <<SPEC

@@ -45,12 +45,17 @@ def _pad4(n: int) -> bytes:
     return b"\0" * (-n % 4)
 
 
-def entry(ino: int, name: str, mode: int, data: bytes = b"",
-          nlink: int = 1, rdev: tuple[int, int] = (0, 0)) -> bytes:
+def entry(
+    ino: int,
+    name: str,
+    mode: int,
+    data: bytes = b"",
+    nlink: int = 1,
+    rdev: tuple[int, int] = (0, 0),
+) -> bytes:
     """One newc header + name + data, each padded to 4 bytes."""
     encoded = name.encode() + b"\0"
-    fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1],
-              len(encoded), 0)
+    fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
     header = NEWC_MAGIC + b"".join(b"%08X" % f for f in fields)
     out = header + encoded
     out += _pad4(len(out))
@@ -76,12 +81,10 @@ def build(spec_path: Path) -> bytes:
                 data = Path(words[3]).read_bytes()
                 parts.append(entry(ino, path, TYPE_BITS["file"] | perm, data))
             elif kind == "slink" and len(words) == 4:
-                parts.append(entry(ino, path, TYPE_BITS["slink"] | perm,
-                                   words[3].encode()))
-            elif kind == "nod" and len(words) == 6 and words[3] in "cb":
+                parts.append(entry(ino, path, TYPE_BITS["slink"] | perm, words[3].encode()))
+            elif kind == "nod" and len(words) == 6 and words[3] in ("c", "b"):
                 rdev = (int(words[4]), int(words[5]))
-                parts.append(entry(ino, path, TYPE_BITS["nod:" + words[3]] | perm,
-                                   rdev=rdev))
+                parts.append(entry(ino, path, TYPE_BITS["nod:" + words[3]] | perm, rdev=rdev))
             else:
                 raise SpecError(f"bad entry {raw!r}")
         except (IndexError, ValueError, OSError, SpecError) as e:
