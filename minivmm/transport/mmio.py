@@ -240,10 +240,6 @@ class MmioTransport:
 
     # -- queues ------------------------------------------------------------------------
 
-    def _queue(self) -> object:
-        qs = self.device.queues
-        return qs[self.queue_sel] if 0 <= self.queue_sel < len(qs) else None
-
     def _write_queueSel(self, v: int) -> None:
         self.queue_sel = v
 
@@ -267,10 +263,9 @@ class MmioTransport:
         apply(value)
 
     def _write_queueNum(self, v: int) -> None:
-        q = self.device.queues[self.queue_sel] if self.queue_sel < len(self.device.queues) \
-            else None
         # The size is checked when the queue becomes ready (engine: InvalidQueueSize).
-        self._queue_config("QueueNum", v, lambda x: q.set_size(x) if q else None)
+        self._queue_config("QueueNum", v,
+                           lambda x: self.device.queues[self.queue_sel].set_size(x))
 
     def _read_queueReady(self) -> int:
         qs = self.device.queues
