@@ -50,6 +50,27 @@ def _remaining_views(views: list[memoryview], i: int, off: int, n: int) -> list[
     return out
 
 
+def _copy(views: list[memoryview], i: int, off: int, buf: memoryview, n: int,
+          to_guest: bool) -> tuple[int, int]:
+    """Copy ``n`` bytes between ``buf`` and the views from (view ``i``, offset ``off``)
+    on, into the guest or out of it; returns the new (view, offset). The caller has
+    checked that ``n`` bytes remain."""
+    done = 0
+    while done < n:
+        v = views[i]
+        take = min(len(v) - off, n - done)
+        if to_guest:
+            v[off : off + take] = buf[done : done + take]
+        else:
+            buf[done : done + take] = v[off : off + take]
+        done += take
+        off += take
+        if off == len(v):
+            i += 1
+            off = 0
+    return i, off
+
+
 class Reader:
     """The device-readable part of a chain, as a read-only binary stream."""
 
@@ -118,23 +139,9 @@ class Reader:
         """Fill ``buffer`` from the chain; returns the number of bytes copied."""
         dst = memoryview(buffer).cast("B")
         want = min(len(dst), self.remaining)
-        views = self._views
-        i = self._i
-        off = self._off
-        done = 0
-        while done < want:
-            v = views[i]
-            take = min(len(v) - off, want - done)
-            dst[done : done + take] = v[off : off + take]
-            done += take
-            off += take
-            if off == len(v):
-                i += 1
-                off = 0
-        self._i = i
-        self._off = off
-        self.remaining -= done
-        return done
+        self._i, self._off = _copy(self._views, self._i, self._off, dst, want, False)
+        self.remaining -= want
+        return want
 
     def views(self, n: int = -1) -> list[memoryview]:
         """The unread part (at most ``n`` bytes) as guest memoryviews, for ``pwritev``/
@@ -207,24 +214,10 @@ class Writer:
                     self._off = end
                 self.remaining = rem - n
                 return n
-        if type(src) is bytes:
-            src = memoryview(src)
-        n = min(n, self.remaining)
-        off = self._off
-        done = 0
-        while done < n:
-            v = views[i]
-            take = min(len(v) - off, n - done)
-            v[off : off + take] = src[done : done + take]
-            done += take
-            off += take
-            if off == len(v):
-                i += 1
-                off = 0
-        self._i = i
-        self._off = off
-        self.remaining -= done
-        return done
+        n = min(n, rem)
+        self._i, self._off = _copy(views, i, self._off, memoryview(src), n, True)
+        self.remaining = rem - n
+        return n
 
     def views(self, n: int = -1) -> list[memoryview]:
         """The unwritten part (at most ``n`` bytes) as guest memoryviews, for ``preadv``/
