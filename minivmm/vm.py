@@ -227,7 +227,7 @@ class Machine:
         exit_mmio = c.KVM_EXIT_MMIO
         io_out = c.KVM_EXIT_IO_OUT
         mmio_data = [view[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + n] for n in range(9)]
-        pio_data: dict[tuple[int, int], memoryview] = {}
+        pio_data: dict[int, memoryview] = {}  # keyed by offset * 8 + size
         last_base = last_end = 0  # the MMIO device hit last
         last_read: Callable[[int, memoryview], None] = mmio.read
         last_write: Callable[[int, memoryview], None] = mmio.write
@@ -258,10 +258,10 @@ class Machine:
             elif reason == exit_io:
                 direction, size, port, count, off = io_exit(view, union)
                 for i in range(count):
-                    key = (off + i * size, size)
-                    data = pio_data.get(key)
+                    at = off + i * size
+                    data = pio_data.get(at * 8 + size)
                     if data is None:
-                        data = pio_data[key] = view[key[0] : key[0] + size]
+                        data = pio_data[at * 8 + size] = view[at : at + size]
                     if direction == io_out:
                         pio.write(port, data)
                     else:

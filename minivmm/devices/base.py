@@ -244,7 +244,9 @@ class VirtioDevice(ABC):
     def available(queue: Queue) -> Iterator[DescriptorChain]:
         """Every available chain, until the ring is empty *and* stays empty once
         notifications are re-enabled (with EVENT_IDX that writes avail_event, which is
-        what makes the driver kick again; a chain that raced in is served too)."""
+        what makes the driver kick again; a chain that raced in is served too). Kicks are
+        suppressed while the device is draining the ring (a hint to the driver)."""
+        queue.disable_notification()
         while True:
             while (chain := queue.pop()) is not None:
                 yield chain

@@ -233,14 +233,10 @@ class BlockDevice(VirtioDevice):
     def process_queue(self, index: int) -> None:
         q = self.queues[0]
         served = False
-        q.disable_notification()
-        while True:
-            while (chain := q.pop()) is not None:
-                with chain:
-                    self._serve(chain)
-                served = True
-            if not q.enable_notification():  # re-check after re-enabling kicks
-                break
+        for chain in self.available(q):
+            with chain:
+                self._serve(chain)
+            served = True
         if served:
             self.signal_used(q)
 

@@ -150,14 +150,10 @@ class ConsoleDevice(VirtioDevice):
     def _transmit(self) -> None:
         q = self.queues[TRANSMITQ]
         served = False
-        q.disable_notification()
-        while True:
-            while (chain := q.pop()) is not None:
-                with chain:
-                    self._emit(chain.reader.views())
-                served = True
-            if not q.enable_notification():
-                break
+        for chain in self.available(q):
+            with chain:
+                self._emit(chain.reader.views())
+            served = True
         if served:
             self.signal_used(q)
 
