@@ -1,14 +1,65 @@
 """minivmm: a small, fast virtual machine monitor in Python on Linux KVM.
 
-Layers, each depending only on those below it:
+The public API (see README, "Python API")::
 
-    kvm        ctypes bindings to /dev/kvm (System, Vm, Vcpu)
-    memory     guest memory: bounds-checked, zero-copy memoryviews
-    x86        boot: kernel loaders, boot parameters, vCPU set-up
-    bus        port-I/O and MMIO buses, with the legacy devices in devices/legacy
-    transport  virtio-mmio
-    devices    VirtioDevice implementations
-    virtio     the shared virtqueue engine (ring -> queue -> chain, mem, util, testing)
+    import minivmm
+    cfg = minivmm.VmConfig(kernel="guest/out/probe.elf", cmdline="probe.check=cpl3",
+                           console="none")
+    with minivmm.Vm(cfg) as vm:
+        vm.start()
+        result = vm.wait(timeout=30)
+
+Two stacks, joined by minivmm.vm (each module imports only from its own stack, below
+itself; tests/test_layers.py checks it):
+
+    platform   kvm (ctypes ioctls) -> memory -> x86 (loaders, vCPU set-up, tables)
+               -> bus, devices/legacy -> platform, vcpu, stop
+    virtio     virtio (the virtqueue engine: ring -> queue -> chain, mem, util, testing)
+               -> devices (VirtioDevice and its implementations) -> transport (mmio)
+
+Names are imported lazily, so ``import minivmm`` (and the command line's start-up) pays
+only for what is used.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .config import DriveConfig, NetConfig, VmConfig
+    from .devices.base import VirtioDevice
+    from .errors import GuestError, HostError, InternalError, MinivmmError, UsageError
+    from .stop import RunResult
+    from .transport.testing import DeviceHarness
+    from .virtio.testing import FakeDriver
+    from .vm import Vm
+
+__all__ = [
+    "DeviceHarness", "DriveConfig", "FakeDriver", "GuestError", "HostError", "InternalError",
+    "MinivmmError", "NetConfig", "RunResult", "UsageError", "VirtioDevice", "Vm", "VmConfig",
+    "__version__",
+]
+
+_WHERE = {
+    "VmConfig": "config", "DriveConfig": "config", "NetConfig": "config",
+    "Vm": "vm", "RunResult": "stop", "VirtioDevice": "devices.base",
+    "DeviceHarness": "transport.testing", "FakeDriver": "virtio.testing",
+    "MinivmmError": "errors", "UsageError": "errors", "GuestError": "errors",
+    "HostError": "errors", "InternalError": "errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'minivmm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

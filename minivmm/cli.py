@@ -1,78 +1,198 @@
-"""The ``minivmm`` command line.
+"""The ``minivmm`` command line: ``minivmm run`` and ``minivmm config``.
 
 Exit status: 0 when the guest powered off or rebooted; v when the guest wrote v to the
-debug-exit port; 1 for a VMM-side or guest failure; 2 for bad usage; 128+N when stopped
-by signal N (SIGINT, SIGTERM).
+debug-exit port; 1 for a guest, host or internal failure; 2 for bad usage; 128+N when
+stopped by signal N (SIGINT, SIGTERM), from the first instruction of ``main`` on.
+
+This module imports little at the top, so that ``minivmm --help`` and a usage error are
+quick and a signal during start-up finds the handler already in place.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import __version__, hostinfo
-from .errors import UsageError, VmmError
+if TYPE_CHECKING:
+    from .config import DriveConfig, NetConfig, VmConfig
+    from .vm import Vm
 
-log = logging.getLogger("minivmm")
+#: configuration field -> the option that sets it (for UsageError.field)
+OPTION_NAMES = {
+    "kernel": "--kernel", "initrd": "--initrd", "cmdline": "--cmdline", "mem": "--mem",
+    "cpus": "--cpus", "console": "--console", "console_device": "--console-device",
+    "drives": "--disk", "network_interfaces": "--net", "host_quirks": "--host-quirks",
+    "config": "--config", "devices": "virtio devices",
+}
 
-DEFAULT_CMDLINE = (
-    "console=ttyS0 reboot=t panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
-)
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# -- signals: one handler from start-up to the end -------------------------------------
+
+_pending_signal: int | None = None
+_on_signal: Callable[[int], None] | None = None
 
 
-def parse_size(text: str, *, option: str = "--mem") -> int:
-    """'256M', '1G', '4096K' or a byte count; a UsageError naming the option otherwise."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise UsageError(f"{option} {text!r} is not a size: write it like 256M or 1G")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+def _handler(signum: int, _frame: FrameType | None) -> None:
+    global _pending_signal
+    if _pending_signal is None:
+        _pending_signal = signum
+    if _on_signal is not None:
+        _on_signal(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM are remembered (and, once a VM runs, stop it): never a
+    KeyboardInterrupt traceback, whenever they arrive."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _handler)
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} before the guest started")
+        self.status = 128 + signum
+
+
+def _check_signal() -> None:
+    if _pending_signal is not None:
+        raise _Stopped(_pending_signal)
+
+
+# -- options ----------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        from .errors import UsageError
+
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _add_vm_options(r: argparse.ArgumentParser) -> None:
+    # Defaults are None: a value given here overrides the --config file's.
+    r.add_argument("--config", type=Path, metavar="FILE",
+                   help="a Firecracker-style JSON configuration (options given here win)")
+    r.add_argument("--kernel", type=Path,
+                   help="bzImage, or ELF vmlinux (PVH entry used when the kernel has one)")
+    r.add_argument("--initrd", type=Path, help="initramfs / initrd image")
+    r.add_argument("--cmdline", help="kernel command line (default: console=ttyS0 reboot=t "
+                                     "panic=-1 i8042.noaux i8042.nomux i8042.nopnp "
+                                     "i8042.dumbkbd)")
+    r.add_argument("--mem", help="guest memory, e.g. 256M or 1G (default 128M)")
+    r.add_argument("--cpus", type=int, help="vCPUs (default 1)")
+    r.add_argument("--console", help="where console output goes: stdio (default), none or "
+                                     "file:PATH")
+    r.add_argument("--console-device", choices=["serial", "virtio"],
+                   help="the guest's console: the 8250 UART (ttyS0, default) or "
+                        "virtio-console (hvc0)")
+    r.add_argument("--disk", action="append", metavar="PATH[,ro][,serial=ID]",
+                   help="a raw disk image as virtio-blk (repeatable; /dev/vda, vdb, ...)")
+    r.add_argument("--net", action="append", metavar="tap=NAME[,mac=MAC]",
+                   help="virtio-net on a Linux tap (repeatable; created if absent and "
+                        "permitted, else make it with `ip tuntap add`)")
+    r.add_argument("--rng", action="store_true", default=None,
+                   help="a virtio-rng entropy device")
+    r.add_argument("--host-quirks", choices=["auto", "off"],
+                   help="auto (default): on a host whose KVM emulates guest kernel code, "
+                        "add the command-line options a Linux guest needs there; off: never")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="minivmm", description="A small, fast virtual machine monitor on KVM.")
     p.add_argument("--version", action="version", version=f"minivmm {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     r = sub.add_parser("run", help="boot a guest kernel",
                        description="Boot a guest kernel and run it until it ends.")
-    r.add_argument("--kernel", required=True, type=Path,
-                   help="bzImage, or ELF vmlinux (PVH entry used when the kernel has one)")
-    r.add_argument("--initrd", type=Path, help="initramfs / initrd image")
-    r.add_argument("--cmdline", help=f"kernel command line (default: {DEFAULT_CMDLINE!r})")
-    r.add_argument("--mem", default="128M", help="guest memory, e.g. 256M or 1G (default 128M)")
-    r.add_argument("--cpus", type=int, default=1, help="vCPUs (only 1 so far)")
-    r.add_argument("--console", default="stdio",
-                   help="where the serial console goes: stdio, none or file:PATH")
-    r.add_argument("--console-device", default="serial", choices=["serial", "virtio"],
-                   help="the guest's console: the 8250 UART (ttyS0, default) or "
-                        "virtio-console (hvc0)")
-    r.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
-                   help="a raw disk image as virtio-blk (repeatable; /dev/vda, vdb, ...)")
-    r.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
-                   help="virtio-net on a Linux tap (repeatable; created if absent and "
-                        "permitted, else make it with `ip tuntap add`)")
-    r.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
-    r.add_argument("--host-quirks", default="auto", choices=["auto", "off"],
-                   help="auto (default): on a host whose KVM emulates guest kernel code, "
-                        "add the command-line options a Linux guest needs there; off: never")
-    r.add_argument("--stats", action="store_true", help="print exit counters at the end")
+    _add_vm_options(r)
+    r.add_argument("--stats", action="store_true", help="print counters at the end")
     r.add_argument("--timeline", action="store_true", help="print boot milestones at the end")
     r.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    c = sub.add_parser("config", help="print the configuration a command line gives",
+                       description="Print, as Firecracker-style JSON, the configuration "
+                                   "that `minivmm run` with these options would use.")
+    _add_vm_options(c)
+    c.add_argument("--debug", action="store_true", help="tracebacks on errors")
     return p
+
+
+def parse_disk(text: str) -> DriveConfig:
+    """``PATH[,ro][,serial=ID]``"""
+    from .config import DriveConfig
+    from .errors import UsageError
+
+    path, *opts = text.split(",")
+    if not path:
+        raise UsageError(f"{text!r}: give an image path, e.g. disk.img,ro", field="drives")
+    kw: dict[str, Any] = {}
+    for opt in opts:
+        if opt == "ro":
+            kw["read_only"] = True
+        elif opt.startswith("serial="):
+            kw["serial"] = opt.removeprefix("serial=")
+        else:
+            raise UsageError(f"{text!r}: unknown option {opt!r} (known: ro, serial=ID)",
+                             field="drives")
+    drive: DriveConfig = _item(DriveConfig, "drives", text, path=path, **kw)
+    return drive
+
+
+def parse_net(text: str) -> NetConfig:
+    """``tap=NAME[,mac=MAC]``"""
+    from .config import NetConfig
+    from .errors import UsageError
+
+    kw: dict[str, Any] = {}
+    for opt in text.split(","):
+        key, eq, value = opt.partition("=")
+        if key in ("tap", "mac") and eq and value:
+            kw[key] = value
+        else:
+            raise UsageError(f"{text!r}: unknown option {opt!r} (known: tap=NAME, "
+                             "mac=52:54:00:xx:xx:xx)", field="network_interfaces")
+    if "tap" not in kw:
+        raise UsageError(f"{text!r}: name a tap, e.g. tap=tap0", field="network_interfaces")
+    net: NetConfig = _item(NetConfig, "network_interfaces", text, **kw)
+    return net
+
+
+def _item(kind: Callable[..., Any], field: str, text: str, **kw: Any) -> Any:
+    from .errors import UsageError
+
+    try:
+        return kind(**kw)
+    except UsageError as e:
+        raise UsageError(f"{text!r}: {e.message}", field=field) from None
+
+
+def config_from_args(args: argparse.Namespace) -> VmConfig:
+    """The VmConfig of a command line: the --config file, then the options over it."""
+    from . import firecracker
+    from .config import VmConfig
+    from .errors import UsageError
+
+    fields: dict[str, Any] = firecracker.load(args.config) if args.config else {}
+    given: dict[str, Any] = {
+        "kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline,
+        "mem": args.mem, "cpus": args.cpus, "console": args.console,
+        "console_device": args.console_device, "rng": args.rng,
+        "host_quirks": args.host_quirks,
+        "drives": None if args.disk is None else tuple(parse_disk(d) for d in args.disk),
+        "network_interfaces": None if args.net is None else tuple(
+            parse_net(n) for n in args.net),
+    }
+    fields.update({k: v for k, v in given.items() if v is not None})
+    if "kernel" not in fields:
+        raise UsageError("no kernel: give --kernel PATH (or a --config file that names "
+                         "one)")
+    return VmConfig(**fields)
 
 
 def _process_start_monotonic() -> float:
@@ -86,89 +206,110 @@ def _process_start_monotonic() -> float:
         return time.monotonic()
 
 
-def run(args: argparse.Namespace) -> int:
-    from .launch import DiskSpec, LaunchConfig, NetSpec, device_hints, launch
+# -- commands ---------------------------------------------------------------------------
 
-    default = DEFAULT_CMDLINE
-    if args.console_device == "virtio":
-        default = default.replace("console=ttyS0", "console=hvc0")
-    cmdline = default if args.cmdline is None else args.cmdline
-    quirks = hostinfo.host_quirks_cmdline(args.host_quirks, args.kernel, cmdline)
-    cfg = LaunchConfig(
-        kernel=args.kernel,
-        initrd=args.initrd,
-        cmdline=f"{cmdline} {quirks}".strip(),
-        mem_size=parse_size(args.mem),
-        cpus=args.cpus,
-        console=args.console,
-        console_device=args.console_device,
-        disks=[DiskSpec.parse(d) for d in args.disk],
-        nets=[NetSpec.parse(n) for n in args.net],
-        rng=args.rng,
-    )
-    if args.cpus < 1:
-        raise UsageError("--cpus must be at least 1")
-    if hostinfo.looks_like_linux(args.kernel) and hostinfo.kvm_emulates_guest_kernel():
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import json
+
+    from . import firecracker
+
+    print(json.dumps(firecracker.to_firecracker(config_from_args(args)), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    global _on_signal
+    from . import hostinfo
+    from .console import attach_stdin
+    from .vm import Timeline, Vm
+
+    cfg = config_from_args(args)
+    _check_signal()
+    if hostinfo.looks_like_linux(cfg.kernel) and hostinfo.kvm_emulates_guest_kernel():
         print(f"minivmm: note: {hostinfo.EMULATED_HOST_HINT}", file=sys.stderr)
-    result, machine = launch(cfg, process_start=_process_start_monotonic())
-    if result.reason == "error":
-        print(f"minivmm: guest failed: {result.detail}", file=sys.stderr)
-    elif result.reason == "signal":
-        print(f"minivmm: {result.detail}", file=sys.stderr)
-    for hint in device_hints(machine, args.kernel):
-        print(f"minivmm: note: {hint}", file=sys.stderr)
+    timeline = Timeline()
+    timeline.mark("process start", _process_start_monotonic())
+    with Vm(cfg, timeline=timeline) as vm:
+        def stop_on(signum: int) -> None:
+            vm.request_stop(128 + signum, "signal",
+                            f"stopped by {signal.Signals(signum).name}")
+
+        _on_signal = stop_on
+        try:
+            _check_signal()
+            with attach_stdin(cfg.console, vm):
+                result = vm.run()
+        finally:
+            _on_signal = None
+        _report(vm, args, result.reason, result.detail)
+        return result.status
+
+
+def _report(vm: Vm, args: argparse.Namespace, reason: str, detail: str) -> None:
+    from .errors import InternalError
+
+    def say(line: str) -> None:
+        print(f"minivmm: {line}", file=sys.stderr)
+
+    if reason == "guest-error":
+        say(f"guest failed: {detail}")
+    elif reason == "host-error":
+        say(f"error: {detail}")
+    elif reason == "internal-error":
+        say(f"internal error: {detail} ({InternalError.REPORT})")
+    elif reason == "signal":
+        say(detail)
+    for hint in vm.device_hints():
+        say(f"note: {hint}")
     if args.stats:
-        for line in machine.stats_lines():
+        for line in vm.stats_lines():
             print(line, file=sys.stderr)
     if args.timeline:
-        for line in machine.timeline.lines():
+        for line in vm.timeline.lines():
             print(line, file=sys.stderr)
-        print(f"timeline: host-quirks {args.host_quirks}: "
+        quirks = vm.config.host_quirks_cmdline()
+        print(f"timeline: host-quirks {vm.config.host_quirks}: "
               f"{'added ' + repr(quirks) if quirks else 'nothing added'}", file=sys.stderr)
-    return result.status
-
-
-class Stopped(VmmError):
-    """SIGINT or SIGTERM before the guest started: stop with status 128+N."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} before the guest started")
-        self.exit_status = 128 + signum
-
-
-def _stop_early(signum: int, _frame: object) -> None:
-    raise Stopped(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    install_signal_handlers()
     argv = sys.argv[1:] if argv is None else list(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop_early)  # launch() installs the VM's own handlers
     debug = "--debug" in argv
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="minivmm: %(levelname)s: %(message)s")
+    try:
+        import logging
+
+        from .errors import InternalError, MinivmmError, UsageError
+
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                            format="minivmm: %(levelname)s: %(message)s")
+        _check_signal()
+    except _Stopped as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return e.status
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("no command given: try 'minivmm run --kernel PATH'")
-        return run(args)
-    except VmmError as e:
+        return cmd_config(args) if args.command == "config" else cmd_run(args)
+    except _Stopped as e:
+        print(f"minivmm: {e}", file=sys.stderr)
+        return e.status
+    except UsageError as e:
         if debug:
             raise
-        print(f"minivmm: error: {e}", file=sys.stderr)
+        print(f"minivmm: error: {e.for_option(OPTION_NAMES)}", file=sys.stderr)
         return e.exit_status
-    except OSError as e:
+    except (MinivmmError, OSError) as e:
         if debug:
             raise
         print(f"minivmm: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT
-    except Exception as e:  # a bug in minivmm: still one line, unless --debug
-        if debug:
-            raise
-        print(f"minivmm: internal error: {type(e).__name__}: {e} "
-              "(run with --debug for the traceback)", file=sys.stderr)
+    except Exception as e:  # a bug in minivmm: the traceback goes to the log
+        logging.getLogger("minivmm").error("internal error", exc_info=True)
+        print(f"minivmm: internal error: {type(e).__name__}: {e} ({InternalError.REPORT})",
+              file=sys.stderr)
         return 1
 
 

@@ -2,10 +2,14 @@
 
 Three pieces, all independent of KVM:
 
-* Sinks, chosen by ``--console`` and opened by ``open_sink`` (alias ``parse_console``):
-  ``stdio`` (the VMM's standard output, written with os.write, no Python buffering),
-  ``file:PATH`` (a new file, replacing an old one) and ``none`` (discarded). Each has
-  ``write(bytes)`` and ``close()``.
+* Sinks, chosen by ``--console`` and opened by ``open_sink``: ``stdio`` (the VMM's
+  standard output, written with os.write, no Python buffering), ``file:PATH`` (a new
+  file, replacing an old one) and ``none`` (discarded). Each has ``write(bytes)``,
+  ``writev(views)`` (the guest's buffers, uncopied) and ``close()``; writes from
+  several threads (the UART on a vCPU, virtio-console on the device thread) never
+  interleave.
+* ``PipeFeeder``: console input on its way to virtio-console, through a pipe the device
+  reads. Writes never block: what the pipe can't take waits in a bounded backlog.
 * ``RawTerminal``: while it is entered, a terminal on standard input is in raw mode (no
   echo, no line editing, no signals from keys: Ctrl-C goes to the guest). It is always
   put back: on leaving the ``with`` block, on an exception, at interpreter exit (atexit),
@@ -13,11 +17,14 @@ Three pieces, all independent of KVM:
   terminal, then lets the signal kill the process as it would have). Only SIGKILL can
   leave the terminal raw; ``stty sane`` repairs it.
 * ``InputPump``: a daemon thread reading standard input and passing the bytes to a
-  callback (the UART's ``enqueue_input``). On a terminal, Ctrl-A is an escape key, as in
-  QEMU: Ctrl-A x ends the VM (``on_quit``), Ctrl-A Ctrl-A sends one Ctrl-A, Ctrl-A h
-  prints this list on stderr; Ctrl-A followed by anything else sends both keys. The pump
-  stops at end of input (``on_eof``), after Ctrl-A x, and on ``stop()``, which wakes
-  its select through a self-pipe.
+  callback (the UART's ``enqueue_input``, or a PipeFeeder's ``feed``). On a terminal,
+  Ctrl-A is an escape key, as in QEMU: Ctrl-A x ends the VM (``on_quit``), Ctrl-A Ctrl-A
+  sends one Ctrl-A, Ctrl-A h prints this list on stderr; Ctrl-A followed by anything
+  else sends both keys. The pump stops at end of input (``on_eof``), after Ctrl-A x, and
+  on ``stop()``, which wakes its select through a self-pipe. It never blocks on the
+  guest: while a feeder has a backlog the pump waits for the pipe to drain, reading a
+  terminal on meanwhile (so the escape keys always work) but not a pipe or a file (their
+  writer waits instead).
 
 ``attach_stdin(spec, machine)`` wires the last two to a VM for ``--console stdio``.
 """
@@ -37,12 +44,10 @@ import termios
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
-from minivmm.errors import UsageError
-
-if TYPE_CHECKING:
-    pass
+from .config import CONSOLES
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ log = logging.getLogger(__name__)
 
 class ConsoleSink(Protocol):
     def write(self, data: bytes) -> None: ...
+
+    def writev(self, views: list[memoryview]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -64,6 +71,9 @@ class NullSink:
     def write(self, data: bytes) -> None:
         self.discarded += len(data)
 
+    def writev(self, views: list[memoryview]) -> None:
+        self.discarded += sum(map(len, views))
+
     def close(self) -> None:
         pass
 
@@ -74,21 +84,32 @@ class FdSink:
     def __init__(self, fd: int, *, owned: bool) -> None:
         self.fd = fd
         self._owned = owned
+        self._lock = threading.Lock()
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(self.fd, view)
-            except BlockingIOError:  # someone made the fd non-blocking
-                select.select([], [self.fd], [])
-                continue
-            view = view[n:]
+        self.writev([memoryview(data)])
+
+    def writev(self, views: list[memoryview]) -> None:
+        """Every byte of ``views``, in order, however short the writes are."""
+        with self._lock:
+            i = 0
+            while i < len(views) and self.fd >= 0:
+                try:
+                    n = os.writev(self.fd, views[i : i + 1024])
+                except BlockingIOError:  # someone made the fd non-blocking
+                    select.select([], [self.fd], [])
+                    continue
+                while i < len(views) and n >= len(views[i]):
+                    n -= len(views[i])
+                    i += 1
+                if n:
+                    views = [*views[:i], views[i][n:], *views[i + 1 :]]
 
     def close(self) -> None:
-        if self._owned and self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self._lock:
+            if self._owned and self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
 
 class StdioSink(FdSink):
@@ -113,33 +134,80 @@ class FileSink(FdSink):
         self.path = path
 
 
-CONSOLE_SPECS: Final = "stdio, none or file:PATH"
-
-
 def open_sink(spec: str) -> ConsoleSink:
-    """Open the sink a ``--console`` value names; UsageError (one line) for a bad one."""
+    """Open the sink a console spec names; UsageError (field "console") for a bad one."""
     if spec == "stdio":
         return StdioSink()
     if spec == "none":
         return NullSink()
     if not spec.startswith("file:"):
-        raise UsageError(f"--console: expected {CONSOLE_SPECS}, got {spec!r}")
+        raise UsageError(f"expected {CONSOLES}, got {spec!r}", field="console")
     path = spec[len("file:") :]
     if not path:
-        raise UsageError("--console file: needs a path, e.g. --console file:console.log")
+        raise UsageError("file: needs a path, e.g. file:console.log", field="console")
     if os.path.isdir(path):
-        raise UsageError(f"--console file:{path}: is a directory; name a file inside it")
+        raise UsageError(f"file:{path}: is a directory; name a file inside it",
+                         field="console")
     try:
         return FileSink(path)
     except OSError as e:
         reason = e.strerror or str(e)
-        raise UsageError(
-            f"--console file:{path}: cannot open for writing ({reason}); "
-            "check the directory exists and is writable"
-        ) from None
+        raise UsageError(f"file:{path}: cannot open for writing ({reason}); check the "
+                         "directory exists and is writable", field="console") from None
 
 
-parse_console = open_sink
+# -- input into a pipe ----------------------------------------------------------------
+
+
+class PipeFeeder:
+    """Console input for virtio-console: a pipe whose read end the device reads.
+
+    ``feed()`` never blocks: it writes what the pipe takes and keeps the rest in a
+    backlog of at most ``limit`` bytes (beyond that, input is dropped with a warning: a
+    user typing into a guest that reads nothing). ``flush()`` moves the backlog on when
+    the pipe has room; InputPump calls it when ``write_fd`` is writable."""
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.write_fd, False)
+        self.limit = limit
+        self._backlog = bytearray()
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            room = self.limit - len(self._backlog)
+            if len(data) > room:
+                self.dropped += len(data) - room
+                log.warning("console input: the guest is not reading; %d bytes dropped",
+                            len(data) - room)
+                data = data[:room]
+            self._backlog += data
+            self._flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._backlog and self.write_fd >= 0:
+            try:
+                n = os.write(self.write_fd, self._backlog)
+            except (BlockingIOError, BrokenPipeError):
+                return
+            del self._backlog[:n]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in (self.read_fd, self.write_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self.read_fd = self.write_fd = -1
 
 
 # -- raw terminal --------------------------------------------------------------------
@@ -314,13 +382,37 @@ class InputPump:
 
     def _run(self) -> None:
         assert self._wake is not None
+        feeder = getattr(self._on_input, "__self__", None)
+        if not isinstance(feeder, PipeFeeder):
+            feeder = None
         with selectors.PollSelector() as sel:  # poll, unlike epoll, accepts regular files
             sel.register(self.fd, selectors.EVENT_READ)
             sel.register(self._wake[0], selectors.EVENT_READ)
+            reading, waiting = True, False
             while True:
+                # While the guest does not take input, wait for the pipe to drain; go on
+                # reading a terminal (for the escape keys), not a pipe or a file.
+                backlog = feeder is not None and feeder.backlog > 0
+                if backlog != waiting and feeder is not None:
+                    waiting = backlog
+                    if waiting:
+                        sel.register(feeder.write_fd, selectors.EVENT_WRITE)
+                    else:
+                        sel.unregister(feeder.write_fd)
+                want_read = not waiting or bool(self._escape)
+                if want_read != reading:
+                    reading = want_read
+                    if reading:
+                        sel.register(self.fd, selectors.EVENT_READ)
+                    else:
+                        sel.unregister(self.fd)
                 ready = {key.fd for key, _ in sel.select()}
                 if self._wake[0] in ready:
                     return
+                if feeder is not None and feeder.write_fd in ready:
+                    feeder.flush()
+                if self.fd not in ready:
+                    continue
                 try:
                     data = os.read(self.fd, _READ_SIZE)
                 except (BlockingIOError, InterruptedError):
@@ -368,7 +460,7 @@ class InputPump:
 
 
 class ConsoleMachine(Protocol):
-    """What ``attach_stdin`` needs from the VM (minivmm.vm.Machine has it)."""
+    """What ``attach_stdin`` needs from the VM (minivmm.Vm has it)."""
 
     @property
     def console_input(self) -> Callable[[bytes], object] | None: ...

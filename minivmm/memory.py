@@ -19,7 +19,32 @@ from .errors import UsageError
 from .x86 import layout
 
 MIN_MEMORY = 16 << 20
+#: guest RAM beyond this is refused up front, before the host is asked for it
+MAX_MEMORY = 1 << 46
+PAGE_SIZE = 4096
 _U64_LIMIT = 1 << 64
+_UNITS = (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
+
+
+def format_size(size: int) -> str:
+    """The shortest exact spelling: 134217728 -> '128M'."""
+    for unit, scale in _UNITS:
+        if size and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+def check_size(size: int) -> None:
+    """The rule for a guest's RAM size: UsageError (field "mem") when it is broken."""
+    if size < MIN_MEMORY:
+        raise UsageError(f"{format_size(size)} is too small: minivmm needs at least "
+                         f"{MIN_MEMORY >> 20}M", field="mem")
+    if size % PAGE_SIZE:
+        raise UsageError("the memory size must be a whole number of 4 KiB pages",
+                         field="mem")
+    if size > MAX_MEMORY:
+        raise UsageError(f"{format_size(size)} is more than minivmm can map (at most "
+                         f"{MAX_MEMORY >> 40}T)", field="mem")
 
 
 class GuestMemoryError(Exception):
@@ -50,26 +75,31 @@ class GuestMemory:
     """Guest RAM: bounds-checked translation from guest-physical ranges to memoryviews."""
 
     def __init__(self, size: int, *, hugepages: bool = True) -> None:
-        if size < MIN_MEMORY:
-            raise UsageError(
-                f"--mem {size >> 20}M is too small: minivmm needs at least {MIN_MEMORY >> 20}M"
-            )
-        if size % mmap.PAGESIZE:
-            raise UsageError("--mem must be a whole number of 4 KiB pages")
+        check_size(size)
         self.size = size
         spans = [(0, min(size, layout.MMIO_GAP_START))]
         if size > layout.MMIO_GAP_START:
             spans.append((layout.MMIO_GAP_END, size - layout.MMIO_GAP_START))
-        regions = []
-        for gpa, length in spans:
-            m = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
-            if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
-                try:
-                    m.madvise(mmap.MADV_HUGEPAGE)
-                except OSError:
-                    pass  # THP disabled on this host: ordinary pages work too
-            host = ctypes.addressof(ctypes.c_char.from_buffer(m))
-            regions.append(Region(gpa, length, m, memoryview(m), host))
+        regions: list[Region] = []
+        try:
+            for gpa, length in spans:
+                m = mmap.mmap(-1, length,
+                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+                if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+                    try:
+                        m.madvise(mmap.MADV_HUGEPAGE)
+                    except OSError:
+                        pass  # THP disabled on this host: ordinary pages work too
+                export = ctypes.c_char.from_buffer(m)
+                host = ctypes.addressof(export)
+                del export  # a live export would keep close() from unmapping
+                regions.append(Region(gpa, length, m, memoryview(m), host))
+        except OSError as e:
+            for r in regions:
+                r.view.release()
+                r.mapping.close()
+            raise UsageError(f"cannot reserve {format_size(size)} of guest memory "
+                             f"({e.strerror}): ask for less", field="mem") from None
         self.regions: tuple[Region, ...] = tuple(regions)
         # The common case (all RAM below the gap) gets a one-comparison fast path.
         self._low = self.regions[0]
@@ -115,10 +145,14 @@ class GuestMemory:
         return self.regions[-1].end
 
     def close(self) -> None:
+        """Unmap guest RAM. KVM must be done with it (the VM fd closed) first. A view
+        still held elsewhere keeps its mapping alive until that view is released."""
         for r in self.regions:
             r.view.release()
-        # The ctypes export taken for host_addr keeps each mmap alive until the process
-        # (or the garbage collector) drops it; KVM slots must be removed before that.
+            try:
+                r.mapping.close()
+            except BufferError:
+                pass  # a device still holds a view: the mapping goes with the last one
 
     def __enter__(self) -> GuestMemory:
         return self

@@ -1,82 +1,54 @@
-"""The machine: KVM VM, guest memory, boot, buses, devices and the vCPU run loop.
+"""minivmm's Python API: a VM built from a VmConfig, started, waited for, stopped.
 
-A :class:`Machine` is built from a :class:`MachineConfig`, then :meth:`Machine.run`
-starts the vCPU thread and waits for the guest to end. The run loop is the hottest code
-in minivmm: each iteration is one KVM_RUN ioctl plus the dispatch of one exit, so it
-reads the kvm_run page with precompiled ``struct.Struct`` objects, looks devices up in
-prebuilt tables and allocates as little as it can.
+::
+
+    import minivmm
+    cfg = minivmm.VmConfig(kernel="guest/out/probe.elf", mem="128M",
+                           cmdline="probe.check=cpl3", console="none")
+    with minivmm.Vm(cfg) as vm:        # KVM, memory, devices, kernel loaded
+        vm.start()                     # vCPU threads run; returns at once
+        result = vm.wait(timeout=30)   # RunResult(status, reason, detail), or None
+        vm.stop()                      # from any thread, idempotent
+
+This is where the two stacks meet: the platform (minivmm.platform: KVM, memory, vCPUs,
+buses) and the virtio devices (minivmm.transport.placement), with the legacy devices,
+the console, the kernel and the firmware tables. One ``ExitStack`` owns everything the
+VM opens; if building fails half way, what was opened is closed before the error leaves
+the constructor. Several VMs can live in one process, each on its own threads.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
-import signal
-import struct
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
-from . import hostinfo
-from .bus import Bus
+from .config import VmConfig
+from .console import ConsoleSink, PipeFeeder, open_sink
+from .devices.legacy.debug_exit import DebugExit
+from .devices.legacy.i8042 import I8042
 from .devices.legacy.serial import Serial
-from .errors import VmmError
-from .kvm import System, Vm
-from .kvm import api as kvm_api
-from .kvm import constants as c
-from .kvm.structs import RUN_EXIT_REASON_OFFSET, RUN_EXIT_UNION_OFFSET
-from .memory import GuestMemory
-from .x86 import cpu as x86cpu
+from .eventloop import EventLoop
+from .platform import Platform
+from .stop import RunResult, StopController
+from .transport.placement import VirtioMmioDevices
+from .vcpu import VcpuRunner
 from .x86 import layout
-from .x86.cpuid import CpuidMask, filter_cpuid
+from .x86.loader import load_kernel
+from .x86.mptable import write_mptable
 
 if TYPE_CHECKING:
-    from .transport.placement import VirtioMmioDevices
+    from .devices.base import VirtioDevice
+
+__all__ = ["RunResult", "Timeline", "Vm"]
 
 log = logging.getLogger(__name__)
 
-REQUIRED_CAPS: Final = (
-    c.KVM_CAP_USER_MEMORY, c.KVM_CAP_IRQCHIP, c.KVM_CAP_PIT2, c.KVM_CAP_IRQFD,
-    c.KVM_CAP_IOEVENTFD, c.KVM_CAP_SET_TSS_ADDR, c.KVM_CAP_SET_IDENTITY_MAP_ADDR,
-    c.KVM_CAP_EXT_CPUID,
-)
-
-_IO_EXIT = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
-# exit_reason, then the union read as kvm_run.mmio: phys_addr, data[8] (skipped), len,
-# is_write. Offsets are asserted against the ctypes layout below.
-_EXIT_HEAD = struct.Struct("<8xI20xQ8xIB")
-_MMIO_DATA_OFFSET: Final = RUN_EXIT_UNION_OFFSET + 8
-assert RUN_EXIT_REASON_OFFSET == 8 and RUN_EXIT_UNION_OFFSET == 32
-_INTERNAL = struct.Struct("<II")
-_SYSTEM_EVENT = struct.Struct("<I")
-_KICK_SIGNAL: Final = signal.SIGUSR1
-
-
-class IrqLine:
-    """An interrupt controller input driven with KVM_IRQ_LINE (legacy ISA devices)."""
-
-    def __init__(self, vm: Vm, irq: int) -> None:
-        self.vm = vm
-        self.irq = irq
-
-    def trigger(self) -> None:
-        self.vm.irq_line(self.irq, 1)
-        self.vm.irq_line(self.irq, 0)
-
-    def set_level(self, high: bool) -> None:
-        self.vm.irq_line(self.irq, 1 if high else 0)
-
-
-@dataclass
-class RunResult:
-    """How the guest ended. ``status`` is minivmm's exit status."""
-
-    status: int
-    reason: str  # "poweroff", "reboot", "debug-exit", "signal", "error"
-    detail: str = ""
+#: how long close() waits for a vCPU thread to leave KVM_RUN after a kick
+_JOIN_TIMEOUT = 10.0
 
 
 @dataclass
@@ -96,268 +68,211 @@ class Timeline:
                 for name, t in sorted(self.marks.items(), key=lambda kv: kv[1])]
 
 
-class Machine:
-    """One VM with one vCPU (SMP comes later)."""
+class Vm:
+    """One virtual machine, built from ``config`` (see the module docstring).
 
-    def __init__(self, mem_size: int, *, cpus: int = 1, cpuid_mask: CpuidMask | None = None,
+    ``devices`` are extra virtio devices (yours), placed after the configured ones.
+    ``setup_hooks`` are called with the built VM before it is returned (tests)."""
+
+    def __init__(self, config: VmConfig, *, devices: Sequence[VirtioDevice] = (),
+                 setup_hooks: Sequence[Callable[[Vm], None]] = (),
                  timeline: Timeline | None = None) -> None:
-        if cpus != 1:
-            raise VmmError("--cpus: only 1 vCPU is supported so far")
+        self.config = config
         self.timeline = timeline or Timeline()
-        self.system = System()
-        try:
-            self.system.require(*REQUIRED_CAPS)
-            self.vm = self.system.create_vm()
-            self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
-            self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-            self.vm.create_irqchip()
-            self.vm.create_pit2()
-            self.memory = GuestMemory(mem_size)
-            for region in self.memory.regions:
-                self.vm.set_user_memory_region(region.gpa, region.size, region.host_addr)
-            self.vcpu = self.vm.create_vcpu(0)
-            self.vcpu.set_cpuid2(filter_cpuid(self.system.supported_cpuid(), cpu_index=0,
-                                              cpu_count=cpus, mask=cpuid_mask))
-            x86cpu.setup_msrs(self.vcpu)
-            x86cpu.setup_fpu(self.vcpu)
-            x86cpu.setup_lapic(self.vcpu)
-        except BaseException:
-            self.system.close()
-            raise
-        self.timeline.mark("kvm ready")
-        self.pio_bus = Bus("port I/O")
-        self.mmio_bus = Bus("MMIO")
-        #: exits by KVM exit reason
-        self.exit_counts = [0] * 64
+        self.stopper = StopController()
         self.result: RunResult | None = None
-        self._stop_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._on_stop: list[Callable[[], None]] = []
-        #: the 8250 UART, once attached
-        self.serial: Serial | None = None
-        #: where console input goes (the UART's or virtio-console's input), if anywhere
-        self.console_input: Callable[[bytes], object] | None = None
-        #: the virtio-mmio devices, once placed
-        self.virtio: VirtioMmioDevices | None = None
+        self._started = False
+        self._closed = False
+        self._stack = ExitStack()
+        with ExitStack() as building:
+            building.callback(self.close)
+            self._build(config, devices)
+            for hook in setup_hooks:
+                hook(self)
+            building.pop_all()
 
-    # -- boot -----------------------------------------------------------------------
+    def _build(self, cfg: VmConfig, extra: Sequence[VirtioDevice]) -> None:
+        own = self._stack
+        # Usage errors first: a bad console or disk is reported before KVM is touched.
+        self.sink: ConsoleSink = open_sink(cfg.console)
+        own.callback(self.sink.close)
+        self.feeder: PipeFeeder | None = None
+        if cfg.console_device == "virtio":
+            # virtio-console reads from a pipe that the console input fills, so the
+            # stdin pump still sees Ctrl-A x; the pipe's capacity is the back-pressure.
+            self.feeder = PipeFeeder()
+            own.callback(self.feeder.close)
+        virtio = self._virtio_devices(cfg)
+        virtio.extend(extra)
+        self.platform = Platform(cfg.mem, cpus=cfg.cpus)
+        own.callback(self.platform.close)
+        self.timeline.mark("kvm ready")
+        self.memory = self.platform.memory
+        self.loop = EventLoop(on_error=self._internal_error)
+        self.virtio = VirtioMmioDevices(self.platform.vm, self.memory, self.platform.mmio_bus,
+                                        self.loop)
+        own.callback(self.virtio.close)
+        own.callback(self.loop.stop)  # LIFO: the device thread ends before devices close
+        for dev in virtio:
+            self.virtio.add(dev)
+        self._legacy_devices()
+        own.callback(self.serial.flush)
+        cmdline = " ".join(part for part in (cfg.base_cmdline(), cfg.host_quirks_cmdline(),
+                                             self.virtio.cmdline()) if part)
+        boot = load_kernel(self.memory, cfg.kernel, initrd=cfg.initrd, cmdline=cmdline,
+                           prefer_pvh=cfg.prefer_pvh)
+        write_mptable(self.memory, cfg.cpus)
+        self.platform.set_boot(boot.protocol, boot.entry, boot.boot_params_addr)
+        self.cmdline = cmdline
+        self.timeline.mark("kernel loaded")
+        self.runners = [
+            VcpuRunner(vcpu, pio=self.platform.pio_bus, mmio=self.platform.mmio_bus,
+                       memory=self.memory, stop=self.stopper,
+                       on_first_run=lambda: self.timeline.mark("first KVM_RUN"))
+            for vcpu in self.platform.vcpus]
 
-    def set_boot(self, protocol: str, entry: int, boot_params: int) -> None:
-        """Point the vCPU at a loaded kernel (see x86.loader.BootInfo)."""
-        x86cpu.write_gdt(self.memory)
-        if protocol == "linux64":
-            x86cpu.write_identity_page_tables(self.memory)
-            x86cpu.setup_long_mode(self.vcpu, entry, boot_params)
-        elif protocol == "pvh":
-            x86cpu.setup_pvh(self.vcpu, entry, boot_params)
-        else:
-            raise ValueError(f"unknown boot protocol {protocol!r}")
+    def _virtio_devices(self, cfg: VmConfig) -> list[VirtioDevice]:
+        """The configured devices, opened (user errors surface here), each closed with
+        the VM however building ends."""
+        devices: list[VirtioDevice] = []
 
-    def irq_line(self, irq: int) -> IrqLine:
-        return IrqLine(self.vm, irq)
+        def owned(dev: VirtioDevice) -> None:
+            self._stack.callback(dev.close)
+            devices.append(dev)
 
-    # -- stopping -------------------------------------------------------------------
+        for d in cfg.drives:
+            from .devices.blk import BlockDevice
 
-    def request_stop(self, status: int, reason: str, detail: str = "") -> None:
-        """End the VM (from any thread): the first request wins."""
-        with self._stop_lock:
-            if self.result is None:
-                self.result = RunResult(status, reason, detail)
-        self.vcpu.run.immediate_exit = 1
-        t = self._thread
-        if t is not None and t.ident is not None and t is not threading.current_thread():
-            try:
-                signal.pthread_kill(t.ident, _KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
+            owned(BlockDevice(d.path, read_only=d.read_only, serial=d.serial))
+        for n in cfg.network_interfaces:
+            from .devices.net import NetDevice
 
-    def on_stop(self, fn: Callable[[], None]) -> None:
-        """Call ``fn`` when the run loop has ended (device threads, terminal restore)."""
-        self._on_stop.append(fn)
+            owned(NetDevice(n.tap, mac=n.mac))
+        if cfg.rng:
+            from .devices.rng import RngDevice
+
+            owned(RngDevice())
+        if self.feeder is not None:
+            from .devices.console import ConsoleDevice
+
+            owned(ConsoleDevice(output=self.sink, input_fd=self.feeder.read_fd))
+        return devices
+
+    def _legacy_devices(self) -> None:
+        """The 8250 UART, the i8042 (for its reset line) and the debug-exit port. Output
+        of both consoles goes to the sink; input goes to the one the config names."""
+        pio = self.platform.pio_bus
+        self.serial = Serial(self.platform.irq_line(layout.SERIAL_IRQ), self.sink,
+                             first_byte=lambda: self.timeline.mark("first console byte"))
+        pio.register(layout.SERIAL_PORT, Serial.SIZE, self.serial)
+        i8042 = I8042(on_reset=lambda: self.request_stop(0, "reboot", "i8042 reset"))
+        pio.register(layout.I8042_PORT, I8042.SIZE, i8042)
+        pio.register(layout.DEBUG_EXIT_PORT, DebugExit.SIZE, DebugExit(
+            on_exit=lambda v: self.request_stop(v, "debug-exit", f"debug-exit {v}")))
 
     # -- running --------------------------------------------------------------------
 
-    def run(self) -> RunResult:
-        """Run the vCPU on its own thread until the guest ends; return how it ended."""
-        if threading.current_thread() is threading.main_thread():
-            # KVM_RUN returns EINTR when this signal reaches the vCPU thread.
-            signal.signal(_KICK_SIGNAL, lambda *_: None)
-        self._thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
-        self._thread.start()
-        while self._thread.is_alive():
-            self._thread.join(0.25)  # wakes for Python signal handlers in the main thread
-        for fn in self._on_stop:
-            try:
-                fn()
-            except Exception:
-                log.exception("error while stopping")
+    @property
+    def console_input(self) -> Callable[[bytes], object]:
+        """Where the user's console input goes: the guest's console device."""
+        if self.feeder is not None:
+            return self.feeder.feed
+        return self.serial.enqueue_input
+
+    def start(self) -> None:
+        """Start the device thread and every vCPU thread; returns at once."""
+        if self._closed:
+            raise RuntimeError("start() on a closed Vm")
+        if self._started:
+            return
+        self._started = True
+        self.loop.start()
+        for r in self.runners:
+            r.start()
+
+    def wait(self, timeout: float | None = None) -> RunResult | None:
+        """Wait until the VM has ended; its RunResult, or None if ``timeout`` seconds
+        passed first. The vCPU threads have left KVM_RUN when a result is returned."""
+        result = self.stopper.wait(timeout)
+        if result is None:
+            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for r in self.runners:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not r.join(left):
+                return None
+        self.result = result
         self.timeline.mark("vm exit")
-        assert self.result is not None
-        return self.result
+        return result
 
-    def _vcpu_thread(self) -> None:
-        try:
-            self._run_loop()
-        except Exception as e:  # a VMM bug or a KVM failure: report it, never hang
-            log.debug("vCPU thread failed", exc_info=True)
-            self.request_stop(1, "error", f"vCPU 0: {e}")
+    def run(self) -> RunResult:
+        """start() and wait() until the guest ends."""
+        self.start()
+        result = None
+        while result is None:
+            result = self.wait(0.25)  # wakes the main thread for Python signal handlers
+        return result
 
-    def _run_loop(self) -> None:
-        """KVM_RUN and dispatch, until a stop is requested.
+    def request_stop(self, status: int, reason: str, detail: str = "") -> None:
+        """End the VM with this result unless another came first (any thread)."""
+        self.stopper.request(status, reason, detail)
 
-        Per exit this does one ioctl, one struct unpack for the exit reason and the MMIO
-        fields together (harmless garbage for other exits), and, for MMIO, a range check
-        against the device hit last time before falling back to the bus's bisect. The data
-        memoryviews are made once, not per exit.
-        """
-        vcpu = self.vcpu
-        fd = vcpu.fd
-        run = vcpu.run
-        view = vcpu.run_view
-        kvm_run = kvm_api._ioctl_int_fn
-        request = kvm_api.KVM_RUN
-        get_errno = ctypes.get_errno
-        counts = self.exit_counts
-        head = _EXIT_HEAD.unpack_from
-        io_exit = _IO_EXIT.unpack_from
-        union = RUN_EXIT_UNION_OFFSET
-        pio = self.pio_bus
-        mmio = self.mmio_bus
-        exit_io = c.KVM_EXIT_IO
-        exit_mmio = c.KVM_EXIT_MMIO
-        io_out = c.KVM_EXIT_IO_OUT
-        mmio_data = [view[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + n] for n in range(9)]
-        pio_data: dict[int, memoryview] = {}  # keyed by offset * 8 + size
-        last_base = last_end = 0  # the MMIO device hit last
-        last_read: Callable[[int, memoryview], None] = mmio.read
-        last_write: Callable[[int, memoryview], None] = mmio.write
-        self.timeline.mark("first KVM_RUN")
-        while self.result is None:
-            if kvm_run(fd, request, 0) < 0:
-                err = get_errno()
-                if err in (errno.EINTR, errno.EAGAIN):
-                    run.immediate_exit = 0
-                    continue
-                raise kvm_api.KvmError(request, err)
-            reason, addr, length, is_write = head(view)
-            counts[reason & 63] += 1
-            if reason == exit_mmio:
-                data = mmio_data[length & 15] if length <= 8 else mmio_data[8]
-                if not last_base <= addr < last_end:
-                    hit = mmio.lookup(addr)
-                    if hit is None:
-                        (mmio.write if is_write else mmio.read)(addr, data)
-                        continue
-                    dev, last_base = hit
-                    last_end = last_base + mmio.size_of(last_base)
-                    last_read, last_write = dev.read, dev.write
-                if is_write:
-                    last_write(addr - last_base, data)
-                else:
-                    last_read(addr - last_base, data)
-            elif reason == exit_io:
-                direction, size, port, count, off = io_exit(view, union)
-                for i in range(count):
-                    at = off + i * size
-                    data = pio_data.get(at * 8 + size)
-                    if data is None:
-                        data = pio_data[at * 8 + size] = view[at : at + size]
-                    if direction == io_out:
-                        pio.write(port, data)
-                    else:
-                        pio.read(port, data)
-            else:
-                self._slow_exit(reason)
+    def stop(self) -> None:
+        """End the VM (status 0, reason "stopped") if nothing ended it yet. Any thread;
+        idempotent."""
+        self.stopper.request(0, "stopped", "stopped by the embedding program")
 
-    def _slow_exit(self, reason: int) -> None:
-        view = self.vcpu.run_view
-        union = RUN_EXIT_UNION_OFFSET
-        if reason == c.KVM_EXIT_HLT:
-            self.request_stop(0, "poweroff", "the guest halted with interrupts off")
-        elif reason == c.KVM_EXIT_SHUTDOWN:
-            self.request_stop(0, "reboot", "triple fault (the guest rebooted)")
-        elif reason == c.KVM_EXIT_SYSTEM_EVENT:
-            (kind,) = _SYSTEM_EVENT.unpack_from(view, union)
-            if kind == c.KVM_SYSTEM_EVENT_SHUTDOWN:
-                self.request_stop(0, "poweroff")
-            elif kind == c.KVM_SYSTEM_EVENT_RESET:
-                self.request_stop(0, "reboot")
-            else:
-                self.request_stop(1, "error", f"guest system event {kind} (crash)")
-        elif reason == c.KVM_EXIT_INTERNAL_ERROR:
-            suberror, _ndata = _INTERNAL.unpack_from(view, union)
-            what = "emulation failure" if suberror == c.KVM_INTERNAL_ERROR_EMULATION else (
-                f"internal error, suberror {suberror}")
-            self.request_stop(1, "error", f"KVM {what}\n{self.describe_vcpu()}")
-        elif reason == c.KVM_EXIT_FAIL_ENTRY:
-            hw = self.vcpu.run.fail_entry.hardware_entry_failure_reason
-            self.request_stop(1, "error",
-                              f"KVM could not enter the guest (hardware reason 0x{hw:x})\n"
-                              f"{self.describe_vcpu()}")
-        elif reason in (c.KVM_EXIT_INTR, c.KVM_EXIT_IRQ_WINDOW_OPEN):
-            pass
-        else:
-            name = c.EXIT_REASON_NAMES.get(reason, str(reason))
-            self.request_stop(1, "error", f"unexpected KVM exit {name}\n{self.describe_vcpu()}")
+    def _internal_error(self, what: str) -> None:
+        self.stopper.request(1, "internal-error", what)
 
     # -- reporting ------------------------------------------------------------------
 
-    def describe_vcpu(self) -> str:
-        """Register state and the instruction bytes at RIP, for a failure report."""
-        try:
-            r = self.vcpu.get_regs()
-            sr = self.vcpu.get_sregs()
-        except OSError as e:
-            return f"(registers unavailable: {e})"
-        names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
-                 "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
-        lines = ["  " + "  ".join(f"{n}={getattr(r, n):016x}" for n in names[i:i + 4])
-                 for i in range(0, len(names), 4)]
-        lines.append(f"  cr0={sr.cr0:x} cr2={sr.cr2:x} cr3={sr.cr3:x} cr4={sr.cr4:x} "
-                     f"efer={sr.efer:x} cs={sr.cs.selector:x} (dpl {sr.cs.dpl}, l={sr.cs.l})")
-        rip = r.rip if sr.cr0 & c.X86_CR0_PG == 0 or sr.cr3 == 0 else self._translate(r.rip)
-        code = "unavailable (RIP not in guest RAM)"
-        if rip is not None and self.memory.contains(rip, 16):
-            code = self.memory.read(rip, 16).hex(" ")
-        lines.append(f"  code at rip: {code}")
-        return "\n".join(lines)
-
-    def _translate(self, va: int) -> int | None:
-        """Walk the guest's 4-level page tables (long mode) for a diagnostic."""
-        try:
-            table = self.vcpu.get_sregs().cr3 & ~0xFFF
-            for shift in (39, 30, 21, 12):
-                entry = self.memory.read_u64(table + ((va >> shift) & 0x1FF) * 8)
-                if not entry & 1:
-                    return None
-                if shift in (30, 21) and entry & x86cpu.PTE_PAGE_SIZE:
-                    mask = (1 << shift) - 1
-                    return (entry & 0x000FFFFFFFFFF000 & ~mask) | (va & mask)
-                table = entry & 0x000FFFFFFFFFF000
-            return int(table | (va & 0xFFF))
-        except Exception:
-            return None
-
     def stats_lines(self) -> list[str]:
-        lines = [f"stats: exits {c.EXIT_REASON_NAMES.get(i, str(i))}: {n}"
-                 for i, n in enumerate(self.exit_counts) if n]
-        lines.append(f"stats: unhandled port I/O: {self.pio_bus.unhandled_reads} reads, "
-                     f"{self.pio_bus.unhandled_writes} writes")
-        lines.append(f"stats: unhandled MMIO: {self.mmio_bus.unhandled_reads} reads, "
-                     f"{self.mmio_bus.unhandled_writes} writes")
+        lines: list[str] = []
+        for r in self.runners:
+            lines += r.stats_lines()
+        pio, mmio = self.platform.pio_bus, self.platform.mmio_bus
+        lines.append(f"stats: unhandled port I/O: {pio.unhandled_reads} reads, "
+                     f"{pio.unhandled_writes} writes")
+        lines.append(f"stats: unhandled MMIO: {mmio.unhandled_reads} reads, "
+                     f"{mmio.unhandled_writes} writes")
+        for slot, t in self.virtio.transports:
+            for name, value in t.device.stats().items():
+                lines.append(f"stats: virtio-{t.device.name}@0x{slot.base:x} {name}: {value}")
         return lines
 
-    def close(self) -> None:
-        self.vcpu.close()
-        self.vm.close()
-        self.system.close()
+    def device_hints(self) -> list[str]:
+        """kvmtool's courtesy: name the guest kernel option that is likely missing when a
+        Linux guest never initialised one of its devices."""
+        from . import hostinfo
 
-    def __enter__(self) -> Machine:
+        if not hostinfo.looks_like_linux(self.config.kernel):
+            return []
+        return [f"the guest never initialised virtio-{dev.name} at 0x{slot.base:x} "
+                f"(IRQ {slot.irq}): is its kernel built with CONFIG_VIRTIO_MMIO, "
+                f"CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and {dev.kernel_option}?"
+                for slot, dev in self.virtio.never_initialised()]
+
+    # -- closing --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the VM if it runs, wait for its threads, release everything (idempotent).
+        If a vCPU thread does not leave KVM_RUN in time, its vCPU is left open (leaked)
+        rather than closed under it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self.stopper.request(0, "stopped", "the VM was closed")
+            stuck = [r.index for r in getattr(self, "runners", ()) if not r.join(_JOIN_TIMEOUT)]
+            if stuck:
+                log.error("vCPU threads %s did not stop; leaving their KVM resources open",
+                          stuck)
+                return
+        self._stack.close()
+
+    def __enter__(self) -> Vm:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def emulated_host_warning() -> str | None:
-    return hostinfo.EMULATED_HOST_HINT if hostinfo.kvm_emulates_guest_kernel() else None

@@ -7,9 +7,18 @@ kicked. The transport (minivmm.transport.mmio) drives everything else: feature
 negotiation, queue set-up from the driver's register writes, activation at DRIVER_OK,
 interrupts and reset.
 
-Threads: the transport calls in from the vCPU thread (register accesses), kicks arrive on
-the device thread (minivmm.eventloop). ``lock`` serialises the two; the transport holds it
-around every state change and the event loop around every kick.
+Threads: the transport calls in from vCPU threads (register accesses), kicks arrive on
+the device thread (minivmm.eventloop). ``lock`` serialises the device's life-cycle changes
+(activation, reset) with its queue work: a kick holds it while it drains a queue,
+including any host I/O that takes. Register accesses that change no device state
+(InterruptACK, the selectors, every read, config space) never take it, so a vCPU never
+waits on a disk or a network behind a drain.
+
+One failure boundary: whatever a device raises while serving the guest (from a kick, a
+watched fd, activation or reset) is caught by :meth:`VirtioDevice.contain`. A broken
+queue (the engine's VirtQueueError: the guest's fault) and a bug in the device alike
+mark the device DEVICE_NEEDS_RESET, with one rate-limited log line saying which it was;
+the VM and the other devices keep running.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from typing import ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from ..ratelimit import RateLimitedLog
 from ..virtio.chain import DescriptorChain
@@ -45,6 +54,9 @@ VIRTIO_ID_RNG: Final = 4
 # InterruptStatus bits (virtio 1.2 §4.2.2, "InterruptStatus")
 VIRTIO_MMIO_INT_VRING: Final = 1 << 0
 VIRTIO_MMIO_INT_CONFIG: Final = 1 << 1
+
+#: the most buffers one readv/writev/preadv/pwritev takes (more fail with EINVAL)
+IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 class ActivationError(Exception):
@@ -81,6 +93,9 @@ class VirtioDevice(ABC):
     device_type: ClassVar[int]
     #: a name for logs and the command line
     name: ClassVar[str] = "virtio"
+    #: the Linux kernel option for this device's driver (named when a Linux guest never
+    #: initialises the device)
+    kernel_option: ClassVar[str] = "the driver for it"
 
     def __init__(self, avail_features: int, queue_sizes: Sequence[int]) -> None:
         self._avail_features = avail_features | bit(VIRTIO_F_VERSION_1)
@@ -185,7 +200,7 @@ class VirtioDevice(ABC):
         self.interrupt = interrupt
         try:
             self.on_activate()
-        except ActivationError:
+        except BaseException:
             self.memory = self.interrupt = None
             raise
 
@@ -221,22 +236,34 @@ class VirtioDevice(ABC):
         with self.lock:
             if not self.is_activated or not 0 <= index < len(self.queues):
                 return
-            q = self.queues[index]
-            if not q.is_active():
+            if not self.queues[index].is_active():
                 return
-            try:
-                self.process_queue(index)
-            except VirtQueueError as e:
-                self.fail(f"queue {index}: {e}")
+            self.contain(self.process_queue, index)
+
+    def contain(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` inside the failure boundary (see the module docstring)."""
+        try:
+            fn(*args)
+        except VirtQueueError as e:
+            self.fail(str(e))
+        except ActivationError as e:
+            self.fail(f"activation failed: {e}")
+        except Exception as e:
+            self.log("%s: internal error (a bug in minivmm, please report it): %s: %s",
+                     self.name, type(e).__name__, e)
+            logging.getLogger(__name__).debug("%s failed", self.name, exc_info=True)
+            self.fail(f"internal error: {type(e).__name__}: {e}", logged=True)
 
     @abstractmethod
     def process_queue(self, index: int) -> None:
         """Handle every available chain of queue ``index``; raise VirtQueueError if the
         guest broke the queue (the device is then marked DEVICE_NEEDS_RESET)."""
 
-    def fail(self, reason: str) -> None:
-        """The guest did something the device cannot recover from: stop and tell it."""
-        self.log("%s: %s; device needs reset", self.name, reason)
+    def fail(self, reason: str, *, logged: bool = False) -> None:
+        """The device cannot go on (the guest broke a queue, or the device failed): tell
+        the transport, which sets DEVICE_NEEDS_RESET and interrupts the driver."""
+        if not logged:
+            self.log("%s: %s; device needs reset", self.name, reason)
         if self.on_needs_reset is not None:
             self.on_needs_reset(reason)
 
@@ -252,6 +279,26 @@ class VirtioDevice(ABC):
                 yield chain
             if not queue.enable_notification():
                 return
+
+    def drain(self, queue: Queue, serve: Callable[[DescriptorChain], object]) -> int:
+        """The device's loop, written once: serve every available chain of ``queue``
+        (each returned to the used ring by its ``with`` block), then interrupt the driver
+        once if anything was served: also when a bad chain stops the loop half way
+        (the VirtQueueError then goes on to :meth:`contain`). Returns the count served."""
+        served = 0
+        try:
+            for chain in self.available(queue):
+                with chain:
+                    serve(chain)
+                served += 1
+        finally:
+            if served:
+                self.signal_used(queue)
+        return served
+
+    def stats(self) -> dict[str, int]:
+        """Counters for ``--stats`` (name -> value); none by default."""
+        return {}
 
     def signal_used(self, queue: Queue) -> None:
         """Interrupt the driver for ``queue`` unless it suppressed notifications."""

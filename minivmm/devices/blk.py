@@ -30,7 +30,14 @@ from typing import Final
 
 from ..errors import UsageError
 from ..virtio.chain import DescriptorChain, Reader
-from .base import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_ID_BLOCK, VirtioDevice, bit
+from .base import (
+    IOV_MAX,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_ID_BLOCK,
+    VirtioDevice,
+    bit,
+)
 
 # Feature bits (§5.2.3)
 VIRTIO_BLK_F_SIZE_MAX: Final = 1
@@ -77,7 +84,6 @@ MAX_DISCARD_SEG: Final = 32
 DISCARD_SECTOR_ALIGNMENT: Final = 8  # 4 KiB, the page-cache granularity of hole punching
 MAX_WRITE_ZEROES_SECTORS: Final = 1 << 23
 MAX_WRITE_ZEROES_SEG: Final = 32
-IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
@@ -189,14 +195,15 @@ class ImageEnded(BlkRequestError):
 class BlockDevice(VirtioDevice):
     device_type = VIRTIO_ID_BLOCK
     name = "blk"
+    kernel_option = "CONFIG_VIRTIO_BLK"
 
     def __init__(self, path: Path, *, read_only: bool = False,
                  serial: str | None = None) -> None:
-        opt = f"--disk {path}"
+        opt = str(path)
         ident = (serial or "").encode()
         if len(ident) > VIRTIO_BLK_ID_BYTES:
-            raise UsageError(f"{opt},serial={serial}: the serial is {len(ident)} bytes; "
-                             f"use at most {VIRTIO_BLK_ID_BYTES}")
+            raise UsageError(f"{opt}: the serial {serial!r} is {len(ident)} bytes; "
+                             f"use at most {VIRTIO_BLK_ID_BYTES}", field="drives")
         self.path = path
         self.read_only = read_only
         self._fd = _open_image(path, read_only, opt)
@@ -204,7 +211,8 @@ class BlockDevice(VirtioDevice):
             size = os.lseek(self._fd, 0, os.SEEK_END)
         except OSError as e:
             os.close(self._fd)
-            raise UsageError(f"{opt}: cannot find its size ({e.strerror})") from None
+            raise UsageError(f"{opt}: cannot find its size ({e.strerror})",
+                             field="drives") from None
         #: the disk size in 512-byte sectors (a partial last sector is not addressable)
         self.capacity = size // SECTOR_SIZE
         self._id = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")  # §5.2.6: NUL padded
@@ -231,14 +239,7 @@ class BlockDevice(VirtioDevice):
     # -- the request queue ----------------------------------------------------------
 
     def process_queue(self, index: int) -> None:
-        q = self.queues[0]
-        served = False
-        for chain in self.available(q):
-            with chain:
-                self._serve(chain)
-            served = True
-        if served:
-            self.signal_used(q)
+        self.drain(self.queues[0], self._serve)
 
     def _serve(self, chain: DescriptorChain) -> None:
         w = chain.writer
@@ -373,18 +374,21 @@ def _open_image(path: Path, read_only: bool, opt: str) -> int:
         st = os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"{opt}: no such file; create an image (truncate -s 64M {path}) "
-                         "or fix the path") from None
+                         "or fix the path", field="drives") from None
     except OSError as e:
-        raise UsageError(f"{opt}: cannot use it ({e.strerror}); fix the path") from None
+        raise UsageError(f"{opt}: cannot use it ({e.strerror}); fix the path",
+                         field="drives") from None
     if stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{opt}: is a directory; name a raw image file")
+        raise UsageError(f"{opt}: is a directory; name a raw image file", field="drives")
     if not read_only and not st.st_mode & 0o222:
-        raise UsageError(f"{opt}: the file is read-only; add ,ro or make it writable")
+        raise UsageError(f"{opt}: the file is read-only; open it read-only (ro) or make "
+                         "it writable",
+                         field="drives")
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     try:
         return os.open(path, flags)
     except OSError as e:
         if not read_only and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise UsageError(f"{opt}: cannot open it for writing ({e.strerror}); add ,ro "
-                             "or make it writable") from None
-        raise UsageError(f"{opt}: cannot open it ({e.strerror})") from None
+            raise UsageError(f"{opt}: cannot open it for writing ({e.strerror}); open it "
+                             "read-only (ro) or make it writable", field="drives") from None
+        raise UsageError(f"{opt}: cannot open it ({e.strerror})", field="drives") from None

@@ -2,9 +2,9 @@
 
 Queue 0 (receiveq0) carries input to the guest, queue 1 (transmitq0) its output.
 
-Output: each transmit chain's readable views go to the output sink; an
-:class:`~minivmm.console.FdSink` (stdio, file) gets them with ``os.writev`` straight from
-guest memory, any other sink one ``write`` per buffer.
+Output: each transmit chain's readable views go to the output (:class:`Output`); one
+with a file descriptor (minivmm.console's stdio and file sinks) gets them with
+``os.writev`` straight from guest memory, any other one ``write`` per buffer.
 
 Input comes from a file descriptor and is read with ``readv`` straight into the guest's
 receive buffers, never more than the buffers hold, so nothing is read that the guest
@@ -33,10 +33,11 @@ import stat
 import struct
 import termios
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
-from ..console import ConsoleSink, FdSink
+from ..virtio.chain import DescriptorChain
 from .base import (
+    IOV_MAX,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_ID_CONSOLE,
@@ -58,6 +59,14 @@ EMERG_WR_OFFSET: Final = 8
 RECEIVEQ: Final = 0
 TRANSMITQ: Final = 1
 QUEUE_SIZE: Final = 256
+
+
+class Output(Protocol):
+    """Where the guest's output goes (minivmm.console's sinks are such objects). If it
+    also has ``writev(views)``, that gets the guest's buffers themselves (no copy)."""
+
+    def write(self, data: bytes) -> None: ...
+
 
 def _pollable(fd: int) -> bool:
     if stat.S_ISREG(os.fstat(fd).st_mode):
@@ -85,8 +94,9 @@ def _pending(fd: int) -> int:
 class ConsoleDevice(VirtioDevice):
     device_type = VIRTIO_ID_CONSOLE
     name = "console"
+    kernel_option = "CONFIG_VIRTIO_CONSOLE"
 
-    def __init__(self, output: ConsoleSink, input_fd: int | None = None, *,
+    def __init__(self, output: Output, input_fd: int | None = None, *,
                  cols: int = 0, rows: int = 0) -> None:
         features = bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC) | bit(
             VIRTIO_CONSOLE_F_EMERG_WRITE)
@@ -148,20 +158,17 @@ class ConsoleDevice(VirtioDevice):
             self.fd_watch(self.input_fd, self.on_input)
 
     def _transmit(self) -> None:
-        q = self.queues[TRANSMITQ]
-        served = False
-        for chain in self.available(q):
-            with chain:
-                self._emit(chain.reader.views())
-            served = True
-        if served:
-            self.signal_used(q)
+        self.drain(self.queues[TRANSMITQ], self._emit_chain)
+
+    def _emit_chain(self, chain: DescriptorChain) -> None:
+        self._emit(chain.reader.views())
 
     def _emit(self, views: list[memoryview]) -> None:
         out = self.output
+        writev: Callable[[list[memoryview]], None] | None = getattr(out, "writev", None)
         try:
-            if isinstance(out, FdSink) and out.fd >= 0:
-                _writev_all(out.fd, views)
+            if writev is not None:
+                writev(views)
             else:
                 for v in views:
                     out.write(v.tobytes())
@@ -203,7 +210,7 @@ class ConsoleDevice(VirtioDevice):
                         self.log("console: receive chain %d has no writable buffer", chain.head)
                         continue
                     try:
-                        n = os.readv(fd, w.views())
+                        n = os.readv(fd, w.views()[:IOV_MAX])
                     except BlockingIOError:
                         return
                     except OSError as e:
@@ -224,19 +231,3 @@ class ConsoleDevice(VirtioDevice):
         log.info("console: input fd %s ended", self.input_fd)
         self._stop_watching()
         self.input_ended = True
-
-
-def _writev_all(fd: int, views: list[memoryview]) -> None:
-    """Write every byte of views to fd, in order, however short the writes are."""
-    i = 0
-    while i < len(views):
-        try:
-            n = os.writev(fd, views[i : i + 1024])
-        except BlockingIOError:  # someone made the fd non-blocking
-            select.select([], [fd], [])
-            continue
-        while i < len(views) and n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]

@@ -41,11 +41,12 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
-from ..errors import UsageError
+from ..config import check_mac
 from ..virtio.chain import DescriptorChain
 from ..virtio.errors import VirtQueueError
 from . import tap as taplib
 from .base import (
+    IOV_MAX,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_ID_NET,
@@ -82,7 +83,6 @@ _U16: Final = struct.Struct("<H")
 #: the largest frame: 65535 bytes of IP packet, a 14-byte Ethernet header, plus the header
 MAX_RX_FRAME: Final = 65550 + HDR_SIZE
 MAX_TX_FRAME: Final = 65535 + HDR_SIZE
-IOV_MAX: Final = 1024
 QUEUE_SIZE: Final = 256
 #: frames moved per tap wake-up before the device thread serves the other devices
 RX_BATCH: Final = QUEUE_SIZE
@@ -110,31 +110,6 @@ _TUN_OFFLOAD: Final = {
 }
 
 
-def parse_mac(text: str) -> bytes:
-    """``52:54:00:12:34:56`` -> 6 bytes; UsageError for anything else."""
-    parts = text.replace("-", ":").split(":")
-    try:
-        if len(parts) != 6 or any(len(p) != 2 for p in parts):
-            raise ValueError
-        mac = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise UsageError(f"mac={text!r}: write a MAC address as six hex pairs, "
-                         "e.g. mac=52:54:00:12:34:56") from None
-    check_mac(mac)
-    return mac
-
-
-def check_mac(mac: bytes) -> None:
-    text = ":".join(f"{b:02x}" for b in mac)
-    if len(mac) != 6:
-        raise UsageError(f"mac {mac.hex()!r}: a MAC address is 6 bytes")
-    if mac[0] & 1:
-        raise UsageError(f"mac={text}: a multicast address; the first byte must be even "
-                         "(e.g. 52:54:00:...)")
-    if not any(mac):
-        raise UsageError("mac=00:00:00:00:00:00: choose a non-zero address")
-
-
 def default_mac(tap: str) -> bytes:
     """A stable locally administered unicast address derived from the tap's name."""
     digest = hashlib.sha256(b"minivmm-net:" + tap.encode()).digest()
@@ -159,6 +134,7 @@ def _poke(views: list[memoryview], offset: int, data: bytes) -> None:
 class NetDevice(VirtioDevice):
     device_type = VIRTIO_ID_NET
     name = "net"
+    kernel_option = "CONFIG_VIRTIO_NET"
 
     def __init__(self, tap: str, *, mac: bytes | None = None) -> None:
         if mac is not None:
@@ -296,7 +272,7 @@ class NetDevice(VirtioDevice):
                 self._receive()
             except VirtQueueError as e:
                 self._set_watching(False)  # the tap stays readable: don't spin on it
-                self.fail(f"queue {RXQ}: {e}")
+                self.fail(str(e))
 
     def _take_buffers(self) -> None:
         """Hold chains until they cover ``_rx_need`` bytes or the ring is empty."""
@@ -422,8 +398,14 @@ class NetDevice(VirtioDevice):
                 if not self.link_up:
                     self.tx_dropped += 1
                     continue
+                views = r.views()
+                if len(views) > IOV_MAX:  # one writev is one frame: it can't be split
+                    self.tx_dropped += 1
+                    self.log("net: transmit chain %d has %d buffers, more than the %d one "
+                             "write takes; dropped", chain.head, len(views), IOV_MAX)
+                    continue
                 try:
-                    writev(tap, r.views())
+                    writev(tap, views)
                 except OSError as e:
                     if e.errno == taplib.EBADFD:
                         self._link_lost(e)

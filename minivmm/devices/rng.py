@@ -12,7 +12,16 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from .base import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_ID_RNG, VirtioDevice, bit
+from ..virtio.chain import DescriptorChain
+from .base import (
+    IOV_MAX,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_ID_RNG,
+    ActivationError,
+    VirtioDevice,
+    bit,
+)
 
 QUEUE_SIZE: Final = 256
 MAX_REQUEST_BYTES: Final = 64 * 1024
@@ -22,11 +31,12 @@ ENTROPY_SOURCE: Final = "/dev/urandom"
 class RngDevice(VirtioDevice):
     device_type = VIRTIO_ID_RNG
     name = "rng"
+    kernel_option = "CONFIG_HW_RANDOM_VIRTIO"
 
     def __init__(self) -> None:
         super().__init__(bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC), [QUEUE_SIZE])
         self._source = -1
-        #: chains served and bytes given, for --stats
+        #: chains served and bytes given (--stats)
         self.requests = 0
         self.bytes_out = 0
 
@@ -34,30 +44,31 @@ class RngDevice(VirtioDevice):
         return b""  # §5.4.4: no configuration space
 
     def on_activate(self) -> None:
-        self._source = os.open(ENTROPY_SOURCE, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._source = os.open(ENTROPY_SOURCE, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ActivationError(f"rng: cannot open {ENTROPY_SOURCE}: {e.strerror}") from e
 
     def on_reset(self) -> None:
         if self._source >= 0:
             os.close(self._source)
             self._source = -1
 
+    def stats(self) -> dict[str, int]:
+        return {"requests": self.requests, "bytes": self.bytes_out}
+
     def process_queue(self, index: int) -> None:
-        q = self.queues[0]
-        source = self._source
-        served = False
-        for chain in self.available(q):
-            with chain:
-                w = chain.writer
-                views = w.views(min(w.remaining, MAX_REQUEST_BYTES))
-                if views:
-                    try:
-                        n = os.readv(source, views)
-                    except OSError as e:
-                        self.log("rng: reading %s failed: %s", ENTROPY_SOURCE, e)
-                        n = 0
-                    w.advance(n)
-                    self.bytes_out += n
-            self.requests += 1
-            served = True
-        if served:
-            self.signal_used(q)
+        self.drain(self.queues[0], self._serve)
+
+    def _serve(self, chain: DescriptorChain) -> None:
+        w = chain.writer
+        views = w.views(min(w.remaining, MAX_REQUEST_BYTES))
+        if views:
+            try:
+                n = os.readv(self._source, views[:IOV_MAX])
+            except OSError as e:
+                self.log("rng: reading %s failed: %s", ENTROPY_SOURCE, e)
+                n = 0
+            w.advance(n)
+            self.bytes_out += n
+        self.requests += 1

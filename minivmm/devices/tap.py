@@ -24,6 +24,7 @@ import socket
 import struct
 from typing import Final
 
+from ..config import check_ifname
 from ..errors import UsageError
 
 TUN_PATH: Final = "/dev/net/tun"
@@ -56,45 +57,34 @@ EBADFD: Final = errno.EBADFD
 """What a tap fd's read and write return once its interface has been deleted."""
 
 
-def check_name(name: str) -> bytes:
-    """The interface name as TUNSETIFF wants it; UsageError for one Linux would refuse
-    or (``%d``) treat as a pattern."""
-    raw = name.encode()
-    if not raw or len(raw) >= IFNAMSIZ:
-        raise UsageError(f"--net tap={name!r}: an interface name is 1 to {IFNAMSIZ - 1} "
-                         "bytes long")
-    if name in (".", "..") or any(c in name for c in "/:%") or any(c.isspace() for c in name):
-        raise UsageError(f"--net tap={name!r}: an interface name may not contain '/', ':', "
-                         "'%' or spaces")
-    return raw
-
-
 def open_tap(name: str) -> tuple[int, bool]:
     """Attach a non-blocking fd to tap ``name`` with 12-byte virtio-net headers.
 
     Returns ``(fd, created)``: whether the kernel created the interface just now.
     Raises UsageError with one line naming what is missing."""
-    raw = check_name(name)
+    raw = check_ifname(name)
     existed = _exists(name)
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise UsageError(f"--net tap={name}: {TUN_PATH} is missing: load the tun module "
-                         "(modprobe tun)") from None
+        raise UsageError(f"tap {name}: {TUN_PATH} is missing: load the tun module "
+                         "(modprobe tun)", field="network_interfaces") from None
     except PermissionError:
-        raise UsageError(f"--net tap={name}: {TUN_PATH} is not accessible to this user: "
-                         "needs root, or a mode that lets it open the file") from None
+        raise UsageError(f"tap {name}: {TUN_PATH} is not accessible to this user: "
+                         "needs root, or a mode that lets it open the file",
+                             field="network_interfaces") from None
     try:
         try:
             fcntl.ioctl(fd, TUNSETIFF, IFREQ.pack(raw, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
         except OSError as e:
-            raise UsageError(_setiff_error(name, existed, e)) from None
+            raise UsageError(_setiff_error(name, existed, e), field="network_interfaces") from None
         try:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, _INT.pack(12))
             fcntl.ioctl(fd, TUNSETVNETLE, _INT.pack(1))  # virtio 1.x headers: little endian
         except OSError as e:
-            raise UsageError(f"--net tap={name}: the kernel refused 12-byte virtio-net "
-                             f"headers ({e.strerror}): it is too old for minivmm") from None
+            raise UsageError(f"tap {name}: the kernel refused 12-byte virtio-net "
+                             f"headers ({e.strerror}): it is too old for minivmm",
+                                 field="network_interfaces") from None
     except BaseException:
         os.close(fd)
         raise
@@ -113,14 +103,14 @@ def _exists(name: str) -> bool:
 def _setiff_error(name: str, existed: bool, e: OSError) -> str:
     if e.errno == errno.EPERM:
         what = "cannot be opened by this user" if existed else "does not exist and creating it"
-        return (f"--net tap={name}: tap {name} {what}: needs root or CAP_NET_ADMIN, or a tap "
+        return (f"tap {name}: tap {name} {what}: needs root or CAP_NET_ADMIN, or a tap "
                 f"created with `ip tuntap add dev {name} mode tap user $USER`")
     if e.errno == errno.EBUSY:
-        return f"--net tap={name}: tap {name} is in use by another program"
+        return f"tap {name}: tap {name} is in use by another program"
     if e.errno == errno.EINVAL and existed:
-        return (f"--net tap={name}: interface {name} exists but is not a tap "
+        return (f"tap {name}: interface {name} exists but is not a tap "
                 "(choose another name)")
-    return f"--net tap={name}: cannot attach to tap {name}: {e.strerror}"
+    return f"tap {name}: cannot attach to tap {name}: {e.strerror}"
 
 
 def is_attached(fd: int) -> bool:

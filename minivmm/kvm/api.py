@@ -11,12 +11,15 @@ import ctypes
 import errno
 import mmap
 import os
+import threading
 from typing import Any, Final
 
+from ..errors import HostError
 from . import structs as s
 from .constants import (
     CAPABILITY_NAMES,
     KVM_API_VERSION,
+    KVM_CAP_MAX_VCPUS,
     KVM_CAP_NR_VCPUS,
     KVM_IOEVENTFD_FLAG_DATAMATCH,
     KVM_IOEVENTFD_FLAG_DEASSIGN,
@@ -30,7 +33,6 @@ KVMIO: Final = 0xAE
 
 KVM_GET_API_VERSION: Final = _IO(KVMIO, 0x00)
 KVM_CREATE_VM: Final = _IO(KVMIO, 0x01)
-KVM_GET_MSR_INDEX_LIST: Final = _IOWR(KVMIO, 0x02, s.kvm_msr_list)
 KVM_CHECK_EXTENSION: Final = _IO(KVMIO, 0x03)
 KVM_GET_VCPU_MMAP_SIZE: Final = _IO(KVMIO, 0x04)
 KVM_GET_SUPPORTED_CPUID: Final = _IOWR(KVMIO, 0x05, s.kvm_cpuid2)
@@ -48,8 +50,8 @@ KVM_GET_REGS: Final = _IOR(KVMIO, 0x81, s.kvm_regs)
 KVM_SET_REGS: Final = _IOW(KVMIO, 0x82, s.kvm_regs)
 KVM_GET_SREGS: Final = _IOR(KVMIO, 0x83, s.kvm_sregs)
 KVM_SET_SREGS: Final = _IOW(KVMIO, 0x84, s.kvm_sregs)
-KVM_GET_MSRS: Final = _IOWR(KVMIO, 0x88, s.kvm_msrs)
 KVM_SET_MSRS: Final = _IOW(KVMIO, 0x89, s.kvm_msrs)
+KVM_SET_SIGNAL_MASK: Final = _IOW(KVMIO, 0x8B, s.kvm_signal_mask)
 KVM_GET_FPU: Final = _IOR(KVMIO, 0x8C, s.kvm_fpu)
 KVM_SET_FPU: Final = _IOW(KVMIO, 0x8D, s.kvm_fpu)
 KVM_GET_LAPIC: Final = _IOR(KVMIO, 0x8E, s.kvm_lapic_state)
@@ -71,13 +73,14 @@ _ioctl_int_fn = ctypes.CFUNCTYPE(
 )(ctypes.cast(_libc.ioctl, ctypes.c_void_p).value or 0)
 
 
-class KvmError(OSError):
+class KvmError(HostError, OSError):
     """A KVM ioctl failed. ``ioctl`` names the request, ``errno_name`` the error."""
 
     def __init__(self, request: int, err: int) -> None:
         self.ioctl = IOCTL_NAMES.get(request, f"ioctl 0x{request:x}")
         self.errno_name = errno.errorcode.get(err, str(err))
-        super().__init__(err, f"{self.ioctl} failed: {self.errno_name} ({os.strerror(err)})")
+        OSError.__init__(self, err, f"{self.ioctl} failed: {self.errno_name} "
+                                    f"({os.strerror(err)})")
 
 
 def ioctl(fd: int, request: int, arg: Any = None) -> int:
@@ -89,10 +92,6 @@ def ioctl(fd: int, request: int, arg: Any = None) -> int:
     if ret < 0:
         raise KvmError(request, ctypes.get_errno())
     return int(ret)
-
-
-class MissingCapability(KvmError):
-    pass
 
 
 class _Fd:
@@ -123,11 +122,18 @@ class System(_Fd):
     """/dev/kvm itself."""
 
     def __init__(self, path: str = "/dev/kvm") -> None:
-        super().__init__(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise HostError(f"cannot open {path} ({e.strerror}): minivmm needs KVM; check "
+                            "that the kvm module is loaded and that you may read and write "
+                            f"{path}") from None
+        super().__init__(fd)
         version = ioctl(self.fd, KVM_GET_API_VERSION)
         if version != KVM_API_VERSION:
             self.close()
-            raise OSError(f"{path} speaks KVM API {version}, minivmm needs {KVM_API_VERSION}")
+            raise HostError(f"{path} speaks KVM API {version}, minivmm needs "
+                            f"{KVM_API_VERSION}")
 
     def check_extension(self, cap: int) -> int:
         return ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
@@ -137,13 +143,15 @@ class System(_Fd):
         for cap in caps:
             if self.check_extension(cap) <= 0:
                 name = CAPABILITY_NAMES.get(cap, f"capability {cap}")
-                raise OSError(f"this host's KVM lacks {name}, which minivmm needs")
+                raise HostError(f"this host's KVM lacks {name}, which minivmm needs")
 
     def vcpu_mmap_size(self) -> int:
         return ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE)
 
-    def recommended_vcpus(self) -> int:
-        return self.check_extension(KVM_CAP_NR_VCPUS) or 4
+    def max_vcpus(self) -> int:
+        """KVM_CAP_MAX_VCPUS (falling back to KVM_CAP_NR_VCPUS, then 4, as api.rst says)."""
+        return (self.check_extension(KVM_CAP_MAX_VCPUS)
+                or self.check_extension(KVM_CAP_NR_VCPUS) or 4)
 
     def supported_cpuid(self) -> list[s.kvm_cpuid_entry2]:
         n = 64
@@ -171,6 +179,7 @@ class Vm(_Fd):
         self.system = system
         self._next_slot = 0
         self._irq_level = s.kvm_irq_level()
+        self._irq_lock = threading.Lock()  # several vCPU threads drive ISA lines
 
     def set_user_memory_region(self, gpa: int, size: int, host_addr: int, flags: int = 0) -> int:
         region = s.kvm_userspace_memory_region(
@@ -194,10 +203,11 @@ class Vm(_Fd):
         ioctl(self.fd, KVM_CREATE_PIT2, s.kvm_pit_config(flags=KVM_PIT_SPEAKER_DUMMY))
 
     def irq_line(self, irq: int, level: int) -> None:
-        lv = self._irq_level
-        lv.irq = irq
-        lv.level = level
-        ioctl(self.fd, KVM_IRQ_LINE, lv)
+        with self._irq_lock:
+            lv = self._irq_level
+            lv.irq = irq
+            lv.level = level
+            ioctl(self.fd, KVM_IRQ_LINE, lv)
 
     def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
         flags = KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
@@ -289,6 +299,16 @@ class Vcpu(_Fd):
 
     def set_lapic(self, st: s.kvm_lapic_state) -> None:
         ioctl(self.fd, KVM_SET_LAPIC, st)
+
+    def set_signal_mask(self, signals: set[int]) -> None:
+        """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is in KVM_RUN."""
+        mask = s.kvm_signal_mask_sigset()
+        mask.len = 8  # the kernel's sigset_t on x86-64
+        bits = 0
+        for sig in signals:
+            bits |= 1 << (sig - 1)
+        mask.sigset = bits
+        ioctl(self.fd, KVM_SET_SIGNAL_MASK, mask)
 
     def tsc_khz(self) -> int:
         return ioctl(self.fd, KVM_GET_TSC_KHZ)

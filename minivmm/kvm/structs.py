@@ -102,10 +102,6 @@ class kvm_msrs(ctypes.Structure):
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 
-class kvm_msr_list(ctypes.Structure):
-    _fields_ = [("nmsrs", u32)]
-
-
 class kvm_cpuid_entry2(ctypes.Structure):
     _fields_ = [
         ("function", u32),
@@ -145,15 +141,6 @@ def kvm_msrs_n(n: int) -> type[ctypes.Structure]:
     )
 
 
-@cache
-def kvm_msr_list_n(n: int) -> type[ctypes.Structure]:
-    return type(
-        f"kvm_msr_list_{n}",
-        (ctypes.Structure,),
-        {"_fields_": [("nmsrs", u32), ("indices", u32 * n)]},
-    )
-
-
 class kvm_userspace_memory_region(ctypes.Structure):
     _fields_ = [
         ("slot", u32),
@@ -187,6 +174,19 @@ class kvm_ioeventfd(ctypes.Structure):
 
 class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
+
+
+class kvm_signal_mask(ctypes.Structure):
+    """The fixed head (len); the kernel's sigset follows."""
+
+    _fields_ = [("len", u32)]
+
+
+class kvm_signal_mask_sigset(ctypes.Structure):
+    """kvm_signal_mask with the 8-byte sigset_t of x86-64 after it."""
+
+    _fields_ = [("len", u32), ("sigset", ctypes.c_uint64)]
+    _pack_ = 4
 
 
 class kvm_irq_level(ctypes.Structure):

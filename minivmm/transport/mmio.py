@@ -31,7 +31,6 @@ from typing import Final
 from ..devices.base import (
     VIRTIO_MMIO_INT_CONFIG,
     VIRTIO_MMIO_INT_VRING,
-    ActivationError,
     VirtioDevice,
 )
 from ..ratelimit import RateLimitedLog
@@ -110,6 +109,17 @@ REGISTERS: Final[dict[int, Register]] = {
 
 _U32 = struct.Struct("<I")
 _CONFIG_SIZES: Final = (1, 2, 4, 8)
+#: registers whose writes activate, reset or reconfigure the device: they wait for the
+#: device's lock (its queue work). Lock order: device.lock, then the transport's.
+LIFECYCLE_REGISTERS: Final = frozenset(
+    offset for offset, reg in REGISTERS.items()
+    if reg.name in ("Status", "QueueNum", "QueueReady", "QueueNotify", "QueueReset",
+                    "DriverFeatures") or reg.name.startswith(("QueueDesc", "QueueDriver",
+                                                              "QueueDevice")))
+
+
+def _reraise(e: BaseException) -> None:
+    raise e
 
 
 class IrqfdInterrupt:
@@ -128,7 +138,7 @@ class IrqfdInterrupt:
     def _raise(self, bits: int) -> None:
         with self._lock:
             self._status |= bits
-        self.count += 1
+            self.count += 1
         os.eventfd_write(self.fd, 1)
 
     def signal_used_queue(self) -> None:
@@ -165,6 +175,8 @@ class MmioTransport:
         self.queue_sel = 0
         self.shm_sel = 0
         self.log = RateLimitedLog(logging.getLogger(f"minivmm.transport.{device.name}"))
+        #: the transport's own state; never held across device work (see write())
+        self.lock = threading.RLock()
         device.on_needs_reset = self.set_needs_reset
         self._readers: dict[int, Callable[[], int]] = {}
         self._writers: dict[int, Callable[[int], None]] = {}
@@ -178,35 +190,48 @@ class MmioTransport:
     # -- bus interface -------------------------------------------------------------
 
     def read(self, offset: int, data: memoryview) -> None:
-        if offset >= CONFIG_SPACE_OFFSET:
-            if len(data) in _CONFIG_SIZES:
-                with self.device.lock:
+        """A register or config-space read (a vCPU thread). Takes no lock that device
+        work holds: a read never waits on a drain."""
+        try:
+            if offset >= CONFIG_SPACE_OFFSET:
+                if len(data) in _CONFIG_SIZES:
                     self.device.read_config(offset - CONFIG_SPACE_OFFSET, data)
-                return
-        else:
-            reader = self._readers.get(offset)
-            if reader is not None and len(data) == 4:
-                _U32.pack_into(data, 0, reader() & 0xFFFF_FFFF)
-                return
-        self.log("%s: bad %d-byte read at register offset 0x%x; read as 0",
-                 self.device.name, len(data), offset)
+                    return
+            else:
+                reader = self._readers.get(offset)
+                if reader is not None and len(data) == 4:
+                    _U32.pack_into(data, 0, reader() & 0xFFFF_FFFF)
+                    return
+            self.log("%s: bad %d-byte read at register offset 0x%x; read as 0",
+                     self.device.name, len(data), offset)
+        except Exception as e:  # the device failed: contain it (see VirtioDevice.contain)
+            self.device.contain(_reraise, e)
         data[:] = bytes(len(data))
 
     def write(self, offset: int, data: memoryview) -> None:
-        if offset >= CONFIG_SPACE_OFFSET:
-            if len(data) in _CONFIG_SIZES:
-                with self.device.lock:
+        """A register or config-space write (a vCPU thread). Registers that change the
+        device's life cycle (:data:`LIFECYCLE_REGISTERS`) wait for the device's lock;
+        the others (selectors, InterruptACK, config space) take only the transport's."""
+        try:
+            if offset >= CONFIG_SPACE_OFFSET:
+                if len(data) in _CONFIG_SIZES:
                     self.device.write_config(offset - CONFIG_SPACE_OFFSET, data)
-                return
-        else:
-            writer = self._writers.get(offset)
-            if writer is not None and len(data) == 4:
-                (value,) = _U32.unpack_from(data)
-                with self.device.lock:
-                    writer(value)
-                return
-        self.log("%s: bad %d-byte write at register offset 0x%x; ignored",
-                 self.device.name, len(data), offset)
+                    return
+            else:
+                writer = self._writers.get(offset)
+                if writer is not None and len(data) == 4:
+                    (value,) = _U32.unpack_from(data)
+                    if offset in LIFECYCLE_REGISTERS:
+                        with self.device.lock, self.lock:
+                            writer(value)
+                    else:
+                        with self.lock:
+                            writer(value)
+                    return
+            self.log("%s: bad %d-byte write at register offset 0x%x; ignored",
+                     self.device.name, len(data), offset)
+        except Exception as e:  # the device failed: contain it (see VirtioDevice.contain)
+            self.device.contain(_reraise, e)
 
     # -- identification and features --------------------------------------------------
 
@@ -384,27 +409,26 @@ class MmioTransport:
         self.status = new | (self.status & DEVICE_NEEDS_RESET)
 
     def _activate(self) -> None:
-        try:
-            self.device.activate(self.memory, self.interrupt)
-        except ActivationError as e:
-            self.set_needs_reset(f"activation failed: {e}")
-            return
-        if self._on_activate is not None:
+        # A device that fails to start (ActivationError, a queue the driver broke, a bug)
+        # gets DEVICE_NEEDS_RESET through contain(); the VM keeps running.
+        self.device.contain(self.device.activate, self.memory, self.interrupt)
+        if self.device.is_activated and self._on_activate is not None:
             self._on_activate(self.device)
 
     def set_needs_reset(self, reason: str) -> None:
         """DEVICE_NEEDS_RESET (§2.1.2): with DRIVER_OK set, tell the driver at once."""
-        self.log("%s: %s; DEVICE_NEEDS_RESET set", self.device.name, reason)
-        self.status |= DEVICE_NEEDS_RESET
-        if self.status & DRIVER_OK:
-            self.interrupt.signal_config_change()
+        with self.lock:
+            self.log("%s: %s; DEVICE_NEEDS_RESET set", self.device.name, reason)
+            self.status |= DEVICE_NEEDS_RESET
+            if self.status & DRIVER_OK:
+                self.interrupt.signal_config_change()
 
     def reset(self) -> None:
         was_active = self.device.is_activated
         if was_active and self._on_reset is not None:
             self._on_reset(self.device)
         with self.device.lock:
-            self.device.reset()
+            self.device.contain(self.device.reset)
         self.status = 0
         self.interrupt.clear()
         self.device_features_sel = self.driver_features_sel = 0

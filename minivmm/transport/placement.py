@@ -50,7 +50,8 @@ class VirtioMmioDevices:
         i = len(self.transports)
         if i >= layout.VIRTIO_MMIO_MAX_DEVICES:
             raise UsageError(f"too many virtio devices: at most "
-                             f"{layout.VIRTIO_MMIO_MAX_DEVICES} fit the IRQ range")
+                             f"{layout.VIRTIO_MMIO_MAX_DEVICES} fit the IRQ range",
+                             field="devices")
         slot = Slot(layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE,
                     layout.VIRTIO_IRQ_FIRST + i)
         irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -59,7 +60,7 @@ class VirtioMmioDevices:
         transport = MmioTransport(device, self.memory, irq_fd,
                                   on_activate=self._activated, on_reset=self._deactivated)
         self.bus.register(slot.base, layout.VIRTIO_MMIO_SIZE, transport)
-        device.fd_watch = self._watch_fd
+        device.fd_watch = functools.partial(self._watch_fd, device)
         for qi, fd in enumerate(device.queue_events):
             self.vm.ioeventfd(fd, slot.base + NOTIFY_OFFSET, 4, datamatch=qi)
             self.loop.add_reader(fd, self._kicker(device, qi, fd))
@@ -80,15 +81,16 @@ class VirtioMmioDevices:
 
         return on_kick
 
-    def _watch_fd(self, fd: int, callback: Callable[[], None] | None) -> None:
+    def _watch_fd(self, device: VirtioDevice, fd: int,
+                  callback: Callable[[], None] | None) -> None:
         if callback is None:
             self.loop.remove_reader(fd)
         else:
-            self.loop.add_reader(fd, callback)
+            self.loop.add_reader(fd, functools.partial(device.contain, callback))
 
     def _activated(self, device: VirtioDevice) -> None:
         for fd, callback in device.extra_fds():
-            self.loop.add_reader(fd, callback)
+            self._watch_fd(device, fd, callback)
         # Kicks that arrived before DRIVER_OK were dropped by kick(); look at every
         # queue once so a driver that filled its rings early is served.
         for qi in range(len(device.queues)):

@@ -11,10 +11,8 @@ popped) are ``ValueError``/``RuntimeError``, not guest errors.
 
 from __future__ import annotations
 
-from ..errors import VmmError
 
-
-class VirtQueueError(VmmError):
+class VirtQueueError(Exception):
     """Base class: the guest driver broke a rule of the split virtqueue (virtio 1.2 §2.7)."""
 
     def __init__(self, queue: int, message: str) -> None:

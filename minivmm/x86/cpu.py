@@ -164,3 +164,24 @@ def setup_pvh(vcpu: Vcpu, entry: int, start_info: int) -> None:
     regs.rip = entry
     regs.rbx = start_info
     vcpu.set_regs(regs)
+
+
+def setup_vcpu(vcpu: Vcpu) -> None:
+    """What a BIOS leaves in every vCPU, the boot processor and the others alike."""
+    setup_msrs(vcpu)
+    setup_fpu(vcpu)
+    setup_lapic(vcpu)
+
+
+def set_boot_state(vcpu: Vcpu, mem: GuestMemory, protocol: str, entry: int,
+                   boot_params: int) -> None:
+    """Point the boot vCPU at a loaded kernel (see x86.loader.BootInfo). The other vCPUs
+    wait for the guest's INIT/SIPI in the in-kernel local APIC."""
+    write_gdt(mem)
+    if protocol == "linux64":
+        write_identity_page_tables(mem)
+        setup_long_mode(vcpu, entry, boot_params)
+    elif protocol == "pvh":
+        setup_pvh(vcpu, entry, boot_params)
+    else:
+        raise ValueError(f"unknown boot protocol {protocol!r}")

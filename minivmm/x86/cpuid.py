@@ -26,6 +26,7 @@ LEAF_EXT_TOPOLOGY: Final = 0xB
 KVM_CPUID_SIGNATURE: Final = 0x40000000
 KVM_CPUID_FEATURES: Final = 0x40000001
 CPUID_1_ECX_HYPERVISOR: Final = 1 << 31
+CPUID_1_EDX_HTT: Final = 1 << 28
 KVM_FEATURE_CLOCKSOURCE: Final = 1 << 0
 KVM_FEATURE_NOP_IO_DELAY: Final = 1 << 1
 KVM_FEATURE_CLOCKSOURCE2: Final = 1 << 3
@@ -51,6 +52,8 @@ def filter_cpuid(
         if e.function == LEAF_FEATURES:
             e.ecx |= CPUID_1_ECX_HYPERVISOR
             e.ebx = (e.ebx & 0x0000FFFF) | (cpu_index << 24) | (min(cpu_count, 255) << 16)
+            if cpu_count > 1:
+                e.edx |= CPUID_1_EDX_HTT  # "max logical processors" (EBX[23:16]) is valid
         elif e.function == LEAF_EXT_TOPOLOGY:
             e.edx = cpu_index
         out.append(e)

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import Final
 
-from ..errors import VmmError
+from ..errors import InternalError
 from ..memory import GuestMemory
 from . import layout
 from .e820 import E820Entry
@@ -116,7 +116,7 @@ def write_start_info(
     memmap_addr = modlist_addr + len(modules) * ctypes.sizeof(HvmModlistEntry)
     end = memmap_addr + len(e820) * ctypes.sizeof(HvmMemmapTableEntry)
     if end > info_addr + PVH_INFO_SPACE:
-        raise VmmError(
+        raise InternalError(
             f"PVH start info with {len(e820)} memory map entries needs {end - info_addr} "
             f"bytes, more than the {PVH_INFO_SPACE} reserved at 0x{info_addr:x}"
         )

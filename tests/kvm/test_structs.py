@@ -24,7 +24,7 @@ STRUCTS: dict[str, tuple[type[ctypes.Structure], list[str]]] = {
                             "last_dp", "xmm", "mxcsr"]),
     "kvm_msr_entry": (s.kvm_msr_entry, ["index", "reserved", "data"]),
     "kvm_msrs": (s.kvm_msrs, ["nmsrs", "pad"]),
-    "kvm_msr_list": (s.kvm_msr_list, ["nmsrs"]),
+    "kvm_signal_mask": (s.kvm_signal_mask, ["len"]),
     "kvm_cpuid_entry2": (s.kvm_cpuid_entry2, ["function", "index", "flags", "eax", "ebx",
                                               "ecx", "edx", "padding"]),
     "kvm_cpuid2": (s.kvm_cpuid2, ["nent", "padding"]),
@@ -60,9 +60,9 @@ IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION",
           "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR",
           "KVM_CREATE_IRQCHIP", "KVM_IRQ_LINE", "KVM_IRQFD", "KVM_CREATE_PIT2",
           "KVM_IOEVENTFD", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS",
-          "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU",
+          "KVM_SET_SREGS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU",
           "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_TSC_KHZ",
-          "KVM_GET_MSR_INDEX_LIST"]
+          "KVM_SET_SIGNAL_MASK"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,313 @@
+"""One typed configuration for a VM: every default and every validation, in one place.
+
+:class:`VmConfig` and the parts it holds are frozen dataclasses. Build one from keyword
+arguments (sizes as ``"128M"`` or a byte count, paths as ``str`` or ``Path``)::
+
+    VmConfig(kernel="guest/out/bzImage", mem="256M", cpus=2,
+             drives=[DriveConfig("disk.img", read_only=True)], rng=True)
+
+Values are checked when the object is made; a bad one raises
+:class:`~minivmm.errors.UsageError` whose ``field`` names the field (``mem``,
+``drives[0].serial``), so each front end (the command line, a JSON file, the Python API)
+can say it in its own words. What can only be checked by opening something (a kernel's
+format, a disk image, a tap) is checked when the VM is built, with the same kind of error.
+
+:meth:`VmConfig.to_dict` / :meth:`VmConfig.from_dict` round-trip through JSON
+(minivmm's own field names; minivmm.firecracker reads and writes Firecracker's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import UsageError
+from .memory import check_size as check_mem
+
+#: The kernel command line when none is given. ``reboot=t panic=-1``: a reboot or a panic
+#: ends the VM (a triple fault) even without ACPI; the i8042 options keep Linux from
+#: probing a keyboard and mouse that are not there.
+DEFAULT_CMDLINE: Final = (
+    "console=ttyS0 reboot=t panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+)
+DEFAULT_MEM: Final = 128 << 20
+MAX_CPUS: Final = 64
+CONSOLES: Final = "stdio, none or file:PATH"
+CONSOLE_DEVICES: Final = ("serial", "virtio")
+HOST_QUIRKS: Final = ("auto", "off")
+DISK_SERIAL_BYTES: Final = 20
+IFNAMSIZ: Final = 16
+
+_SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: int | str, *, field: str = "mem") -> int:
+    """'256M', '1G', '4096K', '1048576' or an int -> bytes; UsageError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise UsageError(f"{value!r} is not a size: write it like 256M or 1G", field=field)
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise UsageError(f"{value!r} is not a size: write it like 256M or 1G", field=field)
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def check_console(spec: str) -> None:
+    """The syntax of a console spec; opening the file happens when the VM is built."""
+    if spec in ("stdio", "none"):
+        return
+    if not spec.startswith("file:"):
+        raise UsageError(f"expected {CONSOLES}, got {spec!r}", field="console")
+    if not spec[len("file:"):]:
+        raise UsageError("file: needs a path, e.g. file:console.log", field="console")
+
+
+def parse_mac(text: str, *, field: str = "mac") -> bytes:
+    """``52:54:00:12:34:56`` -> 6 bytes; UsageError for anything else."""
+    parts = text.replace("-", ":").split(":")
+    try:
+        if len(parts) != 6 or any(len(p) != 2 for p in parts):
+            raise ValueError
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise UsageError(f"{text!r}: write a MAC address as six hex pairs, e.g. "
+                         "52:54:00:12:34:56", field=field) from None
+    check_mac(mac, field=field)
+    return mac
+
+
+def check_mac(mac: bytes, *, field: str = "mac") -> None:
+    text = ":".join(f"{b:02x}" for b in mac)
+    if len(mac) != 6:
+        raise UsageError(f"{mac.hex()!r}: a MAC address is 6 bytes", field=field)
+    if mac[0] & 1:
+        raise UsageError(f"{text} is a multicast address; the first byte must be even "
+                         "(e.g. 52:54:00:...)", field=field)
+    if not any(mac):
+        raise UsageError("00:00:00:00:00:00: choose a non-zero address", field=field)
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def check_ifname(name: str, *, field: str = "tap") -> bytes:
+    """A Linux interface name as TUNSETIFF wants it; refuses names Linux would refuse or
+    (``%d``) treat as a pattern."""
+    raw = name.encode()
+    if not raw or len(raw) >= IFNAMSIZ:
+        raise UsageError(f"{name!r}: an interface name is 1 to {IFNAMSIZ - 1} bytes long",
+                         field=field)
+    if name in (".", "..") or any(ch in name for ch in "/:%") or any(
+            ch.isspace() for ch in name):
+        raise UsageError(f"{name!r}: an interface name may not contain '/', ':', '%' or "
+                         "spaces", field=field)
+    return raw
+
+
+def _path(value: object, field: str) -> Path:
+    if isinstance(value, Path):
+        return value
+    if isinstance(value, str) and value:
+        return Path(value)
+    raise UsageError(f"{value!r} is not a path", field=field)
+
+
+def _check_bools(obj: object) -> None:
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        if f.type == "bool" and not isinstance(getattr(obj, f.name), bool):
+            raise UsageError(f"{getattr(obj, f.name)!r} is not true or false", field=f.name)
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)  # normalising a frozen dataclass in __post_init__
+
+
+@dataclass(frozen=True)
+class DriveConfig:
+    """A raw disk image as virtio-blk (/dev/vda, vdb, ... in order)."""
+
+    path: Path
+    read_only: bool = False
+    #: the disk's ID (/sys/block/vda/serial), at most 20 bytes
+    serial: str | None = None
+    #: a name for the drive (Firecracker's drive_id); "drive<N>" if not given
+    id: str | None = None
+    #: the guest's root filesystem: adds ``root=/dev/vdX`` (and ``ro``) to the command line
+    root: bool = False
+
+    def __post_init__(self) -> None:
+        _set(self, "path", _path(self.path, "path"))
+        _check_bools(self)
+        if self.serial is not None and len(self.serial.encode()) > DISK_SERIAL_BYTES:
+            raise UsageError(f"serial {self.serial!r} is {len(self.serial.encode())} bytes; "
+                             f"use at most {DISK_SERIAL_BYTES}", field="serial")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """virtio-net on a Linux tap."""
+
+    tap: str
+    #: the guest's MAC address (6 bytes or "52:54:00:..."); stable per tap name if None
+    mac: bytes | None = None
+    #: a name for the interface (Firecracker's iface_id)
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tap, str):
+            raise UsageError(f"{self.tap!r} is not an interface name", field="tap")
+        check_ifname(self.tap)
+        mac: Any = self.mac
+        if isinstance(mac, str):
+            _set(self, "mac", parse_mac(mac))
+        elif mac is not None:
+            check_mac(bytes(mac))
+            _set(self, "mac", bytes(mac))
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Everything that describes one VM. See the module docstring."""
+
+    kernel: Path
+    initrd: Path | None = None
+    #: the kernel command line; None means DEFAULT_CMDLINE (with console=hvc0 for a
+    #: virtio console)
+    cmdline: str | None = None
+    mem: int = DEFAULT_MEM
+    cpus: int = 1
+    #: where console output goes: "stdio", "none" or "file:PATH"
+    console: str = "stdio"
+    #: the guest's console: "serial" (8250, ttyS0) or "virtio" (virtio-console, hvc0)
+    console_device: str = "serial"
+    drives: tuple[DriveConfig, ...] = ()
+    network_interfaces: tuple[NetConfig, ...] = ()
+    rng: bool = False
+    #: "auto": on hosts whose KVM emulates guest kernel code, add what Linux needs there
+    host_quirks: str = "auto"
+    #: boot an ELF with a PVH note through PVH (False: its 64-bit entry)
+    prefer_pvh: bool = True
+
+    def __post_init__(self) -> None:
+        _set(self, "kernel", _path(self.kernel, "kernel"))
+        _check_bools(self)
+        if self.initrd is not None:
+            _set(self, "initrd", _path(self.initrd, "initrd"))
+        if self.cmdline is not None and not isinstance(self.cmdline, str):
+            raise UsageError(f"{self.cmdline!r} is not a string", field="cmdline")
+        mem = parse_size(self.mem)
+        check_mem(mem)
+        _set(self, "mem", mem)
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or not (
+                1 <= self.cpus <= MAX_CPUS):
+            raise UsageError(f"{self.cpus!r} vCPUs: give 1 to {MAX_CPUS}", field="cpus")
+        check_console(self.console)
+        if self.console_device not in CONSOLE_DEVICES:
+            raise UsageError(f"{self.console_device!r}: use serial or virtio",
+                             field="console_device")
+        if self.host_quirks not in HOST_QUIRKS:
+            raise UsageError(f"{self.host_quirks!r}: use auto or off", field="host_quirks")
+        drives = tuple(self.drives)
+        nets = tuple(self.network_interfaces)
+        for name, items, kind in (("drives", drives, DriveConfig),
+                                  ("network_interfaces", nets, NetConfig)):
+            for i, item in enumerate(items):
+                if not isinstance(item, kind):
+                    raise UsageError(f"item {i} is not a {kind.__name__}", field=name)
+        if sum(d.root for d in drives) > 1:
+            raise UsageError("more than one drive is the root device", field="drives")
+        _set(self, "drives", drives)
+        _set(self, "network_interfaces", nets)
+
+    # -- what the guest is given ----------------------------------------------------------
+
+    def base_cmdline(self) -> str:
+        """The command line before host quirks and virtio devices are added."""
+        if self.cmdline is not None:
+            line = self.cmdline
+        elif self.console_device == "virtio":
+            line = DEFAULT_CMDLINE.replace("console=ttyS0", "console=hvc0")
+        else:
+            line = DEFAULT_CMDLINE
+        have = {opt.split("=", 1)[0] for opt in line.split()}
+        for i, d in enumerate(self.drives):
+            if d.root and "root" not in have:
+                line += f" root=/dev/vd{chr(ord('a') + i)} {'ro' if d.read_only else 'rw'}"
+        return line
+
+    def host_quirks_cmdline(self) -> str:
+        """The options ``host_quirks`` adds for this kernel on this host ('' if none)."""
+        from . import hostinfo
+
+        return hostinfo.host_quirks_cmdline(self.host_quirks, self.kernel, self.base_cmdline())
+
+    # -- JSON ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that :meth:`from_dict` turns back into an equal config."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "drives":
+                value = [_drive_dict(d) for d in value]
+            elif f.name == "network_interfaces":
+                value = [{"tap": n.tap, "mac": format_mac(n.mac) if n.mac else None,
+                          "id": n.id} for n in value]
+            elif isinstance(value, Path):
+                value = str(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VmConfig:
+        """The inverse of :meth:`to_dict`; unknown fields are UsageErrors naming them."""
+        if not isinstance(data, dict):
+            raise UsageError("a VM configuration is a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise UsageError(f"unknown field {key!r} (known: {', '.join(sorted(known))})",
+                                 field=key)
+        kw = dict(data)
+        if "kernel" not in kw:
+            raise UsageError("the kernel is missing", field="kernel")
+        kw["drives"] = tuple(_from_items(DriveConfig, kw.get("drives", []), "drives"))
+        kw["network_interfaces"] = tuple(
+            _from_items(NetConfig, kw.get("network_interfaces", []), "network_interfaces"))
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> VmConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _drive_dict(d: DriveConfig) -> dict[str, Any]:
+    return {"path": str(d.path), "read_only": d.read_only, "serial": d.serial, "id": d.id,
+            "root": d.root}
+
+
+def _from_items(kind: type[Any], items: object, name: str) -> list[Any]:
+    if not isinstance(items, list):
+        raise UsageError("expected a list", field=name)
+    known = {f.name for f in dataclasses.fields(kind)}
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise UsageError(f"item {i} is not an object", field=name)
+        for key in item:
+            if key not in known:
+                raise UsageError(f"item {i}: unknown field {key!r} (known: "
+                                 f"{', '.join(sorted(known))})", field=name)
+        try:
+            out.append(kind(**item))
+        except TypeError as e:
+            raise UsageError(f"item {i}: {e}", field=name) from None
+        except UsageError as e:
+            raise UsageError(f"item {i}: {e.message}", field=f"{name}.{e.field}") from None
+    return out
