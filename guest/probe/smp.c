@@ -39,6 +39,7 @@
 #define SIPI_DELAY_TSC 1000000ULL
 #define ARRIVE_TIMEOUT_TSC 10000000000ULL /* seconds, even emulated */
 #define ICR_TIMEOUT_TSC 100000000ULL
+#define SURPLUS_WAIT_TSC 250000000ULL /* after a broadcast start: APs beyond N */
 
 #define WORK_STEPS (1u << 20)
 #define COUNTER_ADDS 100000u
@@ -63,15 +64,22 @@ static volatile uint64_t counter;
 static struct {
 	uint64_t cpus;
 	int have_cpus;
+	int no_mptable; /* probe.smp_mptable=0 */
 } sopt;
 
 int smp_option(const char *k, size_t kl, const char *v, size_t vl, int has_val, int *bad)
 {
-	if (!str_eq_n(k, kl, "probe.cpus"))
+	uint64_t x;
+	if (str_eq_n(k, kl, "probe.cpus")) {
+		*bad = !has_val || parse_size(v, vl, &sopt.cpus) || sopt.cpus == 0 ||
+		       sopt.cpus > SMP_MAX_CPUS;
+		sopt.have_cpus = !*bad;
+	} else if (str_eq_n(k, kl, "probe.smp_mptable")) {
+		*bad = !has_val || parse_size(v, vl, &x) || x > 1;
+		sopt.no_mptable = !*bad && x == 0;
+	} else {
 		return 0;
-	*bad = !has_val || parse_size(v, vl, &sopt.cpus) || sopt.cpus == 0 ||
-	       sopt.cpus > SMP_MAX_CPUS;
-	sopt.have_cpus = !*bad;
+	}
 	return 1;
 }
 
@@ -285,7 +293,7 @@ static const char *ap_verdict(const struct ap_report *r)
 
 void check_smp(const char *name)
 {
-	const volatile uint8_t *fp = mp_find();
+	const volatile uint8_t *fp = sopt.no_mptable ? NULL : mp_find();
 	struct mp_cpus mp;
 	uint8_t ids[SMP_MAX_CPUS];
 	const char *why = NULL, *src;
@@ -314,7 +322,8 @@ void check_smp(const char *name)
 		src = "cmdline"; /* no MP table: start all-but-self, count arrivals */
 		n = (uint32_t)sopt.cpus;
 	} else {
-		return check_fail(name, "no MP table and no probe.cpus=");
+		return check_fail(name, "%s and no probe.cpus=",
+				  sopt.no_mptable ? "probe.smp_mptable=0" : "no MP table");
 	}
 	aps = n - 1;
 
@@ -339,8 +348,8 @@ void check_smp(const char *name)
 	       rdtsc() - t0 < ARRIVE_TIMEOUT_TSC)
 		__asm__ volatile("pause");
 	waited = rdtsc() - t0;
-	if (aps && got == aps) /* a surplus AP (broadcast start) gets time to show */
-		tsc_wait(INIT_DELAY_TSC);
+	if (!fp && aps && got == aps) /* a broadcast also starts APs beyond N: */
+		tsc_wait(SURPLUS_WAIT_TSC); /* give them time to show */
 	got = __atomic_load_n(&arrived, __ATOMIC_ACQUIRE);
 	tickets = ap_ticket;
 	if (got > SMP_MAX_APS)
