@@ -213,8 +213,16 @@ static const char *mp_read(const volatile uint8_t *fp, struct mp_cpus *m, uint64
 		if (e[0] > 4 || e + size > end)
 			return "an entry runs past the table or has an unknown type";
 		if (e[0] == 0 && (e[3] & 1)) { /* processor, enabled */
+			unsigned j;
 			if (m->n == SMP_MAX_CPUS)
 				return "more than 64 enabled processors";
+			/* A directed INIT to 0xff would reach every CPU, the BSP too;
+			 * a second INIT to one ID would restart a running AP. */
+			if (e[1] == 0xff)
+				return "a processor has APIC ID 0xff (broadcast)";
+			for (j = 0; j < m->n; j++)
+				if (m->id[j] == e[1])
+					return "an APIC ID is listed twice";
 			if (e[3] & 2)
 				m->bsp = (int)m->n;
 			m->id[m->n++] = e[1];
