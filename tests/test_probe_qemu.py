@@ -360,3 +360,75 @@ def test_device_option_values_are_checked(probe_elf: Path) -> None:
     r = qemu(probe_elf, "probe.blk_ro=2")
     assert r.check("options") == "check options FAIL bad value: probe.blk_ro"
     assert r.status == debug_exit_status(1), r.raw
+
+
+# ---- the smp check (guest/probe/smp.c) ----------------------------------------------
+
+AP_COUNTER_ADDS = 100000  # each AP's locked additions to the shared counter
+
+
+def smp(cpus: int) -> tuple[str, ...]:
+    return ("-smp", str(cpus))
+
+
+def ap_lines(r: Run) -> list[dict[str, str]]:
+    return [dict(KV.findall(line)) for line in r.lines if line.startswith("smp ap ")]
+
+
+@pytest.mark.parametrize("cpus", [2, 4])
+def test_smp_check_starts_every_ap(probe_elf: Path, cpus: int) -> None:
+    # qboot (QEMU microvm's firmware) writes an MP table even with acpi=off: the probe
+    # reads the APIC IDs there and starts each AP with INIT-SIPI-SIPI.
+    r = qemu(probe_elf, "probe.check=smp", extra=smp(cpus) + RNG)
+    assert r.status == debug_exit_status(0), r.raw
+    ids = ",".join(str(i) for i in range(cpus))
+    assert r.one("smp cpus=") == f"smp cpus={cpus} ids={ids} source=mptable bsp=0"
+    aps = ap_lines(r)
+    assert sorted(int(a["apic_id"]) for a in aps) == list(range(1, cpus)), r.raw
+    assert sorted(a["slot"] for a in aps) == [str(i) for i in range(cpus - 1)]
+    for a in aps:
+        assert a["cpuid_id"] == a["apic_id"] and a["x2apic_id"] in (a["apic_id"], "-1"), r.raw
+        assert a["cpl"] == "3"
+        assert a["mmio_reads"] == "3"  # the rng's MagicValue, Version, DeviceID
+    assert len({a["work"] for a in aps}) == cpus - 1
+    f = r.fields("check smp ok")
+    assert f["cpus"] == str(cpus) and f["aps"] == str(cpus - 1)
+    assert f["counter"] == str((cpus - 1) * AP_COUNTER_ADDS)
+    assert f["mmio_devices"] == "1"
+
+
+def test_smp_check_single_cpu(probe_elf: Path) -> None:
+    r = qemu(probe_elf, "probe.check=smp probe.cpus=1")
+    assert r.status == debug_exit_status(0), r.raw
+    assert r.one("smp cpus=") == "smp cpus=1 ids=0 source=mptable bsp=0"
+    assert not ap_lines(r)
+
+
+def test_smp_broadcast_start_without_mp_table(probe_elf: Path) -> None:
+    # probe.smp_mptable=0: the count comes from probe.cpus= and one all-but-self
+    # INIT-SIPI-SIPI starts the APs, which take their slots in arrival order.
+    r = qemu(probe_elf, "probe.check=smp probe.smp_mptable=0 probe.cpus=4", extra=smp(4))
+    assert r.status == debug_exit_status(0), r.raw
+    assert r.one("smp cpus=") == "smp cpus=4 ids=0,1,2,3 source=cmdline bsp=0"
+    assert r.fields("check smp ok")["counter"] == str(3 * AP_COUNTER_ADDS)
+    # Two CPUs promised, four present: the broadcast starts all three APs.
+    few = qemu(probe_elf, "probe.check=smp probe.smp_mptable=0 probe.cpus=2", extra=smp(4))
+    assert re.fullmatch(r"check smp FAIL [23] APs started, [1-3] arrived, 1 expected",
+                        few.check("smp")), few.raw
+    assert few.status == debug_exit_status(1), few.raw
+
+
+def test_smp_check_fails_on_a_count_mismatch(probe_elf: Path) -> None:
+    r = qemu(probe_elf, "probe.check=smp probe.cpus=3", extra=smp(2))
+    assert r.check("smp") == "check smp FAIL the MP table lists 2 CPUs, probe.cpus=3", r.raw
+    assert r.status == debug_exit_status(1), r.raw
+    bad = qemu(probe_elf, "probe.cpus=65")
+    assert bad.check("options") == "check options FAIL bad value: probe.cpus", bad.raw
+
+
+def test_smp_then_device_checks(probe_elf: Path) -> None:
+    # Parked APs (cli; hlt) stay out of the way of the BSP's later interrupt work.
+    r = qemu(probe_elf, "probe.check=smp,rng,rng_irq", extra=smp(2) + RNG)
+    assert r.status == debug_exit_status(0), r.raw
+    for name in ("smp", "rng", "rng_irq"):
+        assert r.check(name).startswith(f"check {name} ok"), r.raw

@@ -8,7 +8,12 @@
  * Both load the probe's own GDT and page tables (static, below: no CPL0 loop
  * builds them, since CPL0 code is emulated at ~1 us per instruction on the
  * development hosts) and continue at long_common, which calls kmain().
+ *
+ * Application processors (the smp check, smp.c) come in through ap_tramp,
+ * copied below 1 MiB, and continue at ap_start64 (below).
  */
+#include "smp.h"
+
 #define PTE_P   0x001
 #define PTE_W   0x002
 #define PTE_U   0x004
@@ -83,6 +88,39 @@ long_common:
 	call kmain
 1:	hlt
 	jmp 1b
+
+/* An AP, in long mode on the trampoline's GDT (CS = its 64-bit code at 0x18).
+ * Loads the probe's GDT, takes a slot (arrival order: the BSP may start
+ * several APs at once, and only the AP knows when it has arrived), moves to
+ * that slot's CPL0 stack and calls ap_kmain(slot) with CS = 0x08. An AP
+ * beyond SMP_MAX_APS has no stack: it parks (the BSP sees the ticket count). */
+	.globl ap_start64
+ap_start64:
+	lgdt gdt_desc(%rip)
+	movl $0x10, %eax
+	movl %eax, %ds
+	movl %eax, %es
+	movl %eax, %ss
+	xorl %eax, %eax
+	movl %eax, %fs
+	movl %eax, %gs
+	movl $1, %edi
+	lock xaddl %edi, ap_ticket(%rip)
+	cmpl $SMP_MAX_CPUS - 1, %edi
+	jae ap_park
+	leal 1(%edi), %eax
+	imulq $AP_KSTACK_SIZE, %rax, %rax
+	leaq ap_kstacks(%rip), %rsp
+	addq %rax, %rsp                 /* top of ap_kstacks[slot] */
+	pushq $0x08
+	leaq 1f(%rip), %rax
+	pushq %rax
+	lretq
+1:	call ap_kmain
+ap_park:
+	cli
+	hlt
+	jmp ap_park
 
 /* enter_user(entry, a0, a1, stack): iretq to CPL3 at entry(a0, a1), IF=0. */
 	.globl enter_user
@@ -166,12 +204,66 @@ gdt:
 	.quad 0x00cff3000000ffff        /* 0x18 user data, DPL 3 */
 	.quad 0x00affb000000ffff        /* 0x20 user code, 64-bit, DPL 3 */
 	.quad 0, 0                      /* 0x28 TSS, filled in by kmain() */
+	.fill 2 * (SMP_MAX_CPUS - 1), 8, 0 /* 0x38 + 16 * i: AP slot i's TSS (ap_kmain) */
 gdt_end:
 	.p2align 3
 	.word 0, 0, 0
 gdt_desc:
 	.word gdt_end - gdt - 1
 	.quad gdt
+
+/* The AP trampoline. The BSP copies ap_tramp..ap_tramp_end to AP_TRAMP_ADDR
+ * and sends SIPI vector AP_TRAMP_ADDR >> 12: the AP starts in real mode at
+ * CS:IP = 0x0800:0000 with CR0.CD/NW set. The code runs at that copy, so it
+ * names its own bytes as TR(symbol), their address there; DS = 0 makes those
+ * addresses usable as 16-bit offsets. Real mode -> 32-bit protected mode on
+ * the trampoline's own flat GDT -> PAE, the probe's page tables, EFER.LME,
+ * CR0.PG (CD/NW cleared) -> far jump to the 64-bit ap_start64 in the image. */
+#define TR(sym) (AP_TRAMP_ADDR + ((sym) - ap_tramp))
+	.section .rodata
+	.p2align 4
+	.globl ap_tramp, ap_tramp_end
+	.code16
+ap_tramp:
+	cli
+	xorw %ax, %ax
+	movw %ax, %ds
+	lgdtl TR(tramp_gdt_desc)
+	movl %cr0, %eax
+	orl $1, %eax                    /* CR0.PE */
+	movl %eax, %cr0
+	ljmpl $0x08, $TR(tramp32)
+
+	.code32
+tramp32:
+	movl $0x10, %eax
+	movl %eax, %ds
+	movl %eax, %es
+	movl %eax, %ss
+	movl $pml4, %eax
+	movl %eax, %cr3
+	movl $0x20, %eax                /* CR4.PAE */
+	movl %eax, %cr4
+	movl $0xc0000080, %ecx          /* EFER.LME */
+	rdmsr
+	orl $0x100, %eax
+	wrmsr
+	movl $0x80000011, %eax          /* CR0.PG | CR0.ET | CR0.PE; CD, NW off */
+	movl %eax, %cr0
+	ljmp $0x18, $ap_start64
+
+	.p2align 3
+tramp_gdt:
+	.quad 0                         /* 0x00 null */
+	.quad 0x00cf9b000000ffff        /* 0x08 code, 32-bit, flat */
+	.quad 0x00cf93000000ffff        /* 0x10 data, flat */
+	.quad 0x00af9b000000ffff        /* 0x18 code, 64-bit */
+tramp_gdt_end:
+tramp_gdt_desc:
+	.word tramp_gdt_end - tramp_gdt - 1
+	.long TR(tramp_gdt)
+ap_tramp_end:
+	.code64
 
 /* Identity map of the first 4 GiB with 2 MiB pages, every level user-
  * accessible so CPL3 code reaches the image, its buffers, boot data and the

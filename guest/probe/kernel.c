@@ -9,6 +9,7 @@
  */
 #include "probe.h"
 #include "virtio.h"
+#include "smp.h"
 
 struct __attribute__((packed)) tss64 {
 	uint32_t reserved0;
@@ -30,8 +31,14 @@ struct __attribute__((packed)) dtr {
 };
 
 static struct tss64 tss;
+static struct tss64 ap_tss[SMP_MAX_APS];
 static struct idt_entry idt[256] __attribute__((aligned(16)));
+static struct dtr idtr;
 static int in_fault;
+
+volatile uint32_t ap_ticket;
+char ap_kstacks[SMP_MAX_APS][AP_KSTACK_SIZE] __attribute__((aligned(16)));
+struct cpuid_ids bsp_cpuid, ap_cpuid[SMP_MAX_APS];
 
 static inline void outb(uint16_t port, uint8_t v)
 {
@@ -161,6 +168,9 @@ void trap(struct trap_frame *f)
 				debug_exit((uint8_t)f->rdi);
 			case SYS_TRIPLEFAULT:
 				triple_fault();
+			case SYS_HALT:
+				for (;;) /* only NMI/INIT/SMI end a hlt with IF=0 */
+					__asm__ volatile("cli; hlt");
 			case SYS_IRQ:
 				if (f->rdi) {
 					outb(0x21, 0xff); /* mask both 8259s: only */
@@ -180,19 +190,35 @@ void trap(struct trap_frame *f)
 	fault(f, "exception", EXIT_FAULT);
 }
 
+/* This CPU's TSS: t at GDT selector sel, CPL0 stack rsp0, no I/O bitmap. */
+static void tss_load(struct tss64 *t, uint16_t sel, void *rsp0)
+{
+	uint64_t base = (uint64_t)t;
+	t->rsp[0] = (uint64_t)rsp0;
+	t->iomap_base = sizeof(*t);
+	gdt[sel / 8] = (sizeof(*t) - 1) | ((base & 0xffffff) << 16) | (0x89ULL << 40) |
+		       ((base >> 24 & 0xff) << 56);
+	gdt[sel / 8 + 1] = base >> 32;
+	__asm__ volatile("ltr %w0" : : "r"(sel));
+}
+
+/* An AP (from ap_start64, on the top of ap_kstacks[slot]): its own TSS (so
+ * traps from its CPL3 land on its own stack), the shared IDT, then CPL3. */
+void ap_kmain(uint32_t slot)
+{
+	tss_load(&ap_tss[slot], SEL_AP_TSS0 + 16 * slot, ap_kstacks[slot] + AP_KSTACK_SIZE);
+	cpuid_ids_read(&ap_cpuid[slot]);
+	__asm__ volatile("lidt %0" : : "m"(idtr));
+	enter_user(ap_main, slot, 0, ap_ustacks[slot] + AP_USTACK_SIZE);
+}
+
 void kmain(void)
 {
-	uint64_t base = (uint64_t)&tss;
 	uint64_t h = (uint64_t)isr_stubs;
-	struct dtr idtr;
 	int i;
 
-	tss.rsp[0] = (uint64_t)kstack_top;
-	tss.iomap_base = sizeof(tss); /* no I/O bitmap */
-	gdt[SEL_TSS / 8] = (sizeof(tss) - 1) | ((base & 0xffffff) << 16) |
-			   (0x89ULL << 40) | ((base >> 24 & 0xff) << 56);
-	gdt[SEL_TSS / 8 + 1] = base >> 32;
-	__asm__ volatile("ltr %w0" : : "r"(SEL_TSS));
+	tss_load(&tss, SEL_TSS, kstack_top);
+	cpuid_ids_read(&bsp_cpuid); /* for the smp check */
 
 	/* 64-bit interrupt gates, DPL 0 (so `int n` from CPL3 is a #GP). */
 	for (i = 0; i < 256; i++, h += 16) {

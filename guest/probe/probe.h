@@ -30,6 +30,7 @@
 #define SYS_TRIPLEFAULT 3 /* (): empty IDT + ud2 at CPL0: triple fault */
 #define SYS_IRQ         4 /* (on): on=1: mask the 8259s, set RFLAGS.IF of the
 			     CPL3 caller; on=0: clear it */
+#define SYS_HALT        5 /* (): cli; hlt forever (how an AP parks) */
 
 /* Debug-exit codes other than the number of failed checks (1..100). */
 #define EXIT_MAX_FAILED 100
@@ -79,6 +80,8 @@ void out(const char *f, ...) __attribute__((format(printf, 1, 2)));
 void out_flush(void);
 void check_ok(const char *name, const char *f, ...) __attribute__((format(printf, 2, 3)));
 void check_fail(const char *name, const char *f, ...) __attribute__((format(printf, 2, 3)));
+/* 1 if [addr, addr + len) lies inside one usable range of the memory map. */
+int mem_usable(uint64_t addr, uint64_t len);
 
 /* lib.c (both) */
 typedef void (*putc_fn)(void *ctx, char c);

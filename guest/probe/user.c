@@ -18,6 +18,7 @@
 #include "virtio.h"
 #include "net.h"
 #include "bench.h"
+#include "smp.h"
 
 #define PVH_MAGIC 0x336ec578u
 #define E820_RAM 1
@@ -292,6 +293,8 @@ static int device_option(const char *k, size_t kl, const char *v, size_t vl, int
 		bad = bad || parse_flag(v, vl, &vopt.strict);
 	} else if (net_option(k, kl, v, vl, has_val, &bad)) {
 		/* net.c */
+	} else if (smp_option(k, kl, v, vl, has_val, &bad)) {
+		/* smp.c */
 	} else {
 		return 0;
 	}
@@ -390,6 +393,17 @@ static uint64_t map_ram(void)
 		}
 	}
 	return low + (high ? high - MAPPED_LIMIT : 0);
+}
+
+/* 1 if [addr, addr + len) lies inside one usable (type 1) range. */
+int mem_usable(uint64_t addr, uint64_t len)
+{
+	unsigned i;
+	for (i = 0; i < bi.nmem; i++)
+		if (bi.mem[i].type == E820_RAM && bi.mem[i].addr <= addr &&
+		    addr + len <= bi.mem[i].addr + bi.mem[i].size)
+			return 1;
+	return 0;
 }
 
 static void check_boot(const char *name)
@@ -525,6 +539,7 @@ static const struct check checks[] = {
 	{ "reset", check_reset, 0 },
 	{ "net", check_net, 0 },
 	{ "bench", check_bench, 0 },
+	{ "smp", check_smp, 0 },
 	{ "triplefault", NULL, CHECK_FINAL },
 };
 
