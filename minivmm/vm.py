@@ -20,6 +20,7 @@ the constructor. Several VMs can live in one process, each on its own threads.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -46,6 +47,15 @@ if TYPE_CHECKING:
 __all__ = ["RunResult", "Timeline", "Vm"]
 
 log = logging.getLogger(__name__)
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
 
 #: how long close() waits for a vCPU thread to leave KVM_RUN after a kick
 _JOIN_TIMEOUT = 10.0
@@ -104,6 +114,9 @@ class Vm:
             own.callback(self.feeder.close)
         virtio = self._virtio_devices(cfg)
         virtio.extend(extra)
+        if cfg.cpus > (os.cpu_count() or 1):
+            _warn_once(f"{cfg.cpus} vCPUs on a host with {os.cpu_count()} CPUs: they will "
+                       "take turns")
         self.platform = Platform(cfg.mem, cpus=cfg.cpus)
         own.callback(self.platform.close)
         self.timeline.mark("kvm ready")

@@ -4,7 +4,10 @@ The filter, applied to KVM_GET_SUPPORTED_CPUID's entries in this order:
 
 1. Leaf 1: set the hypervisor bit (ECX bit 31) so the guest knows it is virtualized, put
    the vCPU's APIC id in EBX[31:24] and the logical processor count in EBX[23:16].
-2. Leaf 0xB (extended topology): the vCPU's x2APIC id in EDX of every sub-leaf.
+2. Leaf 0xB (extended topology, Intel SDM vol. 2A "CPUID"): one thread per core and
+   ``cpu_count`` cores per package, as sub-leaf 0 (SMT) and 1 (core), the vCPU's
+   x2APIC id in EDX; KVM reports the leaf empty (EBX = 0), which a guest reads as "no
+   topology leaf", so minivmm writes it whole.
 3. Leaves 0x40000000/0x40000001 (KVM paravirtual): the "KVMKVMKVM" signature and KVM's
    feature bits as KVM reports them, so Linux finds kvm-clock (KVM_FEATURE_CLOCKSOURCE2)
    and never polls a CMOS clock minivmm does not have. Added if KVM did not list them.
@@ -42,6 +45,24 @@ def _entry(function: int, **regs: int) -> kvm_cpuid_entry2:
     return e
 
 
+TOPOLOGY_SMT: Final = 1
+TOPOLOGY_CORE: Final = 2
+
+
+def _topology(e: kvm_cpuid_entry2, cpu_index: int, cpu_count: int) -> None:
+    """Leaf 0xB sub-leaf e.index: level type, APIC-id shift and count at this level."""
+    if e.index == 0:
+        e.eax, e.ebx, e.ecx = 0, 1, TOPOLOGY_SMT << 8
+    elif e.index == 1:
+        e.eax = max(cpu_count - 1, 0).bit_length()
+        e.ebx = cpu_count
+        e.ecx = (TOPOLOGY_CORE << 8) | 1
+    else:
+        e.eax = e.ebx = 0
+        e.ecx = e.index  # level type 0: invalid, the end of the list
+    e.edx = cpu_index
+
+
 def filter_cpuid(
     supported: Iterable[kvm_cpuid_entry2], *, cpu_index: int, cpu_count: int,
     mask: CpuidMask | None = None,
@@ -55,7 +76,7 @@ def filter_cpuid(
             if cpu_count > 1:
                 e.edx |= CPUID_1_EDX_HTT  # "max logical processors" (EBX[23:16]) is valid
         elif e.function == LEAF_EXT_TOPOLOGY:
-            e.edx = cpu_index
+            _topology(e, cpu_index, cpu_count)
         out.append(e)
     functions = {e.function for e in out}
     if KVM_CPUID_SIGNATURE not in functions:

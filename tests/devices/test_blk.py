@@ -378,5 +378,5 @@ def test_user_errors(tmp_path: Path, image: Path) -> None:
     assert "is a directory" in error(tmp_path)
     assert "at most 20" in error(image, serial="x" * 21)
     image.chmod(0o444)
-    assert "add ,ro" in error(image)
+    assert "read-only (ro)" in error(image)
     BlockDevice(image, read_only=True).close()  # fine with ,ro

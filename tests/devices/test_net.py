@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import pytest
 from guests import run_minivmm
 
+from minivmm.cli import parse_net
+from minivmm.config import NetConfig
 from minivmm.devices import net as netdev
 from minivmm.devices.base import VIRTIO_F_EVENT_IDX, VIRTIO_MMIO_INT_CONFIG
 from minivmm.devices.net import (
@@ -37,7 +39,6 @@ from minivmm.devices.net import (
     NetDevice,
 )
 from minivmm.errors import UsageError
-from minivmm.launch import NetSpec
 from minivmm.transport.mmio import DEVICE_NEEDS_RESET
 from minivmm.transport.testing import DeviceHarness
 from minivmm.virtio.testing import FakeDriver
@@ -208,10 +209,11 @@ def test_bad_tap_names(netns: str, name: str, want: str) -> None:
     ("mac=52:54:00:12:34:56", "name a tap"), ("tap=t0,queues=4", "unknown option"),
     ("tap=", "unknown option"),
 ])
-def test_netspec_errors(text: str, want: str) -> None:
-    with pytest.raises(UsageError, match=want):
-        NetSpec.parse(text)
-    assert NetSpec.parse("tap=t0,mac=52:54:00:ab:cd:ef") == NetSpec(
+def test_net_option_errors(text: str, want: str) -> None:
+    with pytest.raises(UsageError, match=want) as info:
+        parse_net(text)
+    assert info.value.field == "network_interfaces"
+    assert parse_net("tap=t0,mac=52:54:00:ab:cd:ef") == NetConfig(
         "t0", bytes.fromhex("525400abcdef"))
 
 

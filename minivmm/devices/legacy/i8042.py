@@ -28,6 +28,7 @@ i8042.dumbkbd``, as Firecracker passes). Ports 0x61-0x63 in the range read as al
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Final
@@ -73,8 +74,17 @@ class I8042:
         self._pending: int | None = None  # a command waiting for its parameter
         self.resets = 0
         self.ignored = 0
+        self._lock = threading.Lock()  # two vCPUs may poke the controller at once
 
     def read(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            self._read(offset, data)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            self._write(offset, data)
+
+    def _read(self, offset: int, data: memoryview) -> None:
         n = len(data)
         if n == 0:
             return
@@ -92,7 +102,7 @@ class I8042:
         else:
             data[0] = 0xFF
 
-    def write(self, offset: int, data: memoryview) -> None:
+    def _write(self, offset: int, data: memoryview) -> None:
         if len(data) == 0:
             return
         value = data[0]
