@@ -17,9 +17,9 @@ from typing import Final, TypeVar
 
 from .bus import Bus
 from .errors import UsageError
-from .kvm import System, Vcpu, Vm
+from .kvm import KvmError, System, Vcpu, Vm
 from .kvm import constants as c
-from .memory import GuestMemory
+from .memory import GuestMemory, format_size
 from .x86 import cpu as x86cpu
 from .x86 import layout
 from .x86.cpuid import filter_cpuid
@@ -72,7 +72,13 @@ class Platform:
             self.vm.create_irqchip()
             self.vm.create_pit2()
             for region in self.memory.regions:
-                self.vm.set_user_memory_region(region.gpa, region.size, region.host_addr)
+                try:
+                    self.vm.set_user_memory_region(region.gpa, region.size,
+                                                   region.host_addr)
+                except KvmError as e:
+                    raise UsageError(f"this host's KVM refused {format_size(mem_size)} of "
+                                     f"guest memory ({e.errno_name}): ask for less",
+                                     field="mem") from None
             supported = self.system.supported_cpuid()
             self.vcpus: list[Vcpu] = []
             for i in range(cpus):
