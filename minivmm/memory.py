@@ -22,8 +22,9 @@ MIN_MEMORY = 16 << 20
 _U64_LIMIT = 1 << 64
 
 
-class GuestMemoryError(Exception):
-    """A guest-physical range that is not (entirely) backed by guest RAM."""
+class GuestMemoryError(LookupError):
+    """A guest-physical range that is not (entirely) backed by guest RAM. A LookupError:
+    that is what the virtqueue engine (minivmm.virtio.mem) expects from ``translate``."""
 
     def __init__(self, gpa: int, length: int) -> None:
         super().__init__(f"guest range 0x{gpa:x}+0x{length:x} is not inside guest memory")
