@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 BytesLike = bytes | bytearray | memoryview
 """What ``write`` accepts and ``readinto`` fills."""
@@ -250,6 +250,9 @@ class Writer:
         self._off = off
 
 
+_S = TypeVar("_S", Reader, Writer)
+
+
 class DescriptorChain:
     """One available chain: ``head``, ``reader``, ``writer``; returns itself once.
 
@@ -304,6 +307,20 @@ class DescriptorChain:
         )
 
 
+def _empty(stream: type[_S]) -> _S:
+    s = stream()
+    s._views = []
+    s._i = s._off = s.total = s.remaining = 0
+    return s
+
+
+# The stream of a chain part with no bytes has no state any method can change (every
+# position is 0 and stays 0): one is shared by every such chain, which spares two
+# objects per chain on the paths with only one part (virtio-rng, net transmit).
+_NO_READER = _empty(Reader)
+_NO_WRITER = _empty(Writer)
+
+
 def new_chain(
     owner: ChainOwner,
     generation: int,
@@ -313,17 +330,24 @@ def new_chain(
     writable: list[memoryview],
     writable_len: int,
 ) -> DescriptorChain:
-    """A chain over validated buffers: ``readable`` (``readable_len`` bytes in all) then
-    ``writable``; ``owner.return_chain(head, written, generation)`` takes it back. The
-    lists are kept, not copied (``pop`` leaves zero-length buffers out of them)."""
-    r = Reader()
-    r._views = readable
-    r._i = r._off = 0
-    r.total = r.remaining = readable_len
-    w = Writer()
-    w._views = writable
-    w._i = w._off = 0
-    w.total = w.remaining = writable_len
+    """The one constructor of chains: a chain over validated buffers, ``readable``
+    (``readable_len`` bytes in all) then ``writable``; ``owner.return_chain(head, written,
+    generation)`` takes it back. The lists are kept, not copied, and hold no zero-length
+    buffers (so a part has views exactly when its length is not 0)."""
+    if readable_len:
+        r = Reader()
+        r._views = readable
+        r._i = r._off = 0
+        r.total = r.remaining = readable_len
+    else:
+        r = _NO_READER
+    if writable_len:
+        w = Writer()
+        w._views = writable
+        w._i = w._off = 0
+        w.total = w.remaining = writable_len
+    else:
+        w = _NO_WRITER
     c = DescriptorChain()
     c._owner = owner
     c._generation = generation

@@ -76,9 +76,6 @@ _FLAGS = ring.FLAGS_OFFSET // 2
 _IDX = ring.IDX_OFFSET // 2
 _RING = ring.RING_OFFSET // 2
 _unpack_desc = DESC.unpack_from
-# flags & _KIND: 0 a readable buffer, WRITE a writable one, anything else a table (§2.7.5.3.1:
-# the device ignores WRITE on a descriptor to an indirect table).
-_KIND = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT
 
 
 def _no_memory(gpa: int, length: int) -> memoryview:
@@ -103,13 +100,9 @@ class Queue:
         "_avail_event_off",
         "_avail_view",
         "_cached_avail_idx",
-        "_desc",
         "_desc_addr",
         "_event_idx",
         "_generation",
-        "_hop_range",
-        "_low",
-        "_low_end",
         "_mask",
         "_max_size",
         "_mem",
@@ -123,6 +116,7 @@ class Queue:
         "_used_addr",
         "_used_elems",
         "_used_event_off",
+        "_walk",
         "broken",
         "index",
     )
@@ -155,10 +149,10 @@ class Queue:
     def _deactivate(self) -> None:
         self._mem: GuestMemoryLike | None = None
         self._translate: Callable[[int, int], memoryview] = _no_memory
-        self._low = NO_WINDOW
-        self._low_end = 0  # no buffer (length >= 1) ends at or below this
-        self._hop_range = range(0)
-        self._desc: memoryview | None = None
+        # What the walk needs, in one tuple (one load in ``pop``): the descriptor table,
+        # the low RAM window (buffers ending at or below its length are sliced from it
+        # directly), that length, and the bound on the walk in the table.
+        self._walk: tuple[memoryview, memoryview, int, range] = (NO_WINDOW, NO_WINDOW, 0, range(0))
         self._avail: memoryview | None = None  # None whenever pop must not run
         self._avail_view: memoryview | None = None
         self._used_elems: memoryview | None = None
@@ -271,10 +265,8 @@ class Queue:
         desc, avail, used = self._check(mem)
         self._mem = mem
         self._translate = mem.translate
-        self._low = low_window(mem)
-        self._low_end = len(self._low)
-        self._hop_range = range(self._size)
-        self._desc = desc
+        low = low_window(mem)
+        self._walk = (desc, low, len(low), range(self._size))
         # The available ring is only ever read as u16s, and the used ring's flags, idx and
         # avail_event are u16s: both go through "H" views, one aligned 16-bit access per
         # index (see ring.py on why struct.pack_into must not be used for them).
@@ -362,13 +354,8 @@ class Queue:
         # Each descriptor is unpacked once into Python ints, so the guest changing it
         # meanwhile cannot make two checks see different values. At most ``limit``
         # descriptors per table: a longer chain has a loop.
-        table = self._desc
-        base = 0  # where entry 0 of ``table`` is, in it
+        table, low, low_end, hops = self._walk
         where = ""  # "" for the descriptor table, else _INDIRECT_TABLE (error messages)
-        limit = self._size
-        hops = self._hop_range
-        low = self._low
-        low_end = self._low_end
         unpack = _unpack_desc
         readable: list[memoryview] = []
         writable: list[memoryview] = []
@@ -377,9 +364,10 @@ class Queue:
         index = head
         while True:
             for _ in hops:
-                addr, length, flags, nxt = unpack(table, base + (index << 4))  # type: ignore[arg-type]
-                kind = flags & _KIND
-                if kind == VIRTQ_DESC_F_WRITE:
+                addr, length, flags, nxt = unpack(table, index << 4)
+                if flags & VIRTQ_DESC_F_WRITE:
+                    if flags & VIRTQ_DESC_F_INDIRECT:
+                        break  # a table (WRITE is ignored, §2.7.5.3.1): go on in it (below)
                     wlen += length
                     seen_write = True
                     if length:
@@ -388,8 +376,8 @@ class Queue:
                             writable.append(low[addr:end])
                         else:
                             writable.append(self._buffer(head, index, addr, length, where))
-                elif kind:
-                    break  # a table: go on in it (below)
+                elif flags & VIRTQ_DESC_F_INDIRECT:
+                    break
                 elif seen_write:
                     raise ReadableAfterWritable(self.index, head, index, where)
                 else:
@@ -417,11 +405,9 @@ class Queue:
                 raise IndirectWithNext(self.index, head, index)
             if length == 0 or length & 15 or length > _MAX_INDIRECT_BYTES:
                 raise InvalidIndirectLength(self.index, head, index, length)
-            if addr + length <= low_end:
-                # Unpacked in place from the window (no slice): entry i is at addr + 16 * i,
-                # and the table was just checked to lie inside the window.
-                table = low
-                base = addr
+            end = addr + length
+            if end <= low_end:
+                table = low[addr:end]
             else:
                 table = self._buffer(head, index, addr, length, where)
             where = _INDIRECT_TABLE
@@ -456,9 +442,11 @@ class Queue:
         """The used-ring publisher (every used element goes through here): called by a
         chain when it completes, and by ``add_used``. A chain from before a reset (another
         ``generation``) is dropped."""
+        if generation != self._generation:
+            return
         elems = self._used_elems
         used16 = self._used16
-        if generation != self._generation or elems is None or used16 is None:
+        if elems is None or used16 is None:  # never while ``generation`` is current
             return
         nu = self._next_used
         # The element store comes before the index store (see ring.py on ordering).
