@@ -36,20 +36,6 @@ class ChainOwner(Protocol):
     def return_chain(self, head: int, written: int, generation: int) -> None: ...
 
 
-def _remaining_views(views: list[memoryview], i: int, off: int, n: int) -> list[memoryview]:
-    if i < len(views) and off == 0 and len(views[i]) == n:
-        return [views[i]]  # the common case: exactly the current buffer
-    out: list[memoryview] = []
-    while n > 0 and i < len(views):
-        v = views[i]
-        take = min(len(v) - off, n)
-        out.append(v[off : off + take])
-        n -= take
-        i += 1
-        off = 0
-    return out
-
-
 def _copy(views: list[memoryview], i: int, off: int, buf: memoryview, n: int,
           to_guest: bool) -> tuple[int, int]:
     """Copy ``n`` bytes between ``buf`` and the views from (view ``i``, offset ``off``)
@@ -71,19 +57,68 @@ def _copy(views: list[memoryview], i: int, off: int, buf: memoryview, n: int,
     return i, off
 
 
-class Reader:
-    """The device-readable part of a chain, as a read-only binary stream."""
+class _Stream:
+    """What Reader and Writer share: a position in a list of guest buffers."""
 
     __slots__ = ("_i", "_off", "_views", "remaining", "total")
     # No __init__: :func:`new_chain` fills the slots (a class call with a Python __init__
     # costs several times more, once per chain on the hot path).
-    _views: list[memoryview]
+    _views: list[memoryview]  # the part's buffers, none of them empty
     _i: int  # the current view
     _off: int  # the position inside it
     total: int
-    """Bytes in the readable part."""
+    """Bytes in this part of the chain."""
     remaining: int
-    """Bytes not read yet."""
+    """Bytes not read (written) yet."""
+
+    def views(self, n: int = -1) -> list[memoryview]:
+        """The part after the position (at most ``n`` bytes) as guest memoryviews, for
+        ``pwritev``/``sendmsg`` (Reader) or ``preadv``/``recvmsg_into`` (Writer); the
+        position does not move (``consume``/``advance`` after)."""
+        if n < 0 or n > self.remaining:
+            n = self.remaining
+        i = self._i
+        off = self._off
+        views = self._views
+        if i < len(views) and off == 0 and len(views[i]) == n:
+            return [views[i]]  # the common case: exactly the next buffer
+        out: list[memoryview] = []
+        while n > 0 and i < len(views):
+            v = views[i]
+            take = min(len(v) - off, n)
+            out.append(v[off : off + take])
+            n -= take
+            i += 1
+            off = 0
+        return out
+
+    def _skip(self, n: int) -> None:
+        """Move the position past ``n`` bytes, used through :meth:`views`."""
+        rem = self.remaining
+        if not 0 <= n <= rem:
+            raise ValueError(f"cannot move past {n} bytes: {rem} remain")
+        self.remaining = rem - n
+        views = self._views
+        i = self._i
+        off = self._off + n
+        if i < len(views) and off == len(views[i]):  # the common case: a whole buffer
+            self._i = i + 1
+            self._off = 0
+            return
+        while i < len(views) and off >= len(views[i]):
+            off -= len(views[i])
+            i += 1
+        self._i = i
+        self._off = off
+
+
+class Reader(_Stream):
+    """The device-readable part of a chain, as a read-only binary stream."""
+
+    __slots__ = ()
+
+    consume = _Stream._skip
+    """Move past ``n`` bytes read through :meth:`views` (``ValueError`` beyond the end)."""
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all that is left if ``n`` < 0), copied out of guest memory.
@@ -143,43 +178,16 @@ class Reader:
         self.remaining -= want
         return want
 
-    def views(self, n: int = -1) -> list[memoryview]:
-        """The unread part (at most ``n`` bytes) as guest memoryviews, for ``pwritev``/
-        ``sendmsg``; the position does not move (call :meth:`consume` after)."""
-        if n < 0 or n > self.remaining:
-            n = self.remaining
-        return _remaining_views(self._views, self._i, self._off, n)
 
-    def consume(self, n: int) -> None:
-        """Move past ``n`` bytes (used through :meth:`views`)."""
-        rem = self.remaining
-        if not 0 <= n <= rem:
-            raise ValueError(f"cannot consume {n} bytes: {rem} remain")
-        self.remaining = rem - n
-        views = self._views
-        i = self._i
-        off = self._off + n
-        while i < len(views) and off >= len(views[i]):
-            off -= len(views[i])
-            i += 1
-        self._i = i
-        self._off = off
-
-
-class Writer:
+class Writer(_Stream):
     """The device-writable part of a chain, as a write-only binary stream.
 
     ``written`` (the position) is what the used ring reports to the driver."""
 
-    __slots__ = ("_i", "_off", "_views", "remaining", "total")
-    # No __init__, as Reader.
-    _views: list[memoryview]
-    _i: int
-    _off: int
-    total: int
-    """Bytes in the writable part."""
-    remaining: int
-    """Bytes not written yet."""
+    __slots__ = ()
+
+    advance = _Stream._skip
+    """Record ``n`` bytes written through :meth:`views` (``ValueError`` beyond the end)."""
 
     @property
     def written(self) -> int:
@@ -218,36 +226,6 @@ class Writer:
         self._i, self._off = _copy(views, i, self._off, memoryview(src), n, True)
         self.remaining = rem - n
         return n
-
-    def views(self, n: int = -1) -> list[memoryview]:
-        """The unwritten part (at most ``n`` bytes) as guest memoryviews, for ``preadv``/
-        ``recvmsg_into``; the position does not move (call :meth:`advance` after)."""
-        if n < 0 or n > self.remaining:
-            n = self.remaining
-        i = self._i
-        views = self._views
-        if i < len(views) and self._off == 0 and len(views[i]) == n:
-            return [views[i]]  # the common case: exactly the next buffer
-        return _remaining_views(views, i, self._off, n)
-
-    def advance(self, n: int) -> None:
-        """Record ``n`` bytes written through :meth:`views`."""
-        rem = self.remaining
-        if not 0 <= n <= rem:
-            raise ValueError(f"cannot advance {n} bytes: {rem} remain")
-        self.remaining = rem - n
-        views = self._views
-        i = self._i
-        off = self._off + n
-        if i < len(views) and off == len(views[i]):  # the common case: a whole buffer
-            self._i = i + 1
-            self._off = 0
-            return
-        while i < len(views) and off >= len(views[i]):
-            off -= len(views[i])
-            i += 1
-        self._i = i
-        self._off = off
 
 
 _S = TypeVar("_S", Reader, Writer)
