@@ -15,7 +15,8 @@ used length: at the end of a ``with`` block (also when the block raises) or by
 :meth:`DescriptorChain.complete`. A chain popped before a queue reset is dropped on
 completion instead of being written into the re-initialised ring.
 
-This module knows nothing about rings; the queue builds chains through :class:`ChainOwner`.
+This module knows nothing about rings: the queue builds every chain with :func:`new_chain`
+and takes it back through the :class:`ChainOwner` protocol.
 """
 
 from __future__ import annotations

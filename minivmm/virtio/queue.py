@@ -105,7 +105,6 @@ class Queue:
         "_generation",
         "_mask",
         "_max_size",
-        "_mem",
         "_next_avail",
         "_next_used",
         "_ready",
@@ -147,7 +146,6 @@ class Queue:
         self._deactivate()
 
     def _deactivate(self) -> None:
-        self._mem: GuestMemoryLike | None = None
         self._translate: Callable[[int, int], memoryview] = _no_memory
         # What the walk needs, in one tuple (one load in ``pop``): the descriptor table,
         # the low RAM window (buffers ending at or below its length are sliced from it
@@ -263,7 +261,6 @@ class Queue:
 
         Raises QueueNotReady, InvalidQueueSize, MisalignedRing or RingOutsideMemory."""
         desc, avail, used = self._check(mem)
-        self._mem = mem
         self._translate = mem.translate
         low = low_window(mem)
         self._walk = (desc, low, len(low), range(self._size))
