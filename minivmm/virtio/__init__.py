@@ -14,12 +14,11 @@ Layers, each a module, each using only those before it:
              and the memory-ordering argument for single 16-bit index accesses
     chain    Reader and Writer (file-like streams over a chain's readable, then
              writable, buffers; zero-copy views for preadv/pwritev) and DescriptorChain,
-             which returns itself to the used ring once (a ``with`` block); new_chain,
-             the one constructor of chains
+             which returns itself to the used ring once (a ``with`` block)
     queue    Queue: configuration from the transport, pop (one walk that validates a
-             chain, its descriptor table and an indirect table alike), return_chain (the
-             one used-ring publisher, behind add_used and every chain's completion),
-             EVENT_IDX notification suppression
+             chain, its descriptor table and an indirect table alike, and the one place
+             chains are built), return_chain (the one used-ring publisher, behind
+             add_used and every chain's completion), EVENT_IDX notification suppression
     util     BufferedNotify (batched interrupts) and ChainStream (asyncio chains)
     testing  FakeGuestMemory and FakeDriver: the guest side, for tests with no VM,
              able to break every rule on purpose

@@ -15,8 +15,10 @@ used length: at the end of a ``with`` block (also when the block raises) or by
 :meth:`DescriptorChain.complete`. A chain popped before a queue reset is dropped on
 completion instead of being written into the re-initialised ring.
 
-This module knows nothing about rings: the queue builds every chain with :func:`new_chain`
-and takes it back through the :class:`ChainOwner` protocol.
+This module knows nothing about rings. The queue builds every chain in one place, the end
+of the walk in :meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>`, by filling the slots
+declared here (no ``__init__``: on the hottest path a Python call per object would cost
+more than the rest of the construction), and takes it back through :class:`ChainOwner`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any, Protocol, TypeVar
 BytesLike = bytes | bytearray | memoryview
 """What ``write`` accepts and ``readinto`` fills."""
 
-__all__ = ["BytesLike", "ChainOwner", "DescriptorChain", "Reader", "Writer", "new_chain"]
+__all__ = ["NO_READER", "NO_WRITER", "BytesLike", "ChainOwner", "DescriptorChain", "Reader",
+           "Writer"]
 
 
 class ChainOwner(Protocol):
@@ -62,8 +65,7 @@ class _Stream:
     """What Reader and Writer share: a position in a list of guest buffers."""
 
     __slots__ = ("_i", "_off", "_views", "remaining", "total")
-    # No __init__: :func:`new_chain` fills the slots (a class call with a Python __init__
-    # costs several times more, once per chain on the hot path).
+    # No __init__: Queue.pop fills the slots (see the module docstring).
     _views: list[memoryview]  # the part's buffers, none of them empty
     _i: int  # the current view
     _off: int  # the position inside it
@@ -235,7 +237,7 @@ _S = TypeVar("_S", Reader, Writer)
 class DescriptorChain:
     """One available chain: ``head``, ``reader``, ``writer``; returns itself once.
 
-    Built by :func:`new_chain` (the queue's ``pop``), not by calling the class."""
+    Built by the queue's ``pop``, not by calling the class."""
 
     __slots__ = ("_generation", "_owner", "head", "reader", "writer")
     _owner: ChainOwner | None  # None once returned to the used ring
@@ -293,44 +295,9 @@ def _empty(stream: type[_S]) -> _S:
     return s
 
 
-# The stream of a chain part with no bytes has no state any method can change (every
-# position is 0 and stays 0): one is shared by every such chain, which spares two
-# objects per chain on the paths with only one part (virtio-rng, net transmit).
-_NO_READER = _empty(Reader)
-_NO_WRITER = _empty(Writer)
-
-
-def new_chain(
-    owner: ChainOwner,
-    generation: int,
-    head: int,
-    readable: list[memoryview],
-    readable_len: int,
-    writable: list[memoryview],
-    writable_len: int,
-) -> DescriptorChain:
-    """The one constructor of chains: a chain over validated buffers, ``readable``
-    (``readable_len`` bytes in all) then ``writable``; ``owner.return_chain(head, written,
-    generation)`` takes it back. The lists are kept, not copied, and hold no zero-length
-    buffers (so a part has views exactly when its length is not 0)."""
-    if readable_len:
-        r = Reader()
-        r._views = readable
-        r._i = r._off = 0
-        r.total = r.remaining = readable_len
-    else:
-        r = _NO_READER
-    if writable_len:
-        w = Writer()
-        w._views = writable
-        w._i = w._off = 0
-        w.total = w.remaining = writable_len
-    else:
-        w = _NO_WRITER
-    c = DescriptorChain()
-    c._owner = owner
-    c._generation = generation
-    c.head = head
-    c.reader = r
-    c.writer = w
-    return c
+NO_READER = _empty(Reader)
+"""The Reader of every chain with no readable bytes. A stream over no bytes has no state any
+method can change (every position is 0 and stays 0), so one is shared: that spares an
+object per chain on the paths with one part only (virtio-rng, net transmit)."""
+NO_WRITER = _empty(Writer)
+"""The Writer of every chain with no writable bytes (shared, as NO_READER)."""

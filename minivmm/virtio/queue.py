@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from . import ring
-from .chain import DescriptorChain, new_chain
+from .chain import NO_READER, NO_WRITER, DescriptorChain, Reader, Writer
 from .errors import (
     ChainLengthOverflow,
     DescriptorChainTooLong,
@@ -388,7 +388,28 @@ class Queue:
                 if not flags & VIRTQ_DESC_F_NEXT:
                     if rlen + wlen > _MAX_CHAIN_BYTES:
                         raise ChainLengthOverflow(self.index, head, rlen + wlen)
-                    return new_chain(self, self._generation, head, readable, rlen, writable, wlen)
+                    # The one place a chain is built: slots filled in place (chain.py).
+                    if rlen:
+                        r = Reader()
+                        r._views = readable
+                        r._i = r._off = 0
+                        r.total = r.remaining = rlen
+                    else:
+                        r = NO_READER
+                    if wlen:
+                        w = Writer()
+                        w._views = writable
+                        w._i = w._off = 0
+                        w.total = w.remaining = wlen
+                    else:
+                        w = NO_WRITER
+                    c = DescriptorChain()
+                    c._owner = self
+                    c._generation = self._generation
+                    c.head = head
+                    c.reader = r
+                    c.writer = w
+                    return c
                 if nxt >= limit:
                     raise InvalidNextIndex(self.index, head, index, nxt, limit, where)
                 index = nxt
