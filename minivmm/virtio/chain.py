@@ -81,10 +81,10 @@ class _Stream:
         if n < 0 or n > self.remaining:
             n = self.remaining
         i = self._i
-        off = self._off
         views = self._views
-        if i < len(views) and off == 0 and len(views[i]) == n:
+        if i < len(views) and self._off == 0 and len(views[i]) == n:
             return [views[i]]  # the common case: exactly the next buffer
+        off = self._off
         out: list[memoryview] = []
         while n > 0 and i < len(views):
             v = views[i]
@@ -98,7 +98,7 @@ class _Stream:
     def _skip(self, n: int) -> None:
         """Move the position past ``n`` bytes, used through :meth:`views`."""
         rem = self.remaining
-        if not 0 <= n <= rem:
+        if n < 0 or n > rem:
             raise ValueError(f"cannot move past {n} bytes: {rem} remain")
         self.remaining = rem - n
         views = self._views
@@ -200,24 +200,21 @@ class Writer(_Stream):
     def write(self, data: BytesLike) -> int:
         """Copy as much of ``data`` as fits; returns the number of bytes written (check it:
         a short count means the driver's buffers were too small)."""
-        if type(data) is bytes:
-            src: BytesLike = data
-            n = len(data)
-        else:
-            src = memoryview(data)
-            if src.format != "B" or src.ndim != 1:
-                src = src.cast("B")
-            n = len(src)
+        if type(data) is not bytes:
+            data = memoryview(data)
+            if data.format != "B" or data.ndim != 1:
+                data = data.cast("B")
+        n = len(data)
         views = self._views
         i = self._i
         rem = self.remaining
-        if 0 < n <= rem:  # then views[i] exists: bytes remain
+        if n and n <= rem:  # then views[i] exists: bytes remain
             v = views[i]
             off = self._off
             end = off + n
             lv = len(v)
             if end <= lv:  # the common case: inside the current buffer
-                v[off:end] = src
+                v[off:end] = data
                 if end == lv:
                     self._i = i + 1
                     self._off = 0
@@ -226,7 +223,7 @@ class Writer(_Stream):
                 self.remaining = rem - n
                 return n
         n = min(n, rem)
-        self._i, self._off = _copy(views, i, self._off, memoryview(src), n, True)
+        self._i, self._off = _copy(views, i, self._off, memoryview(data), n, True)
         self.remaining = rem - n
         return n
 

@@ -78,6 +78,9 @@ _RING = ring.RING_OFFSET // 2
 _unpack_desc = DESC.unpack_from
 
 
+_NO_USED_ELEMS = memoryview(b"")
+
+
 def _no_memory(gpa: int, length: int) -> memoryview:
     """``translate`` of an inactive queue: nothing is guest memory."""
     raise LookupError(gpa, length)
@@ -153,8 +156,10 @@ class Queue:
         self._walk: tuple[memoryview, memoryview, int, range] = (NO_WINDOW, NO_WINDOW, 0, range(0))
         self._avail: memoryview | None = None  # None whenever pop must not run
         self._avail_view: memoryview | None = None
-        self._used_elems: memoryview | None = None
-        self._used16: memoryview | None = None
+        # Empty while inactive; only written through a chain of the current generation
+        # (every deactivation starts a new one) or ``add_used``, which checks first.
+        self._used_elems = _NO_USED_ELEMS
+        self._used16 = _NO_USED_ELEMS
         self._mask = 0
         self._cached_avail_idx = self._next_avail
         self._signalled_used: int | None = None
@@ -307,7 +312,7 @@ class Queue:
 
     def _views(self) -> tuple[memoryview, memoryview]:
         """The available ring and the used ring, as arrays of u16 ("H" views)."""
-        if self._avail_view is None or self._used16 is None:
+        if self._avail_view is None:
             raise QueueNotReady(self.index)
         return self._avail_view, self._used16
 
@@ -450,7 +455,7 @@ class Queue:
 
         Devices normally let the chain do this (``with chain:``). ``ValueError`` for a
         head >= size or a length outside u32: those are device bugs, not guest errors."""
-        if self._used_elems is None:
+        if self._avail_view is None:
             raise QueueNotReady(self.index)
         if not 0 <= head < self._size or not 0 <= length <= _MAX_CHAIN_BYTES:
             raise ValueError(f"add_used({head}, {length}) on queue {self.index}: out of range")
@@ -462,15 +467,11 @@ class Queue:
         ``generation``) is dropped."""
         if generation != self._generation:
             return
-        elems = self._used_elems
-        used16 = self._used16
-        if elems is None or used16 is None:  # never while ``generation`` is current
-            return
         nu = self._next_used
         # The element store comes before the index store (see ring.py on ordering).
-        elems[nu & self._mask] = head | written << USED_ELEM_LEN_SHIFT
+        self._used_elems[nu & self._mask] = head | written << USED_ELEM_LEN_SHIFT
         nu = (nu + 1) & 0xFFFF
-        used16[_IDX] = nu
+        self._used16[_IDX] = nu
         self._next_used = nu
 
     # --- notifications (§2.7.7, §2.7.10; VIRTIO_F_EVENT_IDX) ----------------------------
