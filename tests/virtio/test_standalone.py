@@ -29,13 +29,15 @@ def test_importing_the_engine_loads_no_other_minivmm_module() -> None:
     code = (
         "import json, sys\n"
         "import minivmm.virtio, minivmm.virtio.testing, minivmm.virtio.util\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('minivmm'))))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('minivmm'))\n"
+        "print(json.dumps([minivmm.virtio.__file__, loaded]))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
         env={"PYTHONPATH": str(ROOT)}, cwd=ROOT,
     ).stdout
-    loaded: list[str] = json.loads(out)
+    where, loaded = json.loads(out)
+    assert Path(where).parent == PACKAGE  # the engine under test, not an installed copy
     assert "minivmm.virtio.queue" in loaded  # the check itself sees the engine
     outside = [m for m in loaded if m != "minivmm" and not m.startswith("minivmm.virtio")]
     assert outside == []
