@@ -47,8 +47,9 @@ def check_size(size: int) -> None:
                          f"{MAX_MEMORY >> 40}T)", field="mem")
 
 
-class GuestMemoryError(Exception):
-    """A guest-physical range that is not (entirely) backed by guest RAM."""
+class GuestMemoryError(LookupError):
+    """A guest-physical range that is not (entirely) backed by guest RAM. A LookupError:
+    that is what the virtqueue engine (minivmm.virtio.mem) expects from ``translate``."""
 
     def __init__(self, gpa: int, length: int) -> None:
         super().__init__(f"guest range 0x{gpa:x}+0x{length:x} is not inside guest memory")

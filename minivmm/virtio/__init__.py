@@ -1,19 +1,24 @@
 """The shared virtqueue engine: the device side of virtio split virtqueues.
 
 Every minivmm virtio device talks to its guest driver through this package. It needs no
-KVM: it works on any guest-memory object with ``translate(gpa, length) -> memoryview``.
+KVM and imports nothing of minivmm outside this package (tests/virtio/test_standalone.py
+checks it): it works on any guest-memory object with ``translate(gpa, length) ->
+memoryview`` that raises a ``LookupError`` for a range outside guest RAM, and its errors
+have their own root, :class:`VirtQueueError`.
 
 Layers, each a module, each using only those before it:
 
     errors   one base class, VirtQueueError, and one subclass per guest mistake
-    mem      guest-physical ranges -> memoryviews, overflow-checked, typed errors
+    mem      the guest-memory protocol; guest-physical ranges -> memoryviews, checked
     ring     the raw split-ring layout (virtio 1.2 §2.7): sizes, offsets, flags, structs,
              and the memory-ordering argument for single 16-bit index accesses
     chain    Reader and Writer (file-like streams over a chain's readable, then
              writable, buffers; zero-copy views for preadv/pwritev) and DescriptorChain,
              which returns itself to the used ring once (a ``with`` block)
-    queue    Queue: configuration from the transport, pop (walks and validates a chain,
-             direct or indirect), add_used, EVENT_IDX notification suppression
+    queue    Queue: configuration from the transport, pop (one walk that validates a
+             chain, its descriptor table and an indirect table alike, and the one place
+             chains are built), return_chain (the one used-ring publisher, behind
+             add_used and every chain's completion), EVENT_IDX notification suppression
     util     BufferedNotify (batched interrupts) and ChainStream (asyncio chains)
     testing  FakeGuestMemory and FakeDriver: the guest side, for tests with no VM,
              able to break every rule on purpose

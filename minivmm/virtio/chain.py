@@ -15,39 +15,29 @@ used length: at the end of a ``with`` block (also when the block raises) or by
 :meth:`DescriptorChain.complete`. A chain popped before a queue reset is dropped on
 completion instead of being written into the re-initialised ring.
 
-This module knows nothing about rings; the queue builds chains through :class:`ChainOwner`.
+This module knows nothing about rings. The queue builds every chain in one place, the end
+of the walk in :meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>`, by filling the slots
+declared here (no ``__init__``: on the hottest path a Python call per object would cost
+more than the rest of the construction), and takes it back through :class:`ChainOwner`.
 """
 
 from __future__ import annotations
 
 import struct
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 BytesLike = bytes | bytearray | memoryview
 """What ``write`` accepts and ``readinto`` fills."""
 
-__all__ = ["BytesLike", "ChainOwner", "DescriptorChain", "Reader", "Writer", "new_chain"]
+__all__ = ["NO_READER", "NO_WRITER", "BytesLike", "ChainOwner", "DescriptorChain", "Reader",
+           "Writer"]
 
 
 class ChainOwner(Protocol):
     """What a chain needs from its queue: a way to return itself to the used ring."""
 
     def return_chain(self, head: int, written: int, generation: int) -> None: ...
-
-
-def _remaining_views(views: list[memoryview], i: int, off: int, n: int) -> list[memoryview]:
-    if i < len(views) and off == 0 and len(views[i]) == n:
-        return [views[i]]  # the common case: exactly the current buffer
-    out: list[memoryview] = []
-    while n > 0 and i < len(views):
-        v = views[i]
-        take = min(len(v) - off, n)
-        out.append(v[off : off + take])
-        n -= take
-        i += 1
-        off = 0
-    return out
 
 
 def _copy(views: list[memoryview], i: int, off: int, buf: memoryview, n: int,
@@ -71,19 +61,67 @@ def _copy(views: list[memoryview], i: int, off: int, buf: memoryview, n: int,
     return i, off
 
 
-class Reader:
-    """The device-readable part of a chain, as a read-only binary stream."""
+class _Stream:
+    """What Reader and Writer share: a position in a list of guest buffers."""
 
     __slots__ = ("_i", "_off", "_views", "remaining", "total")
-    # No __init__: :func:`new_chain` fills the slots (a class call with a Python __init__
-    # costs several times more, once per chain on the hot path).
-    _views: list[memoryview]
+    # No __init__: Queue.pop fills the slots (see the module docstring).
+    _views: list[memoryview]  # the part's buffers, none of them empty
     _i: int  # the current view
     _off: int  # the position inside it
     total: int
-    """Bytes in the readable part."""
+    """Bytes in this part of the chain."""
     remaining: int
-    """Bytes not read yet."""
+    """Bytes not read (written) yet."""
+
+    def views(self, n: int = -1) -> list[memoryview]:
+        """The part after the position (at most ``n`` bytes) as guest memoryviews, for
+        ``pwritev``/``sendmsg`` (Reader) or ``preadv``/``recvmsg_into`` (Writer); the
+        position does not move (``consume``/``advance`` after)."""
+        if n < 0 or n > self.remaining:
+            n = self.remaining
+        i = self._i
+        views = self._views
+        if i < len(views) and self._off == 0 and len(views[i]) == n:
+            return [views[i]]  # the common case: exactly the next buffer
+        off = self._off
+        out: list[memoryview] = []
+        while n > 0 and i < len(views):
+            v = views[i]
+            take = min(len(v) - off, n)
+            out.append(v[off : off + take])
+            n -= take
+            i += 1
+            off = 0
+        return out
+
+    def _skip(self, n: int) -> None:
+        """Move the position past ``n`` bytes, used through :meth:`views`."""
+        rem = self.remaining
+        if n < 0 or n > rem:
+            raise ValueError(f"cannot move past {n} bytes: {rem} remain")
+        self.remaining = rem - n
+        views = self._views
+        i = self._i
+        off = self._off + n
+        if i < len(views) and off == len(views[i]):  # the common case: a whole buffer
+            self._i = i + 1
+            self._off = 0
+            return
+        while i < len(views) and off >= len(views[i]):
+            off -= len(views[i])
+            i += 1
+        self._i = i
+        self._off = off
+
+
+class Reader(_Stream):
+    """The device-readable part of a chain, as a read-only binary stream."""
+
+    __slots__ = ()
+
+    consume = _Stream._skip
+    """Move past ``n`` bytes read through :meth:`views` (``ValueError`` beyond the end)."""
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all that is left if ``n`` < 0), copied out of guest memory.
@@ -143,43 +181,16 @@ class Reader:
         self.remaining -= want
         return want
 
-    def views(self, n: int = -1) -> list[memoryview]:
-        """The unread part (at most ``n`` bytes) as guest memoryviews, for ``pwritev``/
-        ``sendmsg``; the position does not move (call :meth:`consume` after)."""
-        if n < 0 or n > self.remaining:
-            n = self.remaining
-        return _remaining_views(self._views, self._i, self._off, n)
 
-    def consume(self, n: int) -> None:
-        """Move past ``n`` bytes (used through :meth:`views`)."""
-        rem = self.remaining
-        if not 0 <= n <= rem:
-            raise ValueError(f"cannot consume {n} bytes: {rem} remain")
-        self.remaining = rem - n
-        views = self._views
-        i = self._i
-        off = self._off + n
-        while i < len(views) and off >= len(views[i]):
-            off -= len(views[i])
-            i += 1
-        self._i = i
-        self._off = off
-
-
-class Writer:
+class Writer(_Stream):
     """The device-writable part of a chain, as a write-only binary stream.
 
     ``written`` (the position) is what the used ring reports to the driver."""
 
-    __slots__ = ("_i", "_off", "_views", "remaining", "total")
-    # No __init__, as Reader.
-    _views: list[memoryview]
-    _i: int
-    _off: int
-    total: int
-    """Bytes in the writable part."""
-    remaining: int
-    """Bytes not written yet."""
+    __slots__ = ()
+
+    advance = _Stream._skip
+    """Record ``n`` bytes written through :meth:`views` (``ValueError`` beyond the end)."""
 
     @property
     def written(self) -> int:
@@ -189,24 +200,21 @@ class Writer:
     def write(self, data: BytesLike) -> int:
         """Copy as much of ``data`` as fits; returns the number of bytes written (check it:
         a short count means the driver's buffers were too small)."""
-        if type(data) is bytes:
-            src: BytesLike = data
-            n = len(data)
-        else:
-            src = memoryview(data)
-            if src.format != "B" or src.ndim != 1:
-                src = src.cast("B")
-            n = len(src)
+        if type(data) is not bytes:
+            data = memoryview(data)
+            if data.format != "B" or data.ndim != 1:
+                data = data.cast("B")
+        n = len(data)
         views = self._views
         i = self._i
         rem = self.remaining
-        if 0 < n <= rem:  # then views[i] exists: bytes remain
+        if n and n <= rem:  # then views[i] exists: bytes remain
             v = views[i]
             off = self._off
             end = off + n
             lv = len(v)
             if end <= lv:  # the common case: inside the current buffer
-                v[off:end] = src
+                v[off:end] = data
                 if end == lv:
                     self._i = i + 1
                     self._off = 0
@@ -215,45 +223,18 @@ class Writer:
                 self.remaining = rem - n
                 return n
         n = min(n, rem)
-        self._i, self._off = _copy(views, i, self._off, memoryview(src), n, True)
+        self._i, self._off = _copy(views, i, self._off, memoryview(data), n, True)
         self.remaining = rem - n
         return n
 
-    def views(self, n: int = -1) -> list[memoryview]:
-        """The unwritten part (at most ``n`` bytes) as guest memoryviews, for ``preadv``/
-        ``recvmsg_into``; the position does not move (call :meth:`advance` after)."""
-        if n < 0 or n > self.remaining:
-            n = self.remaining
-        i = self._i
-        views = self._views
-        if i < len(views) and self._off == 0 and len(views[i]) == n:
-            return [views[i]]  # the common case: exactly the next buffer
-        return _remaining_views(views, i, self._off, n)
 
-    def advance(self, n: int) -> None:
-        """Record ``n`` bytes written through :meth:`views`."""
-        rem = self.remaining
-        if not 0 <= n <= rem:
-            raise ValueError(f"cannot advance {n} bytes: {rem} remain")
-        self.remaining = rem - n
-        views = self._views
-        i = self._i
-        off = self._off + n
-        if i < len(views) and off == len(views[i]):  # the common case: a whole buffer
-            self._i = i + 1
-            self._off = 0
-            return
-        while i < len(views) and off >= len(views[i]):
-            off -= len(views[i])
-            i += 1
-        self._i = i
-        self._off = off
+_S = TypeVar("_S", Reader, Writer)
 
 
 class DescriptorChain:
     """One available chain: ``head``, ``reader``, ``writer``; returns itself once.
 
-    Built by :func:`new_chain` (the queue's ``pop``), not by calling the class."""
+    Built by the queue's ``pop``, not by calling the class."""
 
     __slots__ = ("_generation", "_owner", "head", "reader", "writer")
     _owner: ChainOwner | None  # None once returned to the used ring
@@ -304,30 +285,16 @@ class DescriptorChain:
         )
 
 
-def new_chain(
-    owner: ChainOwner,
-    generation: int,
-    head: int,
-    readable: list[memoryview],
-    readable_len: int,
-    writable: list[memoryview],
-    writable_len: int,
-) -> DescriptorChain:
-    """A chain over validated buffers: ``readable`` (``readable_len`` bytes in all) then
-    ``writable``; ``owner.return_chain(head, written, generation)`` takes it back. The
-    lists are kept, not copied (``pop`` leaves zero-length buffers out of them)."""
-    r = Reader()
-    r._views = readable
-    r._i = r._off = 0
-    r.total = r.remaining = readable_len
-    w = Writer()
-    w._views = writable
-    w._i = w._off = 0
-    w.total = w.remaining = writable_len
-    c = DescriptorChain()
-    c._owner = owner
-    c._generation = generation
-    c.head = head
-    c.reader = r
-    c.writer = w
-    return c
+def _empty(stream: type[_S]) -> _S:
+    s = stream()
+    s._views = []
+    s._i = s._off = s.total = s.remaining = 0
+    return s
+
+
+NO_READER = _empty(Reader)
+"""The Reader of every chain with no readable bytes. A stream over no bytes has no state any
+method can change (every position is 0 and stays 0), so one is shared: that spares an
+object per chain on the paths with one part only (virtio-rng, net transmit)."""
+NO_WRITER = _empty(Writer)
+"""The Writer of every chain with no writable bytes (shared, as NO_READER)."""

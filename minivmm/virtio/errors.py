@@ -7,6 +7,11 @@ or, for a single bad chain, answer it with an error status.
 
 Programming errors of the device itself (returning a chain twice, a head that was never
 popped) are ``ValueError``/``RuntimeError``, not guest errors.
+
+:class:`VirtQueueError` is the engine's own root, deliberately not part of any VMM's error
+tree: the engine is usable on its own and imports nothing outside this package. A VMM
+decides what a guest protocol error means for it (minivmm: DEVICE_NEEDS_RESET and a
+rate-limited log line, never an error shown to its user).
 """
 
 from __future__ import annotations

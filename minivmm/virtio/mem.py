@@ -1,38 +1,52 @@
 """mem: from guest-physical ranges the driver published to host memoryviews.
 
-The engine reaches guest memory only through an object with the ``translate`` method of
-:class:`minivmm.memory.GuestMemory` (the :class:`GuestMemoryLike` protocol): a
-``memoryview`` of exactly ``length`` bytes at ``gpa``, or
-:class:`minivmm.memory.GuestMemoryError` when any byte lies outside guest RAM. This module
-adds the overflow checks (a guest address is a u64; ``gpa + length`` must not pass 2^64)
-and turns the memory error into the engine's typed errors. The descriptor walk in
-:mod:`.queue` calls ``translate`` directly for speed, with the same checks inline.
+The engine reaches guest memory only through an object with a ``translate`` method (the
+:class:`GuestMemoryLike` protocol, which :class:`minivmm.memory.GuestMemory` and
+:class:`~minivmm.virtio.testing.FakeGuestMemory` implement): a ``memoryview`` of exactly
+``length`` bytes at ``gpa``, or a ``LookupError`` (any subclass, e.g.
+:class:`GuestRangeError` here or ``minivmm.memory.GuestMemoryError``) when any byte lies
+outside guest RAM. The engine imports no memory implementation: ``LookupError`` is the
+whole contract.
+
+:func:`view_of` is the one rule for "is this range guest memory": it adds the overflow
+checks (a guest address is a u64; ``gpa + length`` must not pass 2^64) and the length
+check, and answers None for anything outside. The queue turns a None into its typed
+errors (:class:`~.errors.RingOutsideMemory`, :class:`~.errors.DescriptorOutOfMemory`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
-from ..memory import GuestMemoryError
-from .errors import RingOutsideMemory
-
 __all__ = [
+    "NO_WINDOW",
     "U64_LIMIT",
-    "GuestMemoryError",
     "GuestMemoryLike",
+    "GuestRangeError",
     "in_u64",
     "low_window",
-    "translate_ring",
+    "view_of",
 ]
 
 U64_LIMIT = 1 << 64
+
+
+class GuestRangeError(LookupError):
+    """A guest-physical range that is not (entirely) backed by guest RAM: what a
+    ``translate`` raises (any ``LookupError`` will do; this one names the range)."""
+
+    def __init__(self, gpa: int, length: int) -> None:
+        super().__init__(f"guest range 0x{gpa:x}+0x{length:x} is not inside guest memory")
+        self.gpa = gpa
+        self.length = length
 
 
 class GuestMemoryLike(Protocol):
     """What the engine needs from guest memory (``GuestMemory`` and ``FakeGuestMemory``)."""
 
     def translate(self, gpa: int, length: int) -> memoryview:
-        """``length`` bytes at ``gpa`` (zero-copy), or raise ``GuestMemoryError``."""
+        """``length`` bytes at ``gpa`` (zero-copy), or raise a ``LookupError``."""
         ...
 
 
@@ -41,14 +55,34 @@ def in_u64(gpa: int, length: int) -> bool:
     return gpa >= 0 and length >= 0 and gpa + length <= U64_LIMIT
 
 
-def low_window(mem: GuestMemoryLike) -> memoryview | None:
+Translate = Callable[[int, int], memoryview]
+
+
+def view_of(translate: Translate, gpa: int, length: int) -> memoryview | None:
+    """The view of ``[gpa, gpa + length)`` through ``translate``, or None when the range
+    is not entirely inside guest memory (or not inside the u64 space)."""
+    if not in_u64(gpa, length):
+        return None
+    try:
+        view = translate(gpa, length)
+    except LookupError:
+        return None
+    return view if len(view) == length else None
+
+
+NO_WINDOW = memoryview(b"")
+"""The window of a memory that offers none: empty, so no buffer (length >= 1) fits."""
+
+
+def low_window(mem: GuestMemoryLike) -> memoryview:
     """A writable view of the guest RAM that starts at guest-physical 0, if ``mem`` offers
-    one (``mem.regions[0]`` with ``gpa == 0`` and a ``view``, as ``GuestMemory`` has).
+    one (``mem.regions[0]`` with ``gpa == 0`` and a ``view``, as ``GuestMemory`` has), else
+    :data:`NO_WINDOW`.
 
     The descriptor walk slices it directly for buffers entirely below its end, which
     saves a method call per descriptor; everything else goes through ``translate``.
-    Its caller must check ``gpa + length <= len(window)`` first: slicing a memoryview
-    past its end silently shortens the slice instead of failing."""
+    Its caller must check ``gpa + length <= len(window)`` first (and ``length > 0``):
+    slicing a memoryview past its end silently shortens the slice instead of failing."""
     regions = getattr(mem, "regions", None)
     try:
         first = regions[0]  # type: ignore[index]
@@ -57,19 +91,4 @@ def low_window(mem: GuestMemoryLike) -> memoryview | None:
             return view.cast("B") if view.format != "B" else view
     except (TypeError, IndexError, AttributeError):
         pass
-    return None
-
-
-def translate_ring(
-    mem: GuestMemoryLike, queue: int, part: str, gpa: int, length: int
-) -> memoryview:
-    """The view of one ring part, or :class:`RingOutsideMemory`."""
-    if not in_u64(gpa, length):
-        raise RingOutsideMemory(queue, part, gpa, length)
-    try:
-        view = mem.translate(gpa, length)
-    except GuestMemoryError:
-        raise RingOutsideMemory(queue, part, gpa, length) from None
-    if len(view) != length or view.readonly:
-        raise RingOutsideMemory(queue, part, gpa, length)
-    return view
+    return NO_WINDOW

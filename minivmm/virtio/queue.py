@@ -35,9 +35,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from ..memory import GuestMemoryError
 from . import ring
-from .chain import DescriptorChain, Reader, Writer, new_chain
+from .chain import NO_READER, NO_WRITER, DescriptorChain, Reader, Writer
 from .errors import (
     ChainLengthOverflow,
     DescriptorChainTooLong,
@@ -52,9 +51,10 @@ from .errors import (
     NestedIndirect,
     QueueNotReady,
     ReadableAfterWritable,
+    RingOutsideMemory,
     VirtQueueError,
 )
-from .mem import U64_LIMIT, GuestMemoryLike, low_window, translate_ring
+from .mem import NO_WINDOW, GuestMemoryLike, low_window, view_of
 from .ring import (
     DESC,
     USED_ELEM_LEN_SHIFT,
@@ -78,6 +78,14 @@ _RING = ring.RING_OFFSET // 2
 _unpack_desc = DESC.unpack_from
 
 
+_NO_USED_ELEMS = memoryview(b"")
+
+
+def _no_memory(gpa: int, length: int) -> memoryview:
+    """``translate`` of an inactive queue: nothing is guest memory."""
+    raise LookupError(gpa, length)
+
+
 def _split(value: int, low: int | None, high: int | None) -> int:
     if low is not None:
         value = (value & ~0xFFFF_FFFF) | (low & 0xFFFF_FFFF)
@@ -95,16 +103,11 @@ class Queue:
         "_avail_event_off",
         "_avail_view",
         "_cached_avail_idx",
-        "_desc",
         "_desc_addr",
         "_event_idx",
         "_generation",
-        "_hop_range",
-        "_low",
-        "_low_end",
         "_mask",
         "_max_size",
-        "_mem",
         "_next_avail",
         "_next_used",
         "_ready",
@@ -115,6 +118,7 @@ class Queue:
         "_used_addr",
         "_used_elems",
         "_used_event_off",
+        "_walk",
         "broken",
         "index",
     )
@@ -145,16 +149,17 @@ class Queue:
         self._deactivate()
 
     def _deactivate(self) -> None:
-        self._mem: GuestMemoryLike | None = None
-        self._translate: Callable[[int, int], memoryview] | None = None
-        self._low: memoryview | None = None
-        self._low_end = -1  # no buffer ends at or below this: the window is off
-        self._hop_range = range(0)
-        self._desc: memoryview | None = None
+        self._translate: Callable[[int, int], memoryview] = _no_memory
+        # What the walk needs, in one tuple (one load in ``pop``): the descriptor table,
+        # the low RAM window (buffers ending at or below its length are sliced from it
+        # directly), that length, and the bound on the walk in the table.
+        self._walk: tuple[memoryview, memoryview, int, range] = (NO_WINDOW, NO_WINDOW, 0, range(0))
         self._avail: memoryview | None = None  # None whenever pop must not run
         self._avail_view: memoryview | None = None
-        self._used_elems: memoryview | None = None
-        self._used16: memoryview | None = None
+        # Empty while inactive; only written through a chain of the current generation
+        # (every deactivation starts a new one) or ``add_used``, which checks first.
+        self._used_elems = _NO_USED_ELEMS
+        self._used16 = _NO_USED_ELEMS
         self._mask = 0
         self._cached_avail_idx = self._next_avail
         self._signalled_used: int | None = None
@@ -239,7 +244,13 @@ class Queue:
         for part, addr, align, _ in parts:
             if addr % align:
                 raise MisalignedRing(self.index, part, addr, align)
-        desc, avail, used = (translate_ring(mem, self.index, p, a, n) for p, a, _, n in parts)
+        views = []
+        for part, addr, _, length in parts:
+            view = view_of(mem.translate, addr, length)
+            if view is None or view.readonly:
+                raise RingOutsideMemory(self.index, part, addr, length)
+            views.append(view)
+        desc, avail, used = views
         return desc, avail, used
 
     def is_valid(self, mem: GuestMemoryLike) -> bool:
@@ -255,12 +266,9 @@ class Queue:
 
         Raises QueueNotReady, InvalidQueueSize, MisalignedRing or RingOutsideMemory."""
         desc, avail, used = self._check(mem)
-        self._mem = mem
         self._translate = mem.translate
-        self._low = low_window(mem)
-        self._low_end = -1 if self._low is None else len(self._low)
-        self._hop_range = range(self._size)
-        self._desc = desc
+        low = low_window(mem)
+        self._walk = (desc, low, len(low), range(self._size))
         # The available ring is only ever read as u16s, and the used ring's flags, idx and
         # avail_event are u16s: both go through "H" views, one aligned 16-bit access per
         # index (see ring.py on why struct.pack_into must not be used for them).
@@ -304,7 +312,7 @@ class Queue:
 
     def _views(self) -> tuple[memoryview, memoryview]:
         """The available ring and the used ring, as arrays of u16 ("H" views)."""
-        if self._avail_view is None or self._used16 is None:
+        if self._avail_view is None:
             raise QueueNotReady(self.index)
         return self._avail_view, self._used16
 
@@ -342,155 +350,98 @@ class Queue:
         if head >= limit:
             raise InvalidDescriptorIndex(self.index, slot, head, limit)
 
-        # Walk the chain (§2.7.5). Each descriptor is unpacked once into Python ints, so
-        # the guest changing it meanwhile cannot make two checks see different values.
-        # At most ``size`` descriptors: a longer chain has a loop.
-        table = self._desc
-        low = self._low
-        low_end = self._low_end
+        # Walk the chain (§2.7.5): one loop for the descriptor table and, when a descriptor
+        # points to an indirect table (§2.7.5.3), for that table: the loop then goes on in
+        # it, from its entry 0, with its own length as the bound on the walk and on ``next``.
+        # Each descriptor is unpacked once into Python ints, so the guest changing it
+        # meanwhile cannot make two checks see different values. At most ``limit``
+        # descriptors per table: a longer chain has a loop.
+        table, low, low_end, hops = self._walk
+        where = ""  # "" for the descriptor table, else _INDIRECT_TABLE (error messages)
         unpack = _unpack_desc
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         rlen = wlen = 0
         seen_write = False
         index = head
-        for _ in self._hop_range:
-            addr, length, flags, nxt = unpack(table, index << 4)  # type: ignore[arg-type]
-            if flags & VIRTQ_DESC_F_WRITE:
-                if flags & VIRTQ_DESC_F_INDIRECT:
-                    # §2.7.5.3.1: the device ignores WRITE on a descriptor to a table.
-                    return self._walk_indirect(head, index, addr, length, flags,
-                                               readable, rlen, writable, wlen, seen_write)
-                wlen += length
-                seen_write = True
-                if length:
-                    end = addr + length
-                    if end <= low_end:  # inside the directly sliceable window
-                        writable.append(low[addr:end])  # type: ignore[index]
+        while True:
+            for _ in hops:
+                addr, length, flags, nxt = unpack(table, index << 4)
+                if flags & VIRTQ_DESC_F_WRITE:
+                    if flags & VIRTQ_DESC_F_INDIRECT:
+                        break  # a table (WRITE is ignored, §2.7.5.3.1): go on in it (below)
+                    wlen += length
+                    seen_write = True
+                    if length:
+                        end = addr + length
+                        if end <= low_end:  # inside the directly sliceable window
+                            writable.append(low[addr:end])
+                        else:
+                            writable.append(self._buffer(head, index, addr, length, where))
+                elif flags & VIRTQ_DESC_F_INDIRECT:
+                    break
+                elif seen_write:
+                    raise ReadableAfterWritable(self.index, head, index, where)
+                else:
+                    rlen += length
+                    if length:
+                        end = addr + length
+                        if end <= low_end:
+                            readable.append(low[addr:end])
+                        else:
+                            readable.append(self._buffer(head, index, addr, length, where))
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    if rlen + wlen > _MAX_CHAIN_BYTES:
+                        raise ChainLengthOverflow(self.index, head, rlen + wlen)
+                    # The one place a chain is built: slots filled in place (chain.py).
+                    if rlen:
+                        r = Reader()
+                        r._views = readable
+                        r._i = r._off = 0
+                        r.total = r.remaining = rlen
                     else:
-                        writable.append(self._buffer(head, index, addr, length, ""))
-            elif flags & VIRTQ_DESC_F_INDIRECT:
-                return self._walk_indirect(head, index, addr, length, flags,
-                                           readable, rlen, writable, wlen, seen_write)
-            elif seen_write:
-                raise ReadableAfterWritable(self.index, head, index, "")
+                        r = NO_READER
+                    if wlen:
+                        w = Writer()
+                        w._views = writable
+                        w._i = w._off = 0
+                        w.total = w.remaining = wlen
+                    else:
+                        w = NO_WRITER
+                    c = DescriptorChain()
+                    c._owner = self
+                    c._generation = self._generation
+                    c.head = head
+                    c.reader = r
+                    c.writer = w
+                    return c
+                if nxt >= limit:
+                    raise InvalidNextIndex(self.index, head, index, nxt, limit, where)
+                index = nxt
             else:
-                rlen += length
-                if length:
-                    end = addr + length
-                    if end <= low_end:
-                        readable.append(low[addr:end])  # type: ignore[index]
-                    else:
-                        readable.append(self._buffer(head, index, addr, length, ""))
-            if not flags & VIRTQ_DESC_F_NEXT:
-                if rlen + wlen > _MAX_CHAIN_BYTES:
-                    raise ChainLengthOverflow(self.index, head, rlen + wlen)
-                # new_chain(self, self._generation, head, readable, rlen, writable, wlen),
-                # inlined: one Python call less per chain on the hottest path.
-                r = Reader()
-                r._views = readable
-                r._i = r._off = 0
-                r.total = r.remaining = rlen
-                w = Writer()
-                w._views = writable
-                w._i = w._off = 0
-                w.total = w.remaining = wlen
-                c = DescriptorChain()
-                c._owner = self
-                c._generation = self._generation
-                c.head = head
-                c.reader = r
-                c.writer = w
-                return c
-            if nxt >= limit:
-                raise InvalidNextIndex(self.index, head, index, nxt, limit)
-            index = nxt
-        raise DescriptorChainTooLong(self.index, head, limit)
-
-    def _walk_indirect(
-        self,
-        head: int,
-        index: int,
-        addr: int,
-        length: int,
-        flags: int,
-        readable: list[memoryview],
-        rlen: int,
-        writable: list[memoryview],
-        wlen: int,
-        seen_write: bool,
-    ) -> DescriptorChain:
-        """The rest of a chain, from the indirect table descriptor ``index`` points to.
-        It ends the direct chain (no NEXT); its entries chain by index within the table,
-        at most ``len / 16`` of them."""
-        if flags & VIRTQ_DESC_F_NEXT:
-            raise IndirectWithNext(self.index, head, index)
-        if length == 0 or length & 15 or length > _MAX_INDIRECT_BYTES:
-            raise InvalidIndirectLength(self.index, head, index, length)
-        low = self._low
-        low_end = self._low_end
-        end = addr + length
-        if end <= low_end:
-            # Unpacked in place from the window (no slice): entry i is at base + 16 * i,
-            # and the table [addr, end) was just checked to lie inside the window.
-            table: memoryview = low  # type: ignore[assignment]
-            base = addr
-        else:
-            table = self._buffer(head, index, addr, length, "")
-            base = 0
-        limit = length >> 4
-        where = _INDIRECT_TABLE
-        unpack = _unpack_desc
-        index = 0
-        for _ in range(limit):
-            addr, length, flags, nxt = unpack(table, base + (index << 4))
-            if flags & VIRTQ_DESC_F_INDIRECT:
+                raise DescriptorChainTooLong(self.index, head, limit, where)
+            # Descriptor ``index`` points to an indirect table: it ends the direct chain (no
+            # NEXT) and the table holds no further tables (§2.7.5.3.1).
+            if where:
                 raise NestedIndirect(self.index, head, index)
-            if flags & VIRTQ_DESC_F_WRITE:
-                seen_write = True
-                wlen += length
-                if length:
-                    end = addr + length
-                    if end <= low_end:
-                        writable.append(low[addr:end])  # type: ignore[index]
-                    else:
-                        writable.append(self._buffer(head, index, addr, length, where))
-            elif seen_write:
-                raise ReadableAfterWritable(self.index, head, index, where)
+            if flags & VIRTQ_DESC_F_NEXT:
+                raise IndirectWithNext(self.index, head, index)
+            if length == 0 or length & 15 or length > _MAX_INDIRECT_BYTES:
+                raise InvalidIndirectLength(self.index, head, index, length)
+            end = addr + length
+            if end <= low_end:
+                table = low[addr:end]
             else:
-                rlen += length
-                if length:
-                    end = addr + length
-                    if end <= low_end:
-                        readable.append(low[addr:end])  # type: ignore[index]
-                    else:
-                        readable.append(self._buffer(head, index, addr, length, where))
-            if not flags & VIRTQ_DESC_F_NEXT:
-                if rlen + wlen > _MAX_CHAIN_BYTES:
-                    raise ChainLengthOverflow(self.index, head, rlen + wlen)
-                return new_chain(self, self._generation, head, readable, rlen, writable, wlen)
-            if nxt >= limit:
-                raise InvalidNextIndex(self.index, head, index, nxt, limit, where)
-            index = nxt
-        raise DescriptorChainTooLong(self.index, head, limit, where)
+                table = self._buffer(head, index, addr, length, where)
+            where = _INDIRECT_TABLE
+            limit = length >> 4
+            hops = range(limit)
+            index = 0
 
-    def _buffer(
-        self,
-        head: int,
-        index: int,
-        addr: int,
-        length: int,
-        where: str,
-    ) -> memoryview:
+    def _buffer(self, head: int, index: int, addr: int, length: int, where: str) -> memoryview:
         """A buffer (or table) through ``translate``, checked: DescriptorOutOfMemory."""
-        translate = self._translate
-        try:
-            if translate is None or addr + length > U64_LIMIT:
-                raise GuestMemoryError(addr, length)
-            view = translate(addr, length)
-        except GuestMemoryError:
-            raise DescriptorOutOfMemory(self.index, head, index, addr, length, where) from None
-        if len(view) != length:
+        view = view_of(self._translate, addr, length)
+        if view is None:
             raise DescriptorOutOfMemory(self.index, head, index, addr, length, where)
         return view
 
@@ -504,29 +455,23 @@ class Queue:
 
         Devices normally let the chain do this (``with chain:``). ``ValueError`` for a
         head >= size or a length outside u32: those are device bugs, not guest errors."""
-        elems = self._used_elems
-        used16 = self._used16
-        if elems is None or used16 is None:
+        if self._avail_view is None:
             raise QueueNotReady(self.index)
         if not 0 <= head < self._size or not 0 <= length <= _MAX_CHAIN_BYTES:
             raise ValueError(f"add_used({head}, {length}) on queue {self.index}: out of range")
-        nu = self._next_used
-        # The element store comes before the index store (see ring.py on ordering).
-        elems[nu & self._mask] = head | length << USED_ELEM_LEN_SHIFT
-        nu = (nu + 1) & 0xFFFF
-        used16[_IDX] = nu
-        self._next_used = nu
+        self.return_chain(head, length, self._generation)
 
     def return_chain(self, head: int, written: int, generation: int) -> None:
-        """Called by a chain when it completes; a chain from before a reset is dropped."""
-        elems = self._used_elems
-        used16 = self._used16
-        if generation != self._generation or elems is None or used16 is None:
+        """The used-ring publisher (every used element goes through here): called by a
+        chain when it completes, and by ``add_used``. A chain from before a reset (another
+        ``generation``) is dropped."""
+        if generation != self._generation:
             return
         nu = self._next_used
-        elems[nu & self._mask] = head | written << USED_ELEM_LEN_SHIFT
+        # The element store comes before the index store (see ring.py on ordering).
+        self._used_elems[nu & self._mask] = head | written << USED_ELEM_LEN_SHIFT
         nu = (nu + 1) & 0xFFFF
-        used16[_IDX] = nu
+        self._used16[_IDX] = nu
         self._next_used = nu
 
     # --- notifications (§2.7.7, §2.7.10; VIRTIO_F_EVENT_IDX) ----------------------------

@@ -25,9 +25,8 @@ import mmap
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from ..memory import GuestMemoryError
 from . import ring
-from .mem import GuestMemoryLike
+from .mem import GuestMemoryLike, GuestRangeError
 from .queue import Queue
 from .ring import (
     DESC,
@@ -80,14 +79,14 @@ class FakeGuestMemory:
         self.translations = 0
 
     def translate(self, gpa: int, length: int) -> memoryview:
-        """``length`` bytes at ``gpa``; GuestMemoryError unless all inside one region."""
+        """``length`` bytes at ``gpa``; GuestRangeError unless all inside one region."""
         self.translations += 1
         end = gpa + length
         if gpa >= 0 and length >= 0:
             for start, size, view in self.regions:
                 if start <= gpa and end <= start + size:
                     return view[gpa - start : end - start]
-        raise GuestMemoryError(gpa, length)
+        raise GuestRangeError(gpa, length)
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.translate(gpa, length))

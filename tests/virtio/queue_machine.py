@@ -17,6 +17,8 @@ Used by test_stateful.py (CI-sized) and fuzz_queue.py (long runs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -39,6 +41,10 @@ class NoWindow:
 
 
 U64 = 2**64
+
+record: Callable[[str], None] = event
+"""Where the machine reports what ``pop`` did: Hypothesis's ``event`` (shown with
+``--hypothesis-show-statistics``); fuzz_queue.py counts them instead."""
 
 
 def interesting_addrs(drv: FakeDriver) -> st.SearchStrategy[int]:
@@ -174,7 +180,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def corrupt_descriptor(self, data: st.DataObject) -> None:
         live = sorted(i for descs in self.drv.chain_descriptors().values() for i in descs)
-        if live and data.draw(st.integers(0, 4)):
+        if len(live) > 0 and data.draw(st.integers(0, 4)) != 0:
             index = data.draw(st.sampled_from(live))  # usually one the device will walk
         else:
             index = data.draw(st.integers(0, self.size - 1))
@@ -270,14 +276,14 @@ class QueueMachine(RuleBasedStateMachine):
         try:
             chain = self.q.pop()
         except VirtQueueError as e:
-            event(f"pop raised {type(e).__name__}")
+            record(f"pop raised {type(e).__name__}")
             return self.q.broken is None
         finally:
             assert self.fake.translations - before <= self.size + MAX_POP_TRANSLATIONS_EXTRA
         if chain is None:
-            event("pop: ring empty")
+            record("pop: ring empty")
             return False
-        event("pop: a chain")
+        record("pop: a chain")
         assert 0 <= chain.head < self.size and chain.head in self.offered
         overlap = self._check_views(chain)
         chain.reader.read(reads)

@@ -393,3 +393,43 @@ def test_every_error_is_a_virtqueue_error_with_a_queue_number() -> None:
     msg = r"^queue 3: chain at head 0: descriptor 0 points to 0x4000000000000\+0x4,"
     with pytest.raises(DescriptorError, match=msg):
         q.pop()
+
+
+def test_one_part_chains_share_an_empty_stream_that_nothing_can_change() -> None:
+    """A chain with no readable (writable) bytes gets the shared NO_READER (NO_WRITER):
+    every method of it, used as a device would on any chain, leaves it empty for the
+    next chain (or the shared object would carry one chain's position into another)."""
+    drv, q = setup()
+    zero = struct.Struct("")
+    drv.publish([], [8])
+    drv.publish([b"data"], [])
+    drv.publish([], [8])
+    drv.publish([b"more"], [])
+    first_w, first_r = q.pop(), q.pop()
+    assert first_w is not None and first_r is not None
+    with first_w as w_only, first_r as r_only:
+        r, w = w_only.reader, r_only.writer
+        assert r.read() == b"" and r.read(5) == b"" and r.readinto(bytearray(4)) == 0
+        assert r.read_struct(zero) == () and r.views() == [] and r.views(3) == []
+        r.consume(0)
+        with pytest.raises(EOFError):
+            r.read_struct(struct.Struct("<I"))
+        with pytest.raises(ValueError):
+            r.consume(1)
+        assert w.write(b"xyz") == 0 and w.write(bytearray(2)) == 0 and w.write(b"") == 0
+        assert w.views() == [] and w.written == 0
+        w.advance(0)
+        with pytest.raises(ValueError):
+            w.advance(1)
+        w_only.writer.write(b"12345678")
+        r_only.reader.read()
+    second_w, second_r = q.pop(), q.pop()
+    assert second_w is not None and second_r is not None
+    assert second_w.reader is r and second_r.writer is w  # shared, and still empty:
+    for stream in (r, w):
+        assert (stream.total, stream.remaining, stream._i, stream._off, stream._views) == (
+            0, 0, 0, 0, [])
+    assert second_r.reader.read() == b"more"
+    second_w.complete()
+    second_r.complete()
+    assert [e.len for e in drv.used()] == [0, 8, 0, 0]  # ``with a, b`` returns b first
