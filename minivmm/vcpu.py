@@ -120,6 +120,19 @@ class VcpuRunner:
         against the device hit last time before falling back to the bus's bisect. The data
         memoryviews are made once, not per exit.
         """
+        view = self.vcpu.run_view
+        mmio_data = [view[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + n] for n in range(9)]
+        pio_data: dict[int, memoryview] = {}  # keyed by offset * 8 + size
+        if self._on_first_run is not None:
+            self._on_first_run()
+        try:
+            self._dispatch(mmio_data, pio_data)
+        finally:  # views of the kvm_run page must not outlive the loop
+            for v in (*mmio_data, *pio_data.values()):
+                v.release()
+
+    def _dispatch(self, mmio_data: list[memoryview], pio_data: dict[int, memoryview]
+                  ) -> None:
         vcpu = self.vcpu
         fd = vcpu.fd
         run = vcpu.run
@@ -137,13 +150,9 @@ class VcpuRunner:
         exit_io = c.KVM_EXIT_IO
         exit_mmio = c.KVM_EXIT_MMIO
         io_out = c.KVM_EXIT_IO_OUT
-        mmio_data = [view[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + n] for n in range(9)]
-        pio_data: dict[int, memoryview] = {}  # keyed by offset * 8 + size
         last_base = last_end = 0  # the MMIO device hit last
         last_read: Callable[[int, memoryview], None] = mmio.read
         last_write: Callable[[int, memoryview], None] = mmio.write
-        if self._on_first_run is not None:
-            self._on_first_run()
         while not stop.stopping:
             if kvm_run(fd, request, 0) < 0:
                 err = get_errno()

@@ -206,17 +206,19 @@ class VirtioDevice(ABC):
 
     def reset(self) -> None:
         """Back to the state before the driver found the device (Status = 0)."""
-        if self.is_activated:
-            self.on_reset()
-        self.memory = None
-        self.interrupt = None
-        self._acked_features = 0
-        for q, fd in zip(self.queues, self.queue_events, strict=True):
-            q.reset()
-            try:
-                os.eventfd_read(fd)  # drop a kick that arrived before the reset
-            except BlockingIOError:
-                pass
+        try:
+            if self.is_activated:
+                self.on_reset()
+        finally:  # the device is reset even if its hook failed
+            self.memory = None
+            self.interrupt = None
+            self._acked_features = 0
+            for q, fd in zip(self.queues, self.queue_events, strict=True):
+                q.reset()
+                try:
+                    os.eventfd_read(fd)  # drop a kick that arrived before the reset
+                except BlockingIOError:
+                    pass
 
     def on_activate(self) -> None:
         """Hook: take what the device needs to run (files, fds). Raise ActivationError."""

@@ -244,9 +244,12 @@ class Vcpu(_Fd):
 
     def close(self) -> None:
         if self.fd >= 0:
-            del self.run
+            self.__dict__.pop("run", None)
             self.run_view.release()
-            self.run_map.close()
+            try:
+                self.run_map.close()
+            except BufferError:
+                pass  # a view of the page is still held (a traceback): unmapped with it
         super().close()
 
     def get_regs(self) -> s.kvm_regs:
