@@ -17,6 +17,8 @@ Used by test_stateful.py (CI-sized) and fuzz_queue.py (long runs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -57,6 +59,16 @@ LENGTHS = st.one_of(
     st.integers(0, 64), st.sampled_from([16, 32, 48, 2**31, 2**32 - 1, 2**32 - 16, 1 << 20])
 )
 MAX_POP_TRANSLATIONS_EXTRA = 1 + ring.MAX_QUEUE_SIZE
+
+#: Called with the name of each pop outcome, besides Hypothesis's ``event`` (fuzz_queue.py
+#: counts them).
+outcome_observers: list[Callable[[str], None]] = []
+
+
+def outcome(name: str) -> None:
+    event(name)
+    for observe in outcome_observers:
+        observe(name)
 
 
 class QueueMachine(RuleBasedStateMachine):
@@ -174,7 +186,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def corrupt_descriptor(self, data: st.DataObject) -> None:
         live = sorted(i for descs in self.drv.chain_descriptors().values() for i in descs)
-        if live and data.draw(st.integers(0, 4)):
+        if live and data.draw(st.integers(0, 4)) != 0:
             index = data.draw(st.sampled_from(live))  # usually one the device will walk
         else:
             index = data.draw(st.integers(0, self.size - 1))
@@ -270,14 +282,14 @@ class QueueMachine(RuleBasedStateMachine):
         try:
             chain = self.q.pop()
         except VirtQueueError as e:
-            event(f"pop raised {type(e).__name__}")
+            outcome(f"pop raised {type(e).__name__}")
             return self.q.broken is None
         finally:
             assert self.fake.translations - before <= self.size + MAX_POP_TRANSLATIONS_EXTRA
         if chain is None:
-            event("pop: ring empty")
+            outcome("pop: ring empty")
             return False
-        event("pop: a chain")
+        outcome("pop: a chain")
         assert 0 <= chain.head < self.size and chain.head in self.offered
         overlap = self._check_views(chain)
         chain.reader.read(reads)
