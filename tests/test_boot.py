@@ -72,7 +72,7 @@ def test_64bit_boot_protocol_entry(tmp_path: Path) -> None:
     """The same probe.elf entered at e_entry in long mode with a zero page."""
     log = tmp_path / "console.txt"
     cfg = minivmm.VmConfig(kernel=guest_artifact("probe.elf"), cmdline="probe.expect_mem=96M",
-                           mem="96M", console=f"file:{log}", prefer_pvh=False)
+                           mem=96 * MiB, console=f"file:{log}", prefer_pvh=False)
     with minivmm.Vm(cfg) as vm:
         result = vm.run()
     run = ProbeRun(result.status, log.read_text())

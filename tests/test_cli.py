@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from guests import run_minivmm
+from guests import guest_artifact, run_minivmm
 
 
 def _one_line_error(args: list[str], want: str) -> None:
@@ -35,7 +35,7 @@ def test_usage_errors(args: list[str], want: str) -> None:
 
 
 def test_initrd_missing(tmp_path: Path) -> None:
-    _one_line_error(["run", "--kernel", "guest/out/probe.elf", "--initrd",
+    _one_line_error(["run", "--kernel", str(guest_artifact("probe.elf")), "--initrd",
                      str(tmp_path / "nope.cpio")], "nope.cpio")
 
 

@@ -27,4 +27,6 @@ def test_virtio_console_default_cmdline_uses_hvc0(tmp_path: Path) -> None:
     p = run_minivmm("run", "--kernel", str(guest_artifact("probe.elf")), "--console-device",
                     "virtio", "--console", f"file:{out}")
     run = ProbeRun(p.returncode, out.read_text(), p.stderr)
-    assert "console=hvc0" in run.one("cmdline=")
+    run.assert_pass()
+    options = run.one("cmdline=").removeprefix("cmdline=").split()
+    assert "console=hvc0" in options and "console=ttyS0" not in options

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_legacy import RecordingLine, RecordingSink
 
 from minivmm.console import (
     FdSink,
@@ -27,6 +26,8 @@ from minivmm.console import (
 )
 from minivmm.devices.legacy.serial import Serial
 from minivmm.errors import UsageError
+
+from .helpers_legacy import RecordingLine, RecordingSink
 
 WAIT = 10.0  # generous bound for a thread to react; tests never assert on timings
 

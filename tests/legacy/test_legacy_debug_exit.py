@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from helpers_legacy import rd
 
 from minivmm.bus import Bus
 from minivmm.devices.legacy.debug_exit import DebugExit
 from minivmm.x86 import layout
+
+from .helpers_legacy import rd
 
 
 @pytest.mark.parametrize("value", [0, 1, 2, 42, 127, 255])

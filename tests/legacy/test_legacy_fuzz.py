@@ -7,13 +7,14 @@ and every byte written to THR (outside DLAB and loopback) reaches the sink, in o
 
 from __future__ import annotations
 
-from helpers_legacy import RecordingLine, RecordingSink, rd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minivmm.devices.legacy.debug_exit import DebugExit
 from minivmm.devices.legacy.i8042 import I8042
 from minivmm.devices.legacy.serial import IIR_FCR, LCR, MCR, Serial
+
+from .helpers_legacy import RecordingLine, RecordingSink, rd
 
 SIZES = st.sampled_from([0, 1, 2, 3, 4, 8])
 access = st.tuples(

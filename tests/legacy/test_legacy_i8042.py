@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from helpers_legacy import rd, wr
 
 from minivmm.bus import Bus
 from minivmm.devices.legacy.i8042 import I8042
 from minivmm.x86 import layout
+
+from .helpers_legacy import rd, wr
 
 DATA, STATUS = 0, 4
 OBF, CMD = 0x01, 0x08

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-from helpers_legacy import RecordingLine, RecordingSink, rd, wr
 
 from minivmm.devices.legacy.serial import (
     DATA,
@@ -18,6 +17,8 @@ from minivmm.devices.legacy.serial import (
     SCR,
     Serial,
 )
+
+from .helpers_legacy import RecordingLine, RecordingSink, rd, wr
 
 IIR_NONE, IIR_MS, IIR_THRE, IIR_RDA, IIR_RLS = 0x01, 0x00, 0x02, 0x04, 0x06
 

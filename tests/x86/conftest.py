@@ -7,7 +7,8 @@ import shutil
 import subprocess
 
 import pytest
-from synthetic_kernels import ASM, LDS, ElfBuilder
+
+from .synthetic_kernels import ASM, LDS, ElfBuilder
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from synthetic_kernels import PAYLOAD_MARK, make_bzimage
 
 from minivmm.errors import UsageError
 from minivmm.memory import GuestMemory
@@ -14,6 +13,8 @@ from minivmm.x86 import layout
 from minivmm.x86.bootparams import BootParams
 from minivmm.x86.e820 import E820_RAM, E820_RESERVED
 from minivmm.x86.loader import load_kernel
+
+from .synthetic_kernels import PAYLOAD_MARK, make_bzimage
 
 MiB = 1 << 20
 

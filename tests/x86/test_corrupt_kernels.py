@@ -9,11 +9,12 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from synthetic_kernels import ElfBuilder, make_bzimage
 
 from minivmm.errors import UsageError
 from minivmm.memory import GuestMemory
 from minivmm.x86.loader import load_kernel
+
+from .synthetic_kernels import ElfBuilder, make_bzimage
 
 _counter = itertools.count()
 

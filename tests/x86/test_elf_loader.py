@@ -7,7 +7,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from synthetic_kernels import ElfBuilder
 
 from minivmm.errors import UsageError
 from minivmm.memory import GuestMemory
@@ -15,6 +14,8 @@ from minivmm.x86 import layout, pvh
 from minivmm.x86.bootparams import BootParams
 from minivmm.x86.e820 import e820_map
 from minivmm.x86.loader import load_kernel
+
+from .synthetic_kernels import ElfBuilder
 
 MiB = 1 << 20
 PHYS = 0x20_0000
