@@ -55,6 +55,7 @@ hwvirt:
 	guest/hwvirt/build.sh $(OUT)
 
 HWVIRT_TESTS ?= tests/hwvirt
+HWVIRT_TIMEOUT ?= 1500
 HWVIRT_PYTEST = $(PYTHON) -m pytest -m hwvirt -p no:cacheprovider $(HWVIRT_TESTS)
 test-hwvirt: hwvirt
 	@if [ -e /dev/kvm ] && ! guest/kvm-emulates-kernel.sh; then \
@@ -65,7 +66,7 @@ test-hwvirt: hwvirt
 	         "qemu-system-x86_64 to nest one (install the Debian package qemu-system-x86)"; \
 	else \
 	    echo "test-hwvirt: running in L1 (nested SVM under QEMU TCG; guest/hwvirt/run.py)"; \
-	    $(PYTHON) guest/hwvirt/run.py -- $(HWVIRT_PYTEST) --basetemp=/tmp/pytest-hwvirt; \
+	    $(PYTHON) guest/hwvirt/run.py --timeout $(HWVIRT_TIMEOUT) -- $(HWVIRT_PYTEST) --basetemp=/tmp/pytest-hwvirt; \
 	fi
 
 # The virtqueue engine's Hypothesis fuzzer, for longer runs than CI's (FUZZ_SECONDS=600).

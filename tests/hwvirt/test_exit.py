@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import selectors
 import signal
 import subprocess
 import time
@@ -47,15 +48,28 @@ def test_debug_exit_status_is_the_value_written() -> None:
 
 
 def spin_guest(tmp_path: Path) -> Path:
-    """Writes 'R' to the serial port, then spins forever."""
+    """Writes "R\\n" to the serial port (minivmm's UART hands output on per line), then
+    spins forever."""
     return tiny_elf(tmp_path, "spin", "mov $0x3f8, %dx\nmov $0x52, %al\nout %al, (%dx)\n"
-                                      "1: pause\njmp 1b")
+                                      "mov $0x0a, %al\nout %al, (%dx)\n1: pause\njmp 1b")
 
 
 def start(elf: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(minivmm("--kernel", str(elf), "--mem", "32M", "--stats"),
                             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
+
+
+def finish(proc: subprocess.Popen[bytes]) -> tuple[bytes, str]:
+    """stdout and stderr once minivmm has ended; a failure (after SIGKILL) if it has not
+    within a minute."""
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"minivmm still running a minute after the signal:\n{err.decode()}")
+    return out, err.decode(errors="replace")
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
@@ -66,8 +80,7 @@ def test_signal_during_start_up(tmp_path: Path, sig: signal.Signals) -> None:
     proc = start(elf)
     time.sleep(delay)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    text = err.decode(errors="replace")
+    _, text = finish(proc)
     # Before the interpreter installs any handler the signal's default action ends the
     # process (a shell reports 128+N all the same); after that minivmm exits 128+N.
     assert proc.returncode in (128 + sig, -sig), (proc.returncode, text)
@@ -78,11 +91,15 @@ def test_signal_during_start_up(tmp_path: Path, sig: signal.Signals) -> None:
 def test_signal_while_the_guest_runs(tmp_path: Path, sig: signal.Signals) -> None:
     proc = start(spin_guest(tmp_path))
     assert proc.stdout is not None
-    first = proc.stdout.read(1)  # the guest is running once its byte is out
-    assert first == b"R", (first, proc.communicate(timeout=60))
+    with selectors.DefaultSelector() as sel:  # the guest runs once its byte is out
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(120)
+    first = proc.stdout.read1(1) if ready else b""
+    if first != b"R":
+        proc.kill()
+        pytest.fail(f"no 'R' from the guest within 120 s: {first!r} {finish(proc)}")
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    text = err.decode(errors="replace")
+    _, text = finish(proc)
     assert proc.returncode == 128 + sig, text
     assert f"stopped by {sig.name}" in text
     assert "stats: exits" in text  # it went through the normal end of a run
