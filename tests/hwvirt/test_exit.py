@@ -26,6 +26,10 @@ from .common import minivmm
 
 pytestmark = [pytest.mark.hwvirt, pytest.mark.kvm, pytest.mark.slow]
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
+# A SIGINT that lands in Python's start-up (site imports) or minivmm's imports ends with a
+# KeyboardInterrupt traceback and status 1 today.
+EARLY_SIGNALS = [pytest.param(signal.SIGINT, marks=pytest.mark.xfail(
+    strict=False, reason="issue 10 defect 11")), signal.SIGTERM]
 
 
 def run(*args: str) -> ProbeRun:
@@ -72,7 +76,7 @@ def finish(proc: subprocess.Popen[bytes]) -> tuple[bytes, str]:
     return out, err.decode(errors="replace")
 
 
-@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", EARLY_SIGNALS, ids=lambda s: s.name)
 def test_signal_during_start_up(tmp_path: Path, sig: signal.Signals) -> None:
     elf = spin_guest(tmp_path)
     delay = random.uniform(0.0, 2.5)
