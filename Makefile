@@ -56,7 +56,7 @@ hwvirt:
 
 HWVIRT_TESTS ?= tests/hwvirt
 HWVIRT_TIMEOUT ?= 1500
-HWVIRT_PYTEST = $(PYTHON) -m pytest -m hwvirt -p no:cacheprovider $(HWVIRT_TESTS)
+HWVIRT_PYTEST = $(PYTHON) -m pytest -m hwvirt -p no:cacheprovider --durations=5 $(HWVIRT_TESTS)
 test-hwvirt: hwvirt
 	@if [ -e /dev/kvm ] && ! guest/kvm-emulates-kernel.sh; then \
 	    echo "test-hwvirt: this host's KVM is hardware virtualization: running directly"; \
