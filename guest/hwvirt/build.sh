@@ -29,6 +29,8 @@ done
 busybox=/bin/busybox
 busybox_version=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null) ||
     die "busybox-static is not installed; install the Debian package busybox-static"
+readelf -l "$busybox" 2>/dev/null | grep -q INTERP &&
+    die "$busybox is not statically linked; install the Debian package busybox-static"
 
 # The kernel package linux-image-amd64 points at, e.g. linux-image-6.1.0-57-amd64.
 resolve() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Print the load order of kernel modules and everything they depend on.
 
-Usage: modules.py MODULES_DIR NAME[=ARGS]... 
+Usage: modules.py MODULES_DIR NAME[=ARGS]...
 
 MODULES_DIR is an unpacked /lib/modules/<version> with modules.dep (depmod -b).
 NAME is a module name (``kvm_amd`` and ``kvm-amd`` are the same module); ARGS, if

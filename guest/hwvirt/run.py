@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import selectors
 import shlex
 import shutil
 import signal
@@ -84,8 +85,6 @@ def stream(proc: subprocess.Popen[bytes], deadline: float) -> bool:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     os.set_blocking(fd, False)
-    import selectors
-
     with selectors.DefaultSelector() as sel:
         sel.register(fd, selectors.EVENT_READ)
         while (left := deadline - time.monotonic()) > 0:
@@ -103,7 +102,9 @@ def stream(proc: subprocess.Popen[bytes], deadline: float) -> bool:
 
 
 def show_console(console: Path, why: str) -> None:
-    text = console.read_bytes().decode(errors="replace").replace("\r", "") if console.exists() else ""
+    text = ""
+    if console.exists():
+        text = console.read_bytes().decode(errors="replace").replace("\r", "")
     print(f"hwvirt: {why}; L1's console follows\n{text}\nhwvirt: end of L1's console",
           file=sys.stderr)
 
