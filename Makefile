@@ -10,6 +10,11 @@
 #   make fuzz             the virtqueue engine fuzzer (FUZZ_SECONDS=300)
 #   make bench            minivmm next to QEMU (bench/run.py; BENCH_ARGS=--reps N)
 #   make bench-smoke      every benchmark once, tiny sizes (CI: checks it still runs)
+#   make hwvirt           guest/out/hwvirt/: L1 for the hardware-virtualization tier
+#                         (Debian's stock kernel + initramfs; guest/hwvirt/build.sh)
+#   make test-hwvirt      the tests marked hwvirt: inside L1 (nested SVM under QEMU
+#                         TCG, guest/hwvirt/run.py) unless this host's KVM is hardware
+#                         virtualization; HWVIRT_TESTS=tests/hwvirt/...::test_x for one
 #   make clean            remove guest/out/ (the cache stays; delete
 #                         ~/.cache/minivmm to rebuild from scratch)
 
@@ -43,6 +48,26 @@ guest-initramfs-check:
 
 test:
 	$(PYTHON) -m pytest
+
+# The hardware-virtualization tier (README "The hardware-virtualization test tier").
+.PHONY: hwvirt test-hwvirt
+hwvirt:
+	guest/hwvirt/build.sh $(OUT)
+
+HWVIRT_TESTS ?= tests/hwvirt
+HWVIRT_TIMEOUT ?= 1500
+HWVIRT_PYTEST = $(PYTHON) -m pytest -m hwvirt -p no:cacheprovider --durations=5 $(HWVIRT_TESTS)
+test-hwvirt: hwvirt
+	@if [ -e /dev/kvm ] && ! guest/kvm-emulates-kernel.sh; then \
+	    echo "test-hwvirt: this host's KVM is hardware virtualization: running directly"; \
+	    $(HWVIRT_PYTEST); \
+	elif ! command -v qemu-system-x86_64 >/dev/null; then \
+	    echo "test-hwvirt: SKIPPED: no hardware-virtualization /dev/kvm here and no" \
+	         "qemu-system-x86_64 to nest one (install the Debian package qemu-system-x86)"; \
+	else \
+	    echo "test-hwvirt: running in L1 (nested SVM under QEMU TCG; guest/hwvirt/run.py)"; \
+	    $(PYTHON) guest/hwvirt/run.py --timeout $(HWVIRT_TIMEOUT) -- $(HWVIRT_PYTEST) --basetemp=/tmp/pytest-hwvirt; \
+	fi
 
 # The virtqueue engine's Hypothesis fuzzer, for longer runs than CI's (FUZZ_SECONDS=600).
 FUZZ_SECONDS ?= 300

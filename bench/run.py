@@ -1,6 +1,8 @@
 """minivmm next to QEMU: the same probe guest, the same host, the same run.
 
     python -m bench [--reps N] [--smoke] [--no-io-uring] [--out DIR]
+    python -m bench --hwvirt [--reps N]   Linux boot time on a hardware-virtualization KVM
+                                          (bench/hwvirt.py; in L1 on kvm_pvm hosts)
 
 Builds the probe (into bench/out/, from guest/probe) and the C floor (bench/floor.c,
 gcc), copies minivmm/ to bench/out/snapshot/ and runs it from there (the workspace is
@@ -285,6 +287,11 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--hwvirt" in argv:
+        from . import hwvirt
+
+        return hwvirt.in_l1([a for a in argv if a != "--hwvirt"])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5, help="repetitions per VMM (default 5)")
@@ -295,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-io-uring", dest="io_uring", action="store_false",
                    help="don't try QEMU with aio=io_uring")
     p.add_argument("--out", default=str(REPO / "bench" / "out"), help="build/output dir")
+    p.add_argument("--hwvirt", action="store_true",
+                   help="Linux boot time, minivmm vs QEMU, on a hardware-virtualization KVM "
+                        "(bench/hwvirt.py; takes --reps)")
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error("--reps must be at least 1")
