@@ -154,6 +154,7 @@ def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Mac
     from .console import open_sink
     from .devices.legacy.debug_exit import DebugExit
     from .devices.legacy.i8042 import I8042
+    from .devices.legacy.rtc import Rtc
     from .devices.legacy.serial import Serial
 
     sink = open_sink(cfg.console)  # first: a bad --console is a usage error, not a VM error
@@ -175,6 +176,9 @@ def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Mac
         machine.pio_bus.register(layout.DEBUG_EXIT_PORT, DebugExit.SIZE, DebugExit(
             on_exit=lambda v: machine.request_stop(v, "debug-exit", f"debug-exit {v}")))
         machine.on_stop(serial.flush)
+        rtc = Rtc(machine.irq_line(layout.RTC_IRQ))
+        machine.pio_bus.register(layout.RTC_PORT, Rtc.SIZE, rtc)
+        machine.on_stop(rtc.close)
 
         loop = EventLoop()
         placed = VirtioMmioDevices(machine.vm, machine.memory, machine.mmio_bus, loop)
