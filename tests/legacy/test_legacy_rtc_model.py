@@ -155,7 +155,7 @@ ops = st.one_of(
 )
 
 
-def apply(op: tuple[object, ...], rtc: Rtc, model: Model, clock: FakeClock) -> None:
+def apply(op: tuple[Any, ...], rtc: Rtc, model: Model, clock: FakeClock) -> None:
     kind = op[0]
     if kind == "step":
         assert isinstance(op[1], int)
@@ -261,7 +261,7 @@ def apply(op: tuple[object, ...], rtc: Rtc, model: Model, clock: FakeClock) -> N
 
 @settings(max_examples=250, deadline=None)
 @given(st.integers(0, 4_000_000_000 * NS), st.lists(ops, min_size=10, max_size=80))
-def test_rtc_follows_the_reference_model(start: int, program: list[tuple[object, ...]]) -> None:
+def test_rtc_follows_the_reference_model(start: int, program: list[tuple[Any, ...]]) -> None:
     clock = FakeClock(start)
     line = RecordingLine()
     rtc = Rtc(line, clock=clock, timer_thread=False)
