@@ -49,7 +49,7 @@ reads C. The in-kernel IOAPIC takes ISA IRQ 8 as edge-triggered (the MP table sa
 "conforms to the bus"), so each interrupt needs that read before the next one, as on a
 PC. For an enabled interrupt to come on time, one thread per device (started the first
 time an interrupt is enabled, stopped by ``close()``) sleeps until the next event that
-would raise the line, and is woken by every register access.
+would raise the line, and is woken when the guest writes a clock register or reads C.
 
 Everything is under one lock: several vCPU threads and the timer thread may call in.
 """
@@ -184,6 +184,7 @@ class Rtc:
         self._flags = 0  # PF | AF | UF
         self._seen = clock()  # host time up to which the flags account for events
         self._level = False
+        self._rearm = False  # a register changed: the timer must recompute its deadline
         self._log_error = RateLimitedLog(log)
 
     # -- bus device -------------------------------------------------------------------
@@ -249,6 +250,7 @@ class Rtc:
         if index == REG_C:
             flags = self._flags
             self._flags = 0
+            self._rearm = True
             return flags | (C_IRQF if flags & self._cmos[REG_B] else 0)
         if index in TIME_REGS:
             self._show_time(now)
@@ -267,6 +269,7 @@ class Rtc:
             return
         self._advance(now)
         self._show_time(now)
+        self._rearm = True
         if index in (REG_A, REG_B):
             self._write_control(index, value, now)
         elif index in TIME_REGS:
@@ -416,7 +419,9 @@ class Rtc:
             self._level = high
             self._irq.set_level(high)
         if self._thread is not None:
-            self._wake.notify()
+            if self._rearm:
+                self._rearm = False
+                self._wake.notify()
         elif self._timer_thread and not self._closed and self._cmos[REG_B] & B_ENABLES:
             self._thread = threading.Thread(target=self._timer, name="rtc", daemon=True)
             self._thread.start()
