@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from pathlib import Path
 
 import pytest
+from guests import run_minivmm, tiny_elf
 from helpers_legacy import FakeClock, RecordingLine, cmos_rd, cmos_wr, rd, wr
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -426,3 +428,67 @@ def test_vcpus_and_the_timer_thread_at_once_keep_the_line_consistent() -> None:
     assert line.levels, "the periodic interrupt never fired"
     assert all(a != b for a, b in zip(line.levels, line.levels[1:], strict=False))
     assert line.levels[0] is True
+
+
+_GUEST = """
+.macro cmos_out idx          # CMOS byte idx to the UART
+    mov $\\idx, %al
+    out %al, $0x70
+    in $0x71, %al
+    mov $0x3f8, %dx
+    out %al, %dx
+.endm
+.macro cmos_set idx, value
+    mov $\\idx, %al
+    out %al, $0x70
+    mov $\\value, %al
+    out %al, $0x71
+.endm
+    cmos_out 0x00
+    cmos_out 0x02
+    cmos_out 0x04
+    cmos_out 0x07
+    cmos_out 0x08
+    cmos_out 0x09
+    cmos_out 0x32
+    cmos_out 0x0B
+    cmos_out 0x8D            # register D, with the NMI-mask bit set
+    cmos_set 0x0B, 0x82      # SET: 2010-09-08 05:06:07
+    cmos_set 0x09, 0x10
+    cmos_set 0x08, 0x09
+    cmos_set 0x07, 0x08
+    cmos_set 0x04, 0x05
+    cmos_set 0x02, 0x06
+    cmos_set 0x00, 0x07
+    cmos_set 0x0B, 0x02
+    cmos_out 0x04
+    cmos_out 0x02
+    cmos_out 0x00
+    cmos_out 0x09
+    mov $0x501, %dx          # debug-exit 0
+    xor %al, %al
+    out %al, %dx
+    hlt
+"""
+
+
+@pytest.mark.kvm
+def test_a_guest_reads_and_sets_the_clock_through_the_ports(tmp_path: Path) -> None:
+    """minivmm run wires the RTC at 0x70/0x71: a tiny guest reads the host's time in BCD
+    and sets its own."""
+    elf = tiny_elf(tmp_path, "rtc", _GUEST)
+    console = tmp_path / "console.bin"
+    before = dt.datetime.now(UTC).replace(microsecond=0)
+    p = run_minivmm("run", "--kernel", str(elf), "--mem", "32M", "--console",
+                    f"file:{console}")
+    after = dt.datetime.now(UTC)
+    assert p.returncode == 0, p.stderr
+    out = console.read_bytes()
+    assert len(out) == 13, out
+    bcd = [(b >> 4) * 10 + (b & 15) for b in out]
+    sec, minute, hour, day, month, year, century = bcd[:7]
+    seen = dt.datetime(century * 100 + year, month, day, hour, minute, sec, tzinfo=UTC)
+    assert before <= seen <= after, (before, seen, after)
+    assert out[7:9] == bytes([H24, 0x80])
+    assert out[9:12] in (bytes([0x05, 0x06, 0x07]), bytes([0x05, 0x06, 0x08]))
+    assert out[12] == 0x10
