@@ -31,6 +31,7 @@ from .config import VmConfig
 from .console import ConsoleSink, PipeFeeder, open_sink
 from .devices.legacy.debug_exit import DebugExit
 from .devices.legacy.i8042 import I8042
+from .devices.legacy.rtc import Rtc
 from .devices.legacy.serial import Serial
 from .eventloop import EventLoop
 from .platform import Platform
@@ -172,7 +173,8 @@ class Vm:
         return devices
 
     def _legacy_devices(self) -> None:
-        """The 8250 UART, the i8042 (for its reset line) and the debug-exit port. Output
+        """The 8250 UART, the i8042 (for its reset line), the CMOS RTC and the debug-exit
+        port. Output
         of both consoles goes to the sink; input goes to the one the config names."""
         pio = self.platform.pio_bus
         self.serial = Serial(self.platform.irq_line(layout.SERIAL_IRQ), self.sink,
@@ -182,6 +184,9 @@ class Vm:
         pio.register(layout.I8042_PORT, I8042.SIZE, i8042)
         pio.register(layout.DEBUG_EXIT_PORT, DebugExit.SIZE, DebugExit(
             on_exit=lambda v: self.request_stop(v, "debug-exit", f"debug-exit {v}")))
+        rtc = Rtc(self.platform.irq_line(layout.RTC_IRQ))
+        self._stack.callback(rtc.close)
+        pio.register(layout.RTC_PORT, Rtc.SIZE, rtc)
 
     # -- running --------------------------------------------------------------------
 

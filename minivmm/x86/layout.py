@@ -18,8 +18,9 @@
     0xfffb_c000  KVM identity-map page and TSS (3 pages)
     0x1_0000_0000 RAM above 4 GiB, when the guest has more than MMIO_GAP_START bytes
 
-Interrupts: the 8250 UART uses IRQ 4 (ISA), the i8042 IRQ 1; virtio-mmio devices take
-one IRQ each from VIRTIO_IRQ_FIRST to VIRTIO_IRQ_LAST (IOAPIC pins, edge-triggered).
+Interrupts: the 8250 UART uses IRQ 4 (ISA), the i8042 IRQ 1, the CMOS RTC IRQ 8;
+virtio-mmio devices take one IRQ each from VIRTIO_IRQ_FIRST to VIRTIO_IRQ_LAST (IOAPIC
+pins, edge-triggered).
 """
 
 from typing import Final
@@ -58,3 +59,5 @@ SERIAL_IRQ: Final = 4
 I8042_PORT: Final = 0x60
 I8042_IRQ: Final = 1
 DEBUG_EXIT_PORT: Final = 0x501
+RTC_PORT: Final = 0x70
+RTC_IRQ: Final = 8

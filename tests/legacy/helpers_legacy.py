@@ -44,3 +44,27 @@ def rd(dev: BusDevice, offset: int, size: int = 1) -> int:
 
 def wr(dev: BusDevice, offset: int, value: int, size: int = 1) -> None:
     dev.write(offset, memoryview(bytearray(value.to_bytes(size, "little"))))
+
+
+class FakeClock:
+    """An injectable host clock: UTC nanoseconds since the epoch, moved by the test."""
+
+    def __init__(self, ns: int) -> None:
+        self.ns = ns
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def step(self, ns: int) -> None:
+        self.ns += ns
+
+
+def cmos_rd(dev: BusDevice, index: int) -> int:
+    """Read CMOS byte ``index`` as a guest does: the index to port 0x70, data from 0x71."""
+    wr(dev, 0, index)
+    return rd(dev, 1)
+
+
+def cmos_wr(dev: BusDevice, index: int, value: int) -> None:
+    wr(dev, 0, index)
+    wr(dev, 1, value)

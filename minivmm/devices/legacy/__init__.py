@@ -3,6 +3,7 @@
     serial      8250/16550A UART (COM1 at layout.SERIAL_PORT, IRQ layout.SERIAL_IRQ)
     i8042       keyboard controller: only what Linux needs to probe it and to reset the machine
     debug_exit  one write-only port; the guest writes its exit status to it
+    rtc         MC146818 CMOS real-time clock (layout.RTC_PORT, IRQ layout.RTC_IRQ)
 
 Each is a bus device (minivmm.bus.BusDevice) registered over ``SIZE`` ports at its base.
 All are pure Python and testable without /dev/kvm; their effects on the VM (an interrupt
@@ -15,6 +16,7 @@ to unwind the run loop.
 
 from minivmm.devices.legacy.debug_exit import DebugExit
 from minivmm.devices.legacy.i8042 import I8042
+from minivmm.devices.legacy.rtc import Rtc
 from minivmm.devices.legacy.serial import Serial, Sink
 
-__all__ = ["I8042", "DebugExit", "Serial", "Sink"]
+__all__ = ["I8042", "DebugExit", "Rtc", "Serial", "Sink"]
