@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from .errors import UsageError
 from .memory import check_size as check_mem
@@ -41,6 +43,7 @@ HOST_QUIRKS: Final = ("auto", "off")
 DISK_SERIAL_BYTES: Final = 20
 IFNAMSIZ: Final = 16
 
+StrPath: TypeAlias = "str | PathLike[str]"
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -141,6 +144,10 @@ class DriveConfig:
     #: the guest's root filesystem: adds ``root=/dev/vdX`` (and ``ro``) to the command line
     root: bool = False
 
+    if TYPE_CHECKING:
+        def __init__(self, path: StrPath, read_only: bool = False, serial: str | None = None,
+                     id: str | None = None, root: bool = False) -> None: ...
+
     def __post_init__(self) -> None:
         _set(self, "path", _path(self.path, "path"))
         _check_bools(self)
@@ -158,6 +165,10 @@ class NetConfig:
     mac: bytes | None = None
     #: a name for the interface (Firecracker's iface_id)
     id: str | None = None
+
+    if TYPE_CHECKING:
+        def __init__(self, tap: str, mac: bytes | str | None = None,
+                     id: str | None = None) -> None: ...
 
     def __post_init__(self) -> None:
         if not isinstance(self.tap, str):
@@ -193,6 +204,14 @@ class VmConfig:
     host_quirks: str = "auto"
     #: boot an ELF with a PVH note through PVH (False: its 64-bit entry)
     prefer_pvh: bool = True
+
+    if TYPE_CHECKING:  # what the constructor accepts; the fields hold the normal forms
+        def __init__(self, kernel: StrPath, initrd: StrPath | None = None,
+                     cmdline: str | None = None, mem: int | str = DEFAULT_MEM,
+                     cpus: int = 1, console: str = "stdio", console_device: str = "serial",
+                     drives: Iterable[DriveConfig] = (),
+                     network_interfaces: Iterable[NetConfig] = (), rng: bool = False,
+                     host_quirks: str = "auto", prefer_pvh: bool = True) -> None: ...
 
     def __post_init__(self) -> None:
         _set(self, "kernel", _path(self.kernel, "kernel"))

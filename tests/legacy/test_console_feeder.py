@@ -52,7 +52,11 @@ def test_pipe_input_keeps_its_back_pressure() -> None:
     pump = InputPump(feeder.feed, lambda: None, fd=r, escape=False)
     payload = bytes(range(256)) * 1024  # 256 KiB
     got = bytearray()
-    writer = threading.Thread(target=lambda: (os.write(w, payload), os.close(w)))
+    def write_all() -> None:
+        os.write(w, payload)
+        os.close(w)
+
+    writer = threading.Thread(target=write_all)
     assert pump.start()
     writer.start()
     try:

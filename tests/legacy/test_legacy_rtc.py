@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from guests import run_minivmm, tiny_elf
-from helpers_legacy import FakeClock, RecordingLine, cmos_rd, cmos_wr, rd, wr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,6 +36,8 @@ from minivmm.devices.legacy.rtc import (
     days_from_civil,
 )
 from minivmm.x86 import layout
+
+from .helpers_legacy import FakeClock, RecordingLine, cmos_rd, cmos_wr, rd, wr
 
 NS = 1_000_000_000
 UTC = dt.UTC

@@ -15,11 +15,12 @@ import itertools
 from fractions import Fraction
 from typing import Any
 
-from helpers_legacy import FakeClock, RecordingLine, cmos_rd, cmos_wr, rd, wr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minivmm.devices.legacy.rtc import Rtc
+
+from .helpers_legacy import FakeClock, RecordingLine, cmos_rd, cmos_wr, rd, wr
 
 NS = 1_000_000_000
 EPOCH = dt.datetime(1970, 1, 1)

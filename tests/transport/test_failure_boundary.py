@@ -100,7 +100,8 @@ class Faulty(VirtioDevice):
 @pytest.mark.parametrize("where", ["activate", "queue", "config", "reset"])
 def test_device_bugs_become_needs_reset(where: str, caplog: pytest.LogCaptureFixture
                                         ) -> None:
-    h = DeviceHarness(Faulty(where))
+    dev = Faulty(where)
+    h = DeviceHarness(dev)
     try:
         h.initialise()
         if where == "queue":
@@ -112,7 +113,7 @@ def test_device_bugs_become_needs_reset(where: str, caplog: pytest.LogCaptureFix
             assert h.status == 0  # the reset itself still happened
             h.initialise()
             h.write32(STATUS, 0)
-            h.device.where = ""  # let close() release it
+            dev.where = ""  # let close() release it
             return
         assert needs_reset(h)
         assert "internal error (a bug in minivmm" in caplog.text
@@ -219,12 +220,20 @@ def test_event_loop_stop_leaves_fds_of_a_stuck_thread_open(
     loop = EventLoop()
     loop.start()
     release, inside = threading.Event(), threading.Event()
-    loop.call_soon(lambda: (inside.set(), release.wait(HANG)) and None)
+    def stuck() -> None:
+        inside.set()
+        release.wait(HANG)
+
+    loop.call_soon(stuck)
     assert inside.wait(HANG)
     with caplog.at_level(logging.ERROR):
         loop.stop(timeout=0.05)
     assert "did not stop" in caplog.text
-    loop.add_reader  # the loop object is still usable: its epoll was not closed
+    r, w = os.pipe()
+    loop.add_reader(r, lambda: None)  # its epoll was not closed under the thread
+    loop.remove_reader(r)
+    os.close(r)
+    os.close(w)
     release.set()
     loop.stop()
 
