@@ -188,11 +188,20 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         "network_interfaces": None if args.net is None else tuple(
             parse_net(n) for n in args.net),
     }
-    fields.update({k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    from_file = set(fields) - set(given)
+    fields.update(given)
     if "kernel" not in fields:
         raise UsageError("no kernel: give --kernel PATH (or a --config file that names "
                          "one)")
-    return VmConfig(**fields)
+    try:
+        return VmConfig(**fields)
+    except UsageError as e:
+        top = (e.field or "").split(".")[0].split("[")[0]
+        if top in from_file:  # name the file's field, not an option nobody typed
+            name = firecracker.FIELD_NAMES.get(top, top)
+            raise UsageError(f"{args.config}: {name}: {e.message}", field="config") from None
+        raise
 
 
 def _process_start_monotonic() -> float:
