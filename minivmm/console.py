@@ -388,18 +388,23 @@ class InputPump:
         with selectors.PollSelector() as sel:  # poll, unlike epoll, accepts regular files
             sel.register(self.fd, selectors.EVENT_READ)
             sel.register(self._wake[0], selectors.EVENT_READ)
-            reading, waiting = True, False
+            reading, waiting, ended = True, False, False
             while True:
                 # While the guest does not take input, wait for the pipe to drain; go on
-                # reading a terminal (for the escape keys), not a pipe or a file.
+                # reading a terminal (for the escape keys), not a pipe or a file. At the
+                # end of input, what waits is still handed on before on_eof.
                 backlog = feeder is not None and feeder.backlog > 0
+                if ended and not backlog:
+                    if self._on_eof is not None:
+                        self._on_eof()
+                    return
                 if backlog != waiting and feeder is not None:
                     waiting = backlog
                     if waiting:
                         sel.register(feeder.write_fd, selectors.EVENT_WRITE)
                     else:
                         sel.unregister(feeder.write_fd)
-                want_read = not waiting or bool(self._escape)
+                want_read = not ended and (not waiting or bool(self._escape))
                 if want_read != reading:
                     reading = want_read
                     if reading:
@@ -421,9 +426,8 @@ class InputPump:
                     log.debug("console input: %s", e)
                     data = b""
                 if not data:
-                    if self._on_eof is not None:
-                        self._on_eof()
-                    return
+                    ended = True
+                    continue
                 out, quit_ = self._filter(data) if self._escape else (data, False)
                 if out:
                     self._on_input(out)

@@ -39,14 +39,12 @@ class StopController:
         self._done = threading.Event()
         self._result: RunResult | None = None
         self._kicks: list[Callable[[], None]] = []
+        #: True once a stop was requested: a plain attribute, read once per vCPU exit
+        self.stopping = False
 
     @property
     def result(self) -> RunResult | None:
         return self._result
-
-    @property
-    def stopping(self) -> bool:
-        return self._result is not None
 
     def add_kick(self, kick: Callable[[], None]) -> None:
         """``kick()`` is called (from the stopping thread) when the VM must stop."""
@@ -62,6 +60,7 @@ class StopController:
             if self._result is not None:
                 return False
             self._result = RunResult(status, reason, detail)
+            self.stopping = True
             kicks = list(self._kicks)
         for kick in kicks:
             kick()
