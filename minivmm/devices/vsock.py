@@ -448,12 +448,13 @@ class VsockDevice(VirtioDevice):
         if conn.state is State.HANDSHAKE:
             mask = _IN
         elif conn.state is State.ESTABLISHED:
-            if not conn.data_ready and conn.can_send_data():
-                if conn.peer_credit() > 0:
+            if conn.can_send_data():
+                if not conn.peer_credit():
+                    if not conn.credit_asked:  # once each time the credit runs out
+                        conn.credit_asked = True
+                        conn.ctl |= CTL_CREDIT_REQUEST
+                elif not conn.data_ready:
                     mask = _IN
-                elif not conn.credit_asked:
-                    conn.credit_asked = True
-                    conn.ctl |= CTL_CREDIT_REQUEST
             if conn.pending:
                 mask |= _OUT
         if mask != conn.mask:

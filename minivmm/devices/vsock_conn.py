@@ -179,24 +179,19 @@ class Connection:
         takes now, keep the rest. The caller checked ``n <= our_free()``. Raises
         WriteError if the socket's peer is gone."""
         self.rx_cnt = (self.rx_cnt + n) & U32_MASK
-        sent = 0
         if not self.pending:
+            sent = 0
             try:
-                while sent < n:
-                    vec = views if len(views) <= IOV_MAX else views[:IOV_MAX]
-                    k = self.sock.sendmsg(vec, (), socket.MSG_NOSIGNAL)
+                while views:
+                    k = self.sock.sendmsg(views[:IOV_MAX], (), socket.MSG_NOSIGNAL)
                     sent += k
-                    if sent == n:
-                        break
-                    views = _skip(views, k)
+                    views = _skip(views, k)  # what the socket did not take
             except BlockingIOError:
                 pass
             except OSError as e:
                 raise WriteError(e.strerror or str(e)) from e
-            self.fwd_cnt = (self.fwd_cnt + sent) & U32_MASK
-            if sent == n:
-                return
-            views = _skip(views, sent) if sent else views
+            finally:
+                self.fwd_cnt = (self.fwd_cnt + sent) & U32_MASK
         for v in views:
             self.pending += v
 
