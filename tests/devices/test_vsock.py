@@ -18,35 +18,14 @@ from minivmm.devices.vsock import (
     VIRTIO_ID_VSOCK,
     VsockDevice,
 )
-from minivmm.devices.vsock_conn import (
-    HDR_SIZE,
-    HOST_CID,
-    MAX_PKT_PAYLOAD,
-    VIRTIO_VSOCK_OP_CREDIT_REQUEST as CREDIT_REQUEST,
-)
-from minivmm.devices.vsock_conn import (
-    VIRTIO_VSOCK_OP_CREDIT_UPDATE as CREDIT_UPDATE,
-)
-from minivmm.devices.vsock_conn import (
-    VIRTIO_VSOCK_OP_REQUEST as REQUEST,
-)
-from minivmm.devices.vsock_conn import (
-    VIRTIO_VSOCK_OP_RESPONSE as RESPONSE,
-)
-from minivmm.devices.vsock_conn import (
-    VIRTIO_VSOCK_OP_RST as RST,
-)
-from minivmm.devices.vsock_conn import (
-    VIRTIO_VSOCK_OP_RW as RW,
-)
-from minivmm.devices.vsock_conn import (
-    VIRTIO_VSOCK_OP_SHUTDOWN as SHUTDOWN,
-)
+from minivmm.devices.vsock_conn import HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD
 from minivmm.errors import UsageError
 from minivmm.transport.testing import DeviceHarness
 
 from .vsockkit import CID, Pkt, Vsock, hdr, is_closed, recv_exactly
 
+# §5.10.6 op values, written out: the wire format, not the implementation's names
+REQUEST, RESPONSE, RST, SHUTDOWN, RW, CREDIT_UPDATE, CREDIT_REQUEST = range(1, 8)
 GUEST_PORT = 1234  # the guest's listener
 GPORT = 40000  # a guest socket's own port, for guest-initiated connections
 
