@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtio-net on a Linux tap (repeatable; created if absent and "
                         "permitted, else make it with `ip tuntap add`)")
     r.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    r.add_argument("--vsock", metavar="cid=N,uds=PATH",
+                   help="virtio-vsock with Firecracker's host side: host programs connect "
+                        "to the Unix socket PATH and write 'CONNECT <port>\\n'; the guest "
+                        "reaches host port P at PATH_P")
     r.add_argument("--host-quirks", default="auto", choices=["auto", "off"],
                    help="auto (default): on a host whose KVM emulates guest kernel code, "
                         "add the command-line options a Linux guest needs there; off: never")
@@ -87,7 +91,7 @@ def _process_start_monotonic() -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .launch import DiskSpec, LaunchConfig, NetSpec, device_hints, launch
+    from .launch import DiskSpec, LaunchConfig, NetSpec, VsockSpec, device_hints, launch
 
     default = DEFAULT_CMDLINE
     if args.console_device == "virtio":
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         disks=[DiskSpec.parse(d) for d in args.disk],
         nets=[NetSpec.parse(n) for n in args.net],
         rng=args.rng,
+        vsock=VsockSpec.parse(args.vsock) if args.vsock else None,
     )
     if args.cpus < 1:
         raise UsageError("--cpus must be at least 1")
@@ -120,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
     if args.stats:
         for line in machine.stats_lines():
             print(line, file=sys.stderr)
+        for _, transport in machine.virtio.transports if machine.virtio else ():
+            stats = getattr(transport.device, "stats", None)
+            if callable(stats):  # devices with counters (vsock)
+                counts = " ".join(f"{k}={v}" for k, v in stats().items() if v)
+                print(f"stats: {transport.device.name}: {counts or 'nothing'}",
+                      file=sys.stderr)
     if args.timeline:
         for line in machine.timeline.lines():
             print(line, file=sys.stderr)

@@ -87,6 +87,30 @@ class NetSpec:
         return cls(tap, mac)
 
 
+@dataclass(frozen=True)
+class VsockSpec:
+    """``--vsock cid=N,uds=PATH`` (Firecracker's vsock object: guest_cid, uds_path)"""
+
+    cid: int
+    uds: Path
+
+    @classmethod
+    def parse(cls, text: str) -> VsockSpec:
+        cid = uds = None
+        for opt in text.split(","):
+            key, eq, value = opt.partition("=")
+            if key == "cid" and eq and value.isdigit():
+                cid = int(value)
+            elif key == "uds" and eq and value:
+                uds = Path(value)
+            else:
+                raise UsageError(f"--vsock {text!r}: bad option {opt!r} "
+                                 "(known: cid=N with N >= 3, uds=PATH)")
+        if cid is None or uds is None:
+            raise UsageError(f"--vsock {text!r}: give both, e.g. --vsock cid=3,uds=/tmp/v.sock")
+        return cls(cid, uds)
+
+
 @dataclass
 class LaunchConfig:
     kernel: Path
@@ -100,6 +124,7 @@ class LaunchConfig:
     disks: list[DiskSpec] = field(default_factory=list)
     nets: list[NetSpec] = field(default_factory=list)
     rng: bool = False
+    vsock: VsockSpec | None = None
     prefer_pvh: bool = True
     #: extra virtio devices (embedders, device authors testing their own device)
     devices: list[VirtioDevice] = field(default_factory=list)
@@ -142,6 +167,10 @@ def _virtio_devices(cfg: LaunchConfig, sink: ConsoleSink,
         from .devices.rng import RngDevice
 
         devices.append(RngDevice())
+    if cfg.vsock is not None:
+        from .devices.vsock import VsockDevice
+
+        devices.append(VsockDevice(cfg.vsock.cid, cfg.vsock.uds))
     if cfg.console_device == "virtio":
         devices.append(ConsoleDevice(output=sink, input_fd=console_in))
     elif cfg.console_device != "serial":

@@ -48,28 +48,23 @@ from __future__ import annotations
 import os
 import select
 import socket
-import stat
 import struct
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from ..errors import UsageError
-from ..virtio.chain import DescriptorChain, Writer
+from ..virtio.chain import DescriptorChain
 from ..virtio.errors import VirtQueueError
 from .base import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VirtioDevice, bit
 from .vsock_conn import (
     CTL_CREDIT_REQUEST,
     CTL_CREDIT_UPDATE,
-    CTL_OPS,
     CTL_REQUEST,
     CTL_RESPONSE,
-    CTL_SHUTDOWN,
     HDR,
     HDR_SIZE,
     HOST_CID,
-    IOV_MAX,
     MAX_PKT_PAYLOAD,
     SHUTDOWN_BOTH,
     U32_MASK,
@@ -85,8 +80,14 @@ from .vsock_conn import (
     Connection,
     State,
     WriteError,
-    parse_connect_line,
-    split_views,
+)
+from .vsock_host import (
+    Counters,
+    check_cid,
+    check_uds_path,
+    open_listener,
+    read_connect_line,
+    remove_listener,
 )
 
 VIRTIO_ID_VSOCK: Final = 19
@@ -105,70 +106,12 @@ QUEUE_SIZE: Final = 256
 EVENT_QUEUE_SIZE: Final = 16
 DEFAULT_BUF_ALLOC: Final = 256 * 1024
 DEFAULT_MAX_CONNECTIONS: Final = 256
-#: "CONNECT 4294967295\n" is 19 bytes
-LINE_MAX: Final = 32
 FIRST_LOCAL_PORT: Final = 1 << 30
-#: sun_path holds 108 bytes with its NUL; PATH_P adds "_" and up to 10 digits
-SUN_PATH_MAX: Final = 107
-PORT_SUFFIX_MAX: Final = len("_4294967295")
 ACCEPT_BATCH: Final = 16
 RX_BATCH: Final = QUEUE_SIZE
-MIN_CID: Final = 3
-MAX_CID: Final = U32_MASK - 1  # U32_MAX is VMADDR_CID_ANY
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _HUP_ERR = select.EPOLLHUP | select.EPOLLERR
-
-COUNTERS: Final = (
-    "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "host_connects", "guest_connects",
-    "host_refused", "host_bad_connect", "guest_refused", "rst_sent", "rst_received",
-    "rst_dropped", "tx_bad_chains", "tx_bad_cid", "tx_bad_type", "tx_bad_op",
-    "tx_bad_len", "tx_unknown_conn", "credit_violations", "protocol_errors",
-    "host_errors", "rx_bad_chains", "rx_stalls", "transport_resets",
-)
-
-
-def check_cid(cid: int) -> int:
-    if not MIN_CID <= cid <= MAX_CID:
-        raise UsageError(f"vsock cid={cid}: a guest CID is {MIN_CID} to {MAX_CID} "
-                         "(0-2 are reserved, 4294967295 means any)")
-    return cid
-
-
-def check_uds_path(path: Path) -> Path:
-    raw = os.fsencode(path)
-    if not raw:
-        raise UsageError("vsock uds=: give the path of the Unix socket to create")
-    if len(raw) + PORT_SUFFIX_MAX > SUN_PATH_MAX:
-        raise UsageError(f"vsock uds={path}: {len(raw)} bytes is too long; a Unix socket "
-                         f"path with its _PORT suffix must fit in {SUN_PATH_MAX} bytes, "
-                         f"so use at most {SUN_PATH_MAX - PORT_SUFFIX_MAX}")
-    parent = path.parent
-    if not parent.is_dir():
-        raise UsageError(f"vsock uds={path}: directory {parent} does not exist")
-    return path
-
-
-def _remove_stale(path: Path) -> None:
-    """A socket nobody listens on (left by a process that died) goes; anything else
-    at ``path`` is the user's and stays (a usage error)."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if stat.S_ISSOCK(st.st_mode):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(os.fsencode(path))
-        except ConnectionRefusedError:
-            path.unlink()
-            return
-        except OSError:
-            pass
-        finally:
-            probe.close()
-    raise UsageError(f"vsock uds={path}: the path exists (in use by another VM?); remove "
-                     "it or choose another path")
 
 
 class VsockDevice(VirtioDevice):
@@ -186,19 +129,8 @@ class VsockDevice(VirtioDevice):
         self.max_connections = max(1, max_connections)
         features = bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC) | bit(
             VIRTIO_VSOCK_F_STREAM)
-        _remove_stale(self.uds_path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                                 | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(os.fsencode(self.uds_path))
-            listener.listen(64)
-        except OSError as e:
-            listener.close()
-            raise UsageError(f"vsock uds={self.uds_path}: cannot listen there: "
-                             f"{e.strerror}") from None
+        listener, self._listener_id = open_listener(self.uds_path)
         super().__init__(features, [QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE])
-        st = os.stat(self.uds_path)
-        self._listener_id = (st.st_dev, st.st_ino)
         self._listener = listener
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -214,37 +146,11 @@ class VsockDevice(VirtioDevice):
         self._next_port = FIRST_LOCAL_PORT
         self._event_pending = False
         self._rx_returned = False
-        for name in COUNTERS:
-            setattr(self, name, 0)
-
-    # counters (:data:`COUNTERS`), for --stats and tests
-    rx_packets: int
-    rx_bytes: int
-    tx_packets: int
-    tx_bytes: int
-    host_connects: int
-    guest_connects: int
-    host_refused: int
-    host_bad_connect: int
-    guest_refused: int
-    rst_sent: int
-    rst_received: int
-    rst_dropped: int
-    tx_bad_chains: int
-    tx_bad_cid: int
-    tx_bad_type: int
-    tx_bad_op: int
-    tx_bad_len: int
-    tx_unknown_conn: int
-    credit_violations: int
-    protocol_errors: int
-    host_errors: int
-    rx_bad_chains: int
-    rx_stalls: int
-    transport_resets: int
+        self.counters = Counters()
 
     def stats(self) -> dict[str, int]:
-        s = {name: int(getattr(self, name)) for name in COUNTERS}
+        """The counters, open connections and guest data held, for --stats."""
+        s = self.counters.as_dict()
         s["connections"] = len(self._conns)
         s["buffered_bytes"] = self.buffered_bytes()
         return s
@@ -278,13 +184,7 @@ class VsockDevice(VirtioDevice):
         self._epoll.close()
         os.close(self._wake)
         self._wake = -1
-        self._listener.close()
-        try:
-            st = os.stat(self.uds_path)
-            if (st.st_dev, st.st_ino) == self._listener_id:
-                os.unlink(self.uds_path)
-        except OSError:
-            pass
+        remove_listener(self._listener, self.uds_path, self._listener_id)
 
     def transport_reset(self) -> None:
         """Close every connection and tell the driver with VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
@@ -293,7 +193,7 @@ class VsockDevice(VirtioDevice):
         event-queue kick)."""
         with self.lock:
             self._drop_all()
-            self.transport_resets += 1
+            self.counters.transport_resets += 1
             if self.is_activated:
                 self._event_pending = True
                 try:
@@ -369,7 +269,7 @@ class VsockDevice(VirtioDevice):
                 self.log("vsock: accept on %s failed: %s", self.uds_path, e.strerror)
                 return
             if len(self._by_fd) >= self.max_connections:
-                self.host_refused += 1
+                self.counters.host_refused += 1
                 self.log("vsock: %d connections open; a host connection was refused",
                          len(self._by_fd))
                 sock.close()
@@ -380,41 +280,22 @@ class VsockDevice(VirtioDevice):
             self._rearm(conn)
 
     def _read_connect_line(self, conn: Connection) -> None:
-        """Read up to the newline of ``CONNECT <port>``, never past it."""
-        sock = conn.sock
-        try:
-            peek = sock.recv(LINE_MAX - len(conn.line), socket.MSG_PEEK)
-            nl = peek.find(b"\n")
-            take = nl + 1 if nl >= 0 else len(peek)
-            if take:
-                sock.recv(take)
-        except BlockingIOError:
-            return
-        except OSError:
-            peek = b""
-        if not peek:
-            self._bad_connect(conn, "closed before its CONNECT line")
-            return
-        conn.line += peek[:take]
-        if nl < 0:
-            if len(conn.line) >= LINE_MAX:
-                self._bad_connect(conn, f"sent {LINE_MAX} bytes without a newline")
-            return
-        port = parse_connect_line(bytes(conn.line[:-1]))
+        port = read_connect_line(conn)
         if port is None:
-            self._bad_connect(conn, f"sent {bytes(conn.line)!r}, not CONNECT <port>")
             return
-        conn.line = bytearray()
+        if isinstance(port, str):
+            self._bad_connect(conn, port)
+            return
         conn.state = State.CONNECTING
         conn.peer_port = port
         conn.local_port = self._alloc_port(port)
         self._conns[conn.key] = conn
         conn.ctl |= CTL_REQUEST
-        self.host_connects += 1
+        self.counters.host_connects += 1
         self._rearm(conn)
 
     def _bad_connect(self, conn: Connection, why: str) -> None:
-        self.host_bad_connect += 1
+        self.counters.host_bad_connect += 1
         self.log("vsock: a host connection to %s %s; closed", self.uds_path, why)
         self._close(conn)
 
@@ -492,13 +373,13 @@ class VsockDevice(VirtioDevice):
 
     def _queue_rst(self, packet: bytes) -> None:
         if len(self._rsts) >= self._rsts_max:
-            self.rst_dropped += 1
+            self.counters.rst_dropped += 1
             return
         self._rsts.append(packet)
-        self.rst_sent += 1
+        self.counters.rst_sent += 1
 
     def _host_error(self, conn: Connection, why: str) -> None:
-        self.host_errors += 1
+        self.counters.host_errors += 1
         self.log("vsock: connection %d<->%d: host socket %s; reset", conn.local_port,
                  conn.peer_port, why)
         self._reset(conn)
@@ -518,7 +399,7 @@ class VsockDevice(VirtioDevice):
     def _packet(self, chain: DescriptorChain) -> None:
         r = chain.reader
         if chain.writer.total or r.total < HDR_SIZE:
-            self.tx_bad_chains += 1
+            self.counters.tx_bad_chains += 1
             self.log("vsock: transmit chain %d: %d readable bytes and %d writable (needs "
                      "a %d-byte header, nothing writable); dropped", chain.head, r.total,
                      chain.writer.total, HDR_SIZE)
@@ -526,27 +407,27 @@ class VsockDevice(VirtioDevice):
         (src_cid, dst_cid, src_port, dst_port, length, typ, op, flags, buf_alloc,
          fwd_cnt) = r.read_struct(HDR)
         if src_cid != self.guest_cid:
-            self.tx_bad_cid += 1
+            self.counters.tx_bad_cid += 1
             self.log("vsock: packet from CID %d (the guest is %d); dropped", src_cid,
                      self.guest_cid)
             return
         conn = self._conns.get((dst_port, src_port))
         problem = None
         if dst_cid != HOST_CID:
-            self.tx_bad_cid += 1
+            self.counters.tx_bad_cid += 1
             problem = f"for CID {dst_cid} (only the host, {HOST_CID}, is reachable)"
         elif typ != VIRTIO_VSOCK_TYPE_STREAM:
-            self.tx_bad_type += 1
+            self.counters.tx_bad_type += 1
             problem = f"of type {typ} (only STREAM, 1)"
         elif not VIRTIO_VSOCK_OP_REQUEST <= op <= VIRTIO_VSOCK_OP_CREDIT_REQUEST:
-            self.tx_bad_op += 1
+            self.counters.tx_bad_op += 1
             problem = f"with unknown op {op}"
         elif length > r.remaining or length > MAX_PKT_PAYLOAD:
-            self.tx_bad_len += 1
+            self.counters.tx_bad_len += 1
             problem = (f"claiming {length} payload bytes ({r.remaining} in the chain, at "
                        f"most {MAX_PKT_PAYLOAD})")
         elif conn is None and op not in (VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RST):
-            self.tx_unknown_conn += 1
+            self.counters.tx_unknown_conn += 1
             problem = "for no connection"
         if problem is not None:
             self.log("vsock: packet %d->%d %s; reset", src_port, dst_port, problem)
@@ -563,7 +444,7 @@ class VsockDevice(VirtioDevice):
         if op == VIRTIO_VSOCK_OP_RW:
             self._guest_data(conn, chain, length)
         elif op == VIRTIO_VSOCK_OP_RST:
-            self.rst_received += 1
+            self.counters.rst_received += 1
             self._close(conn)
         elif op == VIRTIO_VSOCK_OP_RESPONSE and conn.state is State.CONNECTING:
             self._established(conn)
@@ -580,7 +461,7 @@ class VsockDevice(VirtioDevice):
             self._rearm(conn)
 
     def _protocol_error(self, conn: Connection, what: str) -> None:
-        self.protocol_errors += 1
+        self.counters.protocol_errors += 1
         self.log("vsock: connection %d<->%d: guest sent %s; reset", conn.local_port,
                  conn.peer_port, what)
         self._reset(conn)
@@ -592,7 +473,7 @@ class VsockDevice(VirtioDevice):
     def _guest_connect(self, guest_port: int, host_port: int, buf_alloc: int,
                        fwd_cnt: int) -> None:
         if len(self._by_fd) >= self.max_connections:
-            self.guest_refused += 1
+            self.counters.guest_refused += 1
             self.log("vsock: %d connections open; guest connection to port %d refused",
                      len(self._by_fd), host_port)
             self._rst_to(guest_port, host_port)
@@ -603,7 +484,7 @@ class VsockDevice(VirtioDevice):
             sock.connect(os.fsencode(f"{self.uds_path}_{host_port}"))
         except OSError:  # nothing listens there (or its backlog is full)
             sock.close()
-            self.guest_refused += 1
+            self.counters.guest_refused += 1
             self._rst_to(guest_port, host_port)
             return
         conn = Connection(sock, State.ESTABLISHED, self.buf_alloc, host_port, guest_port)
@@ -611,7 +492,7 @@ class VsockDevice(VirtioDevice):
         conn.ctl |= CTL_RESPONSE
         self._conns[conn.key] = conn
         self._by_fd[sock.fileno()] = conn
-        self.guest_connects += 1
+        self.counters.guest_connects += 1
         self._rearm(conn)
 
     def _established(self, conn: Connection) -> None:
@@ -632,7 +513,7 @@ class VsockDevice(VirtioDevice):
                                        f"(shutdown flags {conn.guest_shut})")
             return
         if length > conn.our_free():
-            self.credit_violations += 1
+            self.counters.credit_violations += 1
             self.log("vsock: connection %d<->%d: guest sent %d bytes with %d of credit; "
                      "reset", conn.local_port, conn.peer_port, length, conn.our_free())
             self._reset(conn)
@@ -644,8 +525,8 @@ class VsockDevice(VirtioDevice):
         except WriteError as e:
             self._host_error(conn, f"write: {e}")
             return
-        self.tx_packets += 1
-        self.tx_bytes += length
+        self.counters.tx_packets += 1
+        self.counters.tx_bytes += length
         self._after_forward(conn)
 
     def _after_forward(self, conn: Connection) -> None:
@@ -688,7 +569,7 @@ class VsockDevice(VirtioDevice):
                 return None
             w = chain.writer
             if chain.reader.total or w.total < HDR_SIZE:
-                self.rx_bad_chains += 1
+                self.counters.rx_bad_chains += 1
                 self.log("vsock: receive chain %d: %d readable bytes and %d writable (needs "
                          "only writable, at least %d); returned unused", chain.head,
                          chain.reader.total, w.total, HDR_SIZE)
@@ -710,7 +591,7 @@ class VsockDevice(VirtioDevice):
             while used < RX_BATCH and (rsts or ready):
                 chain = self._rx_chain()
                 if chain is None:
-                    self.rx_stalls += 1
+                    self.counters.rx_stalls += 1
                     return  # the driver kicks when it adds buffers
                 if rsts:
                     chain.writer.write(rsts.popleft())
@@ -731,7 +612,7 @@ class VsockDevice(VirtioDevice):
         finally:
             if used or self._rx_returned:
                 self._rx_returned = False
-                self.rx_packets += used
+                self.counters.rx_packets += used
                 self.signal_used(q)
 
     def _emit(self, conn: Connection, chain: DescriptorChain) -> bool:
@@ -739,65 +620,27 @@ class VsockDevice(VirtioDevice):
         w = chain.writer
         cid = self.guest_cid
         if conn.ctl & (CTL_REQUEST | CTL_RESPONSE):
-            ctl, op = ((CTL_REQUEST, VIRTIO_VSOCK_OP_REQUEST) if conn.ctl & CTL_REQUEST
-                       else (CTL_RESPONSE, VIRTIO_VSOCK_OP_RESPONSE))
-            conn.ctl &= ~ctl
-            w.write(conn.header(op, cid))
+            w.write(conn.next_control(cid))
             return True
         if conn.data_ready and conn.can_send_data() and (credit := conn.peer_credit()):
             room = min(w.total - HDR_SIZE, credit, MAX_PKT_PAYLOAD)
-            if room > 0:
-                n = self._read_host(conn, w, room)
-                if n > 0:
-                    return True
-                if conn.state is State.CLOSED:
-                    return False  # a socket error: its RST goes next
-                if n == 0:  # the host program's end of stream
-                    conn.host_eof = True
-                    conn.data_ready = False
-                    if self._finished(conn):
-                        w.write(conn.header(VIRTIO_VSOCK_OP_RST, cid))
-                        self.rst_sent += 1
-                        self._close(conn)
-                        return True
-                    conn.ctl |= CTL_SHUTDOWN
-        for ctl, op in CTL_OPS[2:]:
-            if conn.ctl & ctl:
-                conn.ctl &= ~ctl
-                flags = VIRTIO_VSOCK_SHUTDOWN_SEND if ctl == CTL_SHUTDOWN else 0
-                w.write(conn.header(op, cid, 0, flags))
+            if room <= 0:  # only a header's room: our credit instead of data
+                w.write(conn.header(VIRTIO_VSOCK_OP_CREDIT_UPDATE, cid))
                 return True
-        if conn.data_ready and conn.can_send_data() and conn.peer_credit():
-            # only a header's room: tell the guest our credit instead of data
-            w.write(conn.header(VIRTIO_VSOCK_OP_CREDIT_UPDATE, cid))
+            try:
+                n = conn.read_into(w, cid, room)
+            except OSError as e:
+                self._host_error(conn, f"read: {e.strerror}")
+                return False  # its RST goes next
+            if n > 0:
+                self.counters.rx_bytes += n
+                return True
+            if n == 0 and self._finished(conn):  # the end of both directions
+                w.write(conn.header(VIRTIO_VSOCK_OP_RST, cid))
+                self.counters.rst_sent += 1
+                self._close(conn)
+                return True
+        if conn.ctl:
+            w.write(conn.next_control(cid))
             return True
         return False
-
-    def _read_host(self, conn: Connection, w: Writer, room: int) -> int:
-        """Read up to ``room`` bytes from the socket after the header's place in the
-        chain and write the RW header: bytes read, 0 at the end of stream, -1 if the
-        socket was empty (or failed: the connection is then reset)."""
-        views = w.views(HDR_SIZE + room)
-        head, body = split_views(views, HDR_SIZE)
-        try:
-            n = os.readv(conn.sock.fileno(), body if len(body) <= IOV_MAX else body[:IOV_MAX])
-        except BlockingIOError:
-            conn.data_ready = False
-            return -1
-        except OSError as e:
-            self._host_error(conn, f"read: {e.strerror}")
-            return -1
-        if n == 0:
-            return 0
-        if len(head) == 1:
-            conn.pack_header_into(head[0], VIRTIO_VSOCK_OP_RW, self.guest_cid, n)
-            w.advance(HDR_SIZE + n)
-        else:
-            w.write(conn.header(VIRTIO_VSOCK_OP_RW, self.guest_cid, n))
-            w.advance(n)
-        conn.tx_cnt = (conn.tx_cnt + n) & U32_MASK
-        conn.ctl &= ~CTL_CREDIT_UPDATE  # the header carries fwd_cnt
-        if n < room:
-            conn.data_ready = False  # drained: wait for the next readable event
-        self.rx_bytes += n
-        return n

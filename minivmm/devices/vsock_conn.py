@@ -21,9 +21,12 @@ This module knows nothing about queues; minivmm.devices.vsock drives it.
 from __future__ import annotations
 
 import enum
+import os
 import socket
 import struct
 from typing import Final
+
+from ..virtio.chain import Writer
 
 #: struct virtio_vsock_hdr (§5.10.6): src_cid, dst_cid, src_port, dst_port, len, type,
 #: op, flags, buf_alloc, fwd_cnt
@@ -166,11 +169,48 @@ class Connection:
         return HDR.pack(HOST_CID, guest_cid, self.local_port, self.peer_port, length,
                         VIRTIO_VSOCK_TYPE_STREAM, op, flags, self.buf_alloc, self.fwd_cnt)
 
-    def pack_header_into(self, buf: memoryview, op: int, guest_cid: int, length: int,
-                         flags: int = 0) -> None:
-        self.fwd_cnt_sent = self.fwd_cnt
-        HDR.pack_into(buf, 0, HOST_CID, guest_cid, self.local_port, self.peer_port, length,
-                      VIRTIO_VSOCK_TYPE_STREAM, op, flags, self.buf_alloc, self.fwd_cnt)
+    def next_control(self, guest_cid: int) -> bytes:
+        """The first control packet owed (``ctl`` is not 0), in CTL_OPS order."""
+        for ctl, op in CTL_OPS:
+            if self.ctl & ctl:
+                self.ctl &= ~ctl
+                flags = VIRTIO_VSOCK_SHUTDOWN_SEND if ctl == CTL_SHUTDOWN else 0
+                return self.header(op, guest_cid, 0, flags)
+        raise ValueError("no control packet is owed")
+
+    # -- host -> guest data -----------------------------------------------------------
+
+    def read_into(self, w: Writer, guest_cid: int, room: int) -> int:
+        """One RW packet into the receive chain ``w``: up to ``room`` bytes read from the
+        socket straight into the guest's buffers after the header's place, then the
+        header. Returns the bytes read; 0 at the socket's end of stream (``host_eof``,
+        SHUTDOWN owed) or when it was empty (``data_ready`` cleared). Raises OSError if
+        the socket failed."""
+        head, body = split_views(w.views(HDR_SIZE + room), HDR_SIZE)
+        try:
+            n = os.readv(self.sock.fileno(), body[:IOV_MAX])
+        except BlockingIOError:
+            self.data_ready = False
+            return 0
+        if n == 0:
+            self.host_eof = True
+            self.data_ready = False
+            self.ctl |= CTL_SHUTDOWN
+            return 0
+        if len(head) == 1:  # the usual case: the header in one buffer, packed in place
+            self.fwd_cnt_sent = self.fwd_cnt
+            HDR.pack_into(head[0], 0, HOST_CID, guest_cid, self.local_port, self.peer_port,
+                          n, VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RW, 0, self.buf_alloc,
+                          self.fwd_cnt)
+            w.advance(HDR_SIZE + n)
+        else:
+            w.write(self.header(VIRTIO_VSOCK_OP_RW, guest_cid, n))
+            w.advance(n)
+        self.tx_cnt = (self.tx_cnt + n) & U32_MASK
+        self.ctl &= ~CTL_CREDIT_UPDATE  # the header carried fwd_cnt
+        if n < room:
+            self.data_ready = False  # drained: wait for the next readable event
+        return n
 
     # -- guest -> host data -----------------------------------------------------------
 
@@ -239,12 +279,3 @@ def split_views(views: list[memoryview], n: int) -> tuple[list[memoryview], list
             head.append(v[:n])
             return head, [v[n:], *views[i + 1:]]
     return head, views[i:]
-
-
-def parse_connect_line(line: bytes) -> int | None:
-    """``CONNECT <port>`` (without its newline) -> port, or None if malformed."""
-    verb, sep, port = line.partition(b" ")
-    if verb != b"CONNECT" or not sep or not port.isdigit() or len(port) > 10:
-        return None
-    value = int(port)
-    return value if value <= U32_MASK else None

@@ -14,11 +14,11 @@ import pytest
 from minivmm.devices.vsock import (
     DEFAULT_BUF_ALLOC,
     FIRST_LOCAL_PORT,
-    LINE_MAX,
     VIRTIO_ID_VSOCK,
     VsockDevice,
 )
 from minivmm.devices.vsock_conn import HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD
+from minivmm.devices.vsock_host import LINE_MAX
 from minivmm.errors import UsageError
 from minivmm.transport.testing import DeviceHarness
 
@@ -131,7 +131,7 @@ def test_stale_socket_replaced_and_removed_on_close(tmp_path: Path) -> None:
 def test_host_connect_and_data_both_ways(v: Vsock) -> None:
     s, hport = connect_from_host(v, extra=b"early")
     assert hport == FIRST_LOCAL_PORT
-    assert v.dev.host_connects == 1 and len(v.dev.connections) == 1
+    assert v.dev.counters.host_connects == 1 and len(v.dev.connections) == 1
     v.pump(timeout=5)
     pkt = only(v.packets())
     # the bytes after the CONNECT line are the stream's first bytes
@@ -142,7 +142,7 @@ def test_host_connect_and_data_both_ways(v: Vsock) -> None:
     assert only(v.packets()).payload == b"hello guest"
     v.send(hdr(RW, GUEST_PORT, hport, length=11), b"hello host!")
     assert recv_exactly(s, 11) == b"hello host!"
-    assert v.dev.tx_bytes == 11 and v.dev.rx_bytes == 16
+    assert v.dev.counters.tx_bytes == 11 and v.dev.counters.rx_bytes == 16
     s.close()
 
 
@@ -183,7 +183,7 @@ def test_bad_connect_line_closes(v: Vsock, line: bytes) -> None:
     v.pump(timeout=5)
     v.pump(timeout=0.05)
     assert is_closed(s)
-    assert v.dev.host_bad_connect == 1
+    assert v.dev.counters.host_bad_connect == 1
     assert v.packets() == [] and not v.dev.connections and not v.failed
 
 
@@ -192,7 +192,7 @@ def test_host_closes_before_the_line(v: Vsock) -> None:
     v.pump(timeout=5)
     s.close()
     v.pump(timeout=5)
-    assert v.dev.host_bad_connect == 1 and not v.dev.stats()["connections"]
+    assert v.dev.counters.host_bad_connect == 1 and not v.dev.stats()["connections"]
 
 
 def test_too_many_connections(tmp_path: Path) -> None:
@@ -200,12 +200,12 @@ def test_too_many_connections(tmp_path: Path) -> None:
     try:
         socks = [v.host_connect() for _ in range(3)]
         v.pump(timeout=5)
-        assert v.dev.host_refused == 1
+        assert v.dev.counters.host_refused == 1
         assert sum(is_closed(s) for s in socks[2:]) == 1
         v.post_rx(2)
         v.send(hdr(REQUEST, GPORT, 99))
         assert only(v.packets()).op == RST
-        assert v.dev.guest_refused == 1
+        assert v.dev.counters.guest_refused == 1
     finally:
         v.close()
 
@@ -221,7 +221,7 @@ def test_guest_connect_to_listening_host_port(v: Vsock) -> None:
     v.pump(timeout=5)
     pkt = only(v.packets())
     assert (pkt.op, pkt.src_port, pkt.dst_port, pkt.payload) == (RW, 5000, GPORT, b"pong")
-    assert v.dev.guest_connects == 1
+    assert v.dev.counters.guest_connects == 1
 
 
 def test_guest_connect_with_nothing_listening_gets_rst(v: Vsock) -> None:
@@ -229,7 +229,7 @@ def test_guest_connect_with_nothing_listening_gets_rst(v: Vsock) -> None:
     v.send(hdr(REQUEST, GPORT, 5001))
     rst = only(v.packets())
     assert (rst.op, rst.src_port, rst.dst_port, rst.dst_cid) == (RST, 5001, GPORT, CID)
-    assert v.dev.guest_refused == 1 and not v.dev.connections
+    assert v.dev.counters.guest_refused == 1 and not v.dev.connections
 
 
 # -- shutdown and reset ------------------------------------------------------------------
@@ -271,7 +271,7 @@ def test_guest_shutdown_send_half_closes(v: Vsock) -> None:
 def test_guest_rst_closes_host_socket(v: Vsock) -> None:
     c = connect_from_guest(v, 5003)
     v.send(hdr(RST, GPORT, 5003))
-    assert is_closed(c) and v.dev.rst_received == 1
+    assert is_closed(c) and v.dev.counters.rst_received == 1
     assert v.packets() == []  # never answer an RST
 
 
@@ -283,14 +283,14 @@ def test_host_reset_sends_rst(v: Vsock) -> None:
     assert pkt.op == SHUTDOWN
     v.send(hdr(RW, GPORT, 5004, length=1), b"x")  # to a closed socket: EPIPE
     assert only(v.packets()).op == RST
-    assert v.dev.host_errors == 1 and not v.dev.connections
+    assert v.dev.counters.host_errors == 1 and not v.dev.connections
 
 
 def test_write_after_guest_shutdown_send_is_reset(v: Vsock) -> None:
     c = connect_from_guest(v, 5005)
     v.send(hdr(SHUTDOWN, GPORT, 5005, flags=2))
     v.send(hdr(RW, GPORT, 5005, length=1), b"x")
-    assert only(v.packets()).op == RST and v.dev.protocol_errors == 1
+    assert only(v.packets()).op == RST and v.dev.counters.protocol_errors == 1
     assert is_closed(c)
 
 
@@ -342,7 +342,7 @@ def test_guest_without_rx_buffers_stops_reading_host(v: Vsock) -> None:
     pkts = v.packets()  # the 3 buffers left from connect_from_guest
     got = sum(len(p.payload) for p in pkts)
     assert len(pkts) == 3 and got == 3 * 4096
-    assert v.dev.rx_stalls >= 1
+    assert v.dev.counters.rx_stalls >= 1
     assert not v.epoll_readable()  # the socket is no longer watched: no spinning
     # the host program is held back by its own socket buffer, nothing is dropped
     rx = v.h.drivers[0]
@@ -354,7 +354,7 @@ def test_guest_without_rx_buffers_stops_reading_host(v: Vsock) -> None:
         v.pump(timeout=1)
         got += sum(len(p.payload) for p in v.packets() if p.op == RW)
         v.send(hdr(CREDIT_UPDATE, GPORT, 6002, fwd_cnt=got))  # the guest read it all
-    assert got == sent and v.dev.rx_stalls >= 1
+    assert got == sent and v.dev.counters.rx_stalls >= 1
 
 
 def test_host_that_does_not_read_bounds_the_guest(tmp_path: Path) -> None:
@@ -380,7 +380,7 @@ def test_host_that_does_not_read_bounds_the_guest(tmp_path: Path) -> None:
         over = buf - v.dev.buffered_bytes() + 1
         v.send(hdr(RW, GPORT, 6003, length=over), b"v" * over)
         assert only(v.packets()).op == RST
-        assert v.dev.credit_violations == 1 and v.dev.buffered_bytes() == 0
+        assert v.dev.counters.credit_violations == 1 and v.dev.buffered_bytes() == 0
         c.close()
     finally:
         v.close()
@@ -417,7 +417,7 @@ def test_slow_host_reader_gets_everything_in_order(tmp_path: Path) -> None:
                 fwd = p.fwd_cnt
             assert v.dev.buffered_bytes() <= 64 * 1024
         assert bytes(received) == data
-        assert v.dev.credit_violations == 0
+        assert v.dev.counters.credit_violations == 0
     finally:
         v.close()
 
@@ -462,7 +462,7 @@ def test_hostile_packets(v: Vsock, name: str, packet: bytes, counter: str | None
 def test_transmit_chain_with_writable_part_dropped(v: Vsock) -> None:
     v.post_rx(1)
     v.h.drivers[1].publish(readable=[hdr(REQUEST, GPORT, 7001)], writable=[16])
-    assert v.dev.tx_bad_chains == 1 and v.packets() == []
+    assert v.dev.counters.tx_bad_chains == 1 and v.packets() == []
 
 
 @pytest.mark.parametrize("bad", ["rw before response", "second request", "response",
@@ -496,7 +496,7 @@ def test_bad_receive_chains_returned_unused(v: Vsock) -> None:
     v.send(hdr(REQUEST, GPORT, 7003))  # owes the guest an RST
     used = rx.used()
     assert [u.len for u in used] == [0, 0]
-    assert v.dev.rx_bad_chains == 2 and v.dev.rx_stalls >= 1
+    assert v.dev.counters.rx_bad_chains == 2 and v.dev.counters.rx_stalls >= 1
     v.post_rx(1, size=HDR_SIZE)  # exactly a header: enough for control packets
     assert only(v.packets()).op == RST
 
@@ -516,7 +516,7 @@ def test_rst_backlog_is_bounded(tmp_path: Path) -> None:
     try:
         for i in range(200):  # no receive buffers: every RST waits
             v.send(hdr(RW, GPORT + i, 7005, length=0))
-        assert v.dev.rst_dropped == 200 - (4 + 64)
+        assert v.dev.counters.rst_dropped == 200 - (4 + 64)
         assert len(v.dev._rsts) == 4 + 64
         v.post_rx(100)
         assert len(v.packets()) == 68
@@ -534,7 +534,7 @@ def test_transport_reset_event(v: Vsock) -> None:
     v.dev.transport_reset()
     assert v.events() == [b"\0\0\0\0"]  # VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
     assert is_closed(s) and is_closed(c) and not v.dev.connections
-    assert v.dev.transport_resets == 1
+    assert v.dev.counters.transport_resets == 1
     # no event buffer: the event waits for the next one
     v.dev.transport_reset()
     assert v.events() == []
