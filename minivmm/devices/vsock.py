@@ -222,7 +222,9 @@ class VsockDevice(VirtioDevice):
         q = self.queues[EVQ]
         if not q.is_active():
             return
-        while (chain := q.pop()) is not None:
+        used = False
+        while self._event_pending and (chain := q.pop()) is not None:
+            used = True
             with chain:
                 if chain.writer.total < EVENT.size:
                     self.log("vsock: event chain %d has %d writable bytes (needs %d)",
@@ -230,10 +232,10 @@ class VsockDevice(VirtioDevice):
                     continue
                 chain.writer.write(EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
                 self._event_pending = False
-                break
-        else:
-            q.enable_notification()
-        self.signal_used(q)
+        if self._event_pending and q.enable_notification():
+            self._send_event()  # a buffer arrived meanwhile
+        elif used:
+            self.signal_used(q)
 
     def on_host_events(self) -> None:
         """The device's epoll is readable (device thread): accept, read CONNECT lines,
@@ -361,6 +363,9 @@ class VsockDevice(VirtioDevice):
         if conn.mask:
             self._epoll.unregister(fd)
             conn.mask = 0
+        if conn.queued:  # (at most max_connections entries)
+            self._ready.remove(conn)
+            conn.queued = False
         conn.sock.close()
         conn.state = State.CLOSED
         conn.pending = bytearray()
