@@ -270,7 +270,7 @@ class VsockMachine(RuleBasedStateMachine):
 
 
 VsockMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestVsockMachine = VsockMachine.TestCase
