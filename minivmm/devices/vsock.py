@@ -1,46 +1,35 @@
-"""virtio-vsock (virtio 1.2 §5.10) with a Firecracker-compatible host side.
+"""virtio-vsock (virtio 1.2 §5.10) with Firecracker's host side.
 
-Queues: rx (0) carries packets to the guest, tx (1) packets from it, event (2) the
-transport-reset event (§5.10.6.6). Configuration: the guest's CID (le64, §5.10.4).
-Stream sockets only (VIRTIO_VSOCK_F_STREAM); the guest reaches the host as CID 2.
+Queues: rx (0) to the guest, tx (1) from it, event (2) for the transport-reset event
+(§5.10.6.6). Configuration: the guest's CID (le64, §5.10.4). Stream sockets only
+(VIRTIO_VSOCK_F_STREAM); the guest reaches the host as CID 2. Ports map to Unix sockets:
 
-The host side maps vsock ports to Unix sockets, as Firecracker does:
+* host -> guest: a host program connects to ``uds_path`` and writes ``CONNECT <port>\\n``
+  (never read past its newline: what follows is the stream); the device sends the guest a
+  REQUEST from a host port of its own (counting up from 2^30) and, on RESPONSE, writes
+  ``OK <host port>\\n`` and bridges. A guest RST, or a malformed line, closes the socket.
+* guest -> host: a REQUEST for host port P connects to ``uds_path_P``; RST if nothing
+  listens there.
 
-* host -> guest: a host program connects to the Unix socket ``uds_path`` and writes
-  ``CONNECT <port>\\n``; the device sends the guest a REQUEST for ``port`` from a host
-  port of its own (counting up from 2^30), and when the guest answers RESPONSE, writes
-  ``OK <host port>\\n`` to the program and bridges the two streams. A guest RST closes
-  the program's socket. A malformed line (or more than :data:`LINE_MAX` bytes without a
-  newline) closes it too; bytes after the newline already belong to the stream.
-* guest -> host: a REQUEST for host port P connects to the Unix socket ``uds_path_P``;
-  nothing listening there (or a full backlog) answers RST.
+The listening socket is made in the constructor (path errors are usage errors before the
+guest starts; early host programs wait in the backlog) and removed by :meth:`close`. A
+device reset closes every connection; :meth:`transport_reset` does too and tells the guest.
 
-The listening socket is created (and a stale socket left by a dead process replaced) in
-the constructor, so path errors are usage errors before the guest starts; host programs
-that connect before the guest's driver is up wait in the backlog. :meth:`close` removes
-it. A device reset closes every connection.
+Every host socket is nonblocking and lives in the device's own epoll, whose fd is what
+:meth:`extra_fds` gives the device thread: connection sockets need write readiness too
+(``fd_watch`` is readability only), and connections come and go without touching the
+VMM's loop. A socket is watched only for what the device can act on: readable while the
+guest has credit and receive buffers for it, writable while guest data waits for it.
+Flow control and zero-copy data paths: minivmm.devices.vsock_conn. Memory is bounded by
+``max_connections * buf_alloc`` whatever the guest or the host programs do.
 
-Every host socket is nonblocking and lives in the device's own epoll instance, whose fd
-is the one :meth:`extra_fds` hands the device thread: connection sockets need write
-readiness too (``fd_watch`` is readability only), and connections come and go without
-touching the VMM's loop. A socket is watched only for what the device can act on:
-readable while the guest has credit and receive buffers for it, writable while guest
-data is waiting for it, not at all otherwise.
-
-Flow control (minivmm.devices.vsock_conn): host data goes from the socket straight into
-the guest's receive buffers (``readv``), never beyond the guest's credit; guest data goes
-straight from its buffers to the socket (``sendmsg``), and what the socket refuses is
-held, at most ``buf_alloc`` bytes a connection (the credit we advertise). So memory is
-bounded by ``max_connections * buf_alloc`` whatever the guest or the host programs do.
-
-A hostile guest: a transmit chain that is not a readable header (plus its payload) is
-dropped; a packet with a wrong source CID is dropped; a wrong destination CID, a type
-other than STREAM, an unknown op, a length beyond the chain or :data:`MAX_PKT_PAYLOAD`,
-data beyond our credit or a packet that makes no sense in the connection's state get an
-RST (and close the connection); so does any packet for a connection that does not exist
-(but an RST). Receive chains with readable parts or less than a header of writable space
-are returned unused. Each case counts (:meth:`stats`) and logs one rate-limited line.
-RSTs not owed by a live connection wait in a queue of bounded length.
+A hostile guest: a transmit chain that is not a readable header (plus payload) is dropped,
+and so is a packet with a wrong source CID; a wrong destination CID, another type than
+STREAM, an unknown op, a length beyond the chain or :data:`MAX_PKT_PAYLOAD`, data beyond
+its credit, an op that makes no sense in the connection's state, or a packet for no
+connection get an RST (closing the connection). Receive chains with readable parts or
+less room than a header are returned unused. Each case counts (:meth:`stats`) and logs a
+rate-limited line; RSTs waiting for receive buffers are bounded in number.
 """
 
 from __future__ import annotations
@@ -80,6 +69,7 @@ from .vsock_conn import (
     Connection,
     State,
     WriteError,
+    packet_problem,
 )
 from .vsock_host import (
     Counters,
@@ -417,24 +407,10 @@ class VsockDevice(VirtioDevice):
                      self.guest_cid)
             return
         conn = self._conns.get((dst_port, src_port))
-        problem = None
-        if dst_cid != HOST_CID:
-            self.counters.tx_bad_cid += 1
-            problem = f"for CID {dst_cid} (only the host, {HOST_CID}, is reachable)"
-        elif typ != VIRTIO_VSOCK_TYPE_STREAM:
-            self.counters.tx_bad_type += 1
-            problem = f"of type {typ} (only STREAM, 1)"
-        elif not VIRTIO_VSOCK_OP_REQUEST <= op <= VIRTIO_VSOCK_OP_CREDIT_REQUEST:
-            self.counters.tx_bad_op += 1
-            problem = f"with unknown op {op}"
-        elif length > r.remaining or length > MAX_PKT_PAYLOAD:
-            self.counters.tx_bad_len += 1
-            problem = (f"claiming {length} payload bytes ({r.remaining} in the chain, at "
-                       f"most {MAX_PKT_PAYLOAD})")
-        elif conn is None and op not in (VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RST):
-            self.counters.tx_unknown_conn += 1
-            problem = "for no connection"
-        if problem is not None:
+        bad = packet_problem(dst_cid, typ, op, length, r.remaining, conn is not None)
+        if bad is not None:
+            counter, problem = bad
+            setattr(self.counters, counter, getattr(self.counters, counter) + 1)
             self.log("vsock: packet %d->%d %s; reset", src_port, dst_port, problem)
             if conn is not None:
                 self._reset(conn)

@@ -279,3 +279,22 @@ def split_views(views: list[memoryview], n: int) -> tuple[list[memoryview], list
             head.append(v[:n])
             return head, [v[n:], *views[i + 1:]]
     return head, views[i:]
+
+
+def packet_problem(dst_cid: int, typ: int, op: int, length: int, remaining: int,
+                   known: bool) -> tuple[str, str] | None:
+    """What is wrong with a guest packet's header, if anything: (the device's counter,
+    what the guest did). ``remaining``: payload bytes in the chain; ``known``: for a
+    live connection."""
+    if dst_cid != HOST_CID:
+        return "tx_bad_cid", f"for CID {dst_cid} (only the host, {HOST_CID}, is reachable)"
+    if typ != VIRTIO_VSOCK_TYPE_STREAM:
+        return "tx_bad_type", f"of type {typ} (only STREAM, 1)"
+    if not VIRTIO_VSOCK_OP_REQUEST <= op <= VIRTIO_VSOCK_OP_CREDIT_REQUEST:
+        return "tx_bad_op", f"with unknown op {op}"
+    if length > remaining or length > MAX_PKT_PAYLOAD:
+        return "tx_bad_len", (f"claiming {length} payload bytes ({remaining} in the chain, "
+                              f"at most {MAX_PKT_PAYLOAD})")
+    if not known and op not in (VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RST):
+        return "tx_unknown_conn", "for no connection"
+    return None

@@ -553,3 +553,22 @@ def test_device_reset_closes_connections(v: Vsock) -> None:
     s2, port = connect_from_host(v)
     assert port == FIRST_LOCAL_PORT + 1
     s2.close()
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("opt", "want"), [
+    ("cid=2,uds={d}/v.sock", "cid=2: a guest CID is 3 to 4294967294"),
+    ("cid=3", "give both"),
+    ("cid=x,uds={d}/v.sock", "bad option 'cid=x'"),
+    ("cid=3,uds={d}/none/v.sock", "does not exist"),
+    ("cid=3,uds={d}/v.sock,port=5", "bad option 'port=5'"),
+])
+def test_cli_usage_errors(tmp_path: Path, opt: str, want: str) -> None:
+    from guests import guest_artifact, run_minivmm
+
+    r = run_minivmm("run", "--kernel", str(guest_artifact("probe.elf")), "--vsock",
+                    opt.format(d=tmp_path), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
