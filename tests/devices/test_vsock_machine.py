@@ -204,7 +204,7 @@ class VsockMachine(RuleBasedStateMachine):
             return
         (hport, gport), c = picked
         credit = BUF - (c.sent - c.dev_fwd)
-        n = min(n, 65536) if overrun else min(n, credit)
+        n = min(n, 65536) if overrun else max(0, min(n, credit))
         before = self.v.dev.counters.credit_violations
         c.sent += n
         self.send(hdr(RW, gport, hport, length=n, buf_alloc=c.buf_alloc, fwd_cnt=c.fwd),
