@@ -72,11 +72,14 @@ from .vsock_conn import (
     packet_problem,
 )
 from .vsock_host import (
+    CONNECT_TIMEOUT,
+    FIRST_LOCAL_PORT,
     Counters,
+    HostSide,
+    Timer,
     check_cid,
     check_uds_path,
     open_listener,
-    read_connect_line,
     remove_listener,
 )
 
@@ -96,27 +99,27 @@ QUEUE_SIZE: Final = 256
 EVENT_QUEUE_SIZE: Final = 16
 DEFAULT_BUF_ALLOC: Final = 256 * 1024
 DEFAULT_MAX_CONNECTIONS: Final = 256
-FIRST_LOCAL_PORT: Final = 1 << 30
-ACCEPT_BATCH: Final = 16
 RX_BATCH: Final = QUEUE_SIZE
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _HUP_ERR = select.EPOLLHUP | select.EPOLLERR
 
 
-class VsockDevice(VirtioDevice):
+class VsockDevice(HostSide, VirtioDevice):
     device_type = VIRTIO_ID_VSOCK
     name = "vsock"
 
     def __init__(self, guest_cid: int, uds_path: Path, *,
                  buf_alloc: int = DEFAULT_BUF_ALLOC,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.guest_cid = check_cid(guest_cid)
         self.uds_path = check_uds_path(Path(uds_path))
         if not MAX_PKT_PAYLOAD <= buf_alloc <= U32_MASK >> 1:
             raise ValueError(f"buf_alloc={buf_alloc}: {MAX_PKT_PAYLOAD} to 2^31-1 bytes")
         self.buf_alloc = buf_alloc
         self.max_connections = max(1, max_connections)
+        self.connect_timeout = connect_timeout
         features = bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC) | bit(
             VIRTIO_VSOCK_F_STREAM)
         listener, self._listener_id = open_listener(self.uds_path)
@@ -126,6 +129,8 @@ class VsockDevice(VirtioDevice):
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(listener.fileno(), _IN)
         self._epoll.register(self._wake, _IN)
+        self._timer = Timer()
+        self._epoll.register(self._timer.fd, _IN)
         self._config = VSOCK_CONFIG.pack(self.guest_cid)
         self._conns: dict[tuple[int, int], Connection] = {}  # (local, peer) port
         self._by_fd: dict[int, Connection] = {}  # every open socket, handshakes too
@@ -174,6 +179,7 @@ class VsockDevice(VirtioDevice):
         self._epoll.close()
         os.close(self._wake)
         self._wake = -1
+        self._timer.close()
         remove_listener(self._listener, self.uds_path, self._listener_id)
 
     def transport_reset(self) -> None:
@@ -243,6 +249,8 @@ class VsockDevice(VirtioDevice):
                             os.eventfd_read(self._wake)
                         except BlockingIOError:
                             pass
+                    elif fd == self._timer.fd:
+                        self._expire()
                     elif (conn := self._by_fd.get(fd)) is not None:
                         self._on_socket(conn, events)
                 self._fill_rx()
@@ -250,53 +258,6 @@ class VsockDevice(VirtioDevice):
                 self.fail(f"queue {RXQ}: {e}")
 
     # -- host side --------------------------------------------------------------------
-
-    def _accept(self) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, _ = self._listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self.log("vsock: accept on %s failed: %s", self.uds_path, e.strerror)
-                return
-            if len(self._by_fd) >= self.max_connections:
-                self.counters.host_refused += 1
-                self.log("vsock: %d connections open; a host connection was refused",
-                         len(self._by_fd))
-                sock.close()
-                continue
-            sock.setblocking(False)
-            conn = Connection(sock, State.HANDSHAKE, self.buf_alloc)
-            self._by_fd[sock.fileno()] = conn
-            self._rearm(conn)
-
-    def _read_connect_line(self, conn: Connection) -> None:
-        port = read_connect_line(conn)
-        if port is None:
-            return
-        if isinstance(port, str):
-            self._bad_connect(conn, port)
-            return
-        conn.state = State.CONNECTING
-        conn.peer_port = port
-        conn.local_port = self._alloc_port(port)
-        self._conns[conn.key] = conn
-        conn.ctl |= CTL_REQUEST
-        self.counters.host_connects += 1
-        self._rearm(conn)
-
-    def _bad_connect(self, conn: Connection, why: str) -> None:
-        self.counters.host_bad_connect += 1
-        self.log("vsock: a host connection to %s %s; closed", self.uds_path, why)
-        self._close(conn)
-
-    def _alloc_port(self, peer_port: int) -> int:
-        while True:
-            port = self._next_port
-            self._next_port = port + 1 if port < U32_MASK else FIRST_LOCAL_PORT
-            if (port, peer_port) not in self._conns:
-                return port
 
     def _on_socket(self, conn: Connection, events: int) -> None:
         if conn.state is State.HANDSHAKE:
@@ -487,6 +448,7 @@ class VsockDevice(VirtioDevice):
             self._host_error(conn, f"write: {e.strerror}")
             return
         conn.state = State.ESTABLISHED
+        conn.deadline = 0.0
 
     def _guest_data(self, conn: Connection, chain: DescriptorChain, length: int) -> None:
         if conn.state is not State.ESTABLISHED or conn.guest_shut & VIRTIO_VSOCK_SHUTDOWN_SEND:

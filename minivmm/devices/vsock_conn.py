@@ -90,7 +90,8 @@ class Connection:
     """One stream: (local_port on the host side, peer_port on the guest's) and a socket."""
 
     __slots__ = (
-        "buf_alloc", "credit_asked", "ctl", "data_ready", "fwd_cnt", "fwd_cnt_sent", "guest_shut",
+        "buf_alloc", "credit_asked", "ctl", "data_ready", "deadline", "fwd_cnt", "fwd_cnt_sent",
+        "guest_shut",
         "host_eof", "line", "local_port", "mask", "peer_buf_alloc", "peer_fwd_cnt",
         "peer_port", "pending", "queued", "rx_cnt", "shut_wr", "sock", "state", "tx_cnt",
     )
@@ -124,6 +125,8 @@ class Connection:
         self.queued = False  # in the device's ready list
         self.credit_asked = False  # a CREDIT_REQUEST went out since credit ran out
         self.mask = 0  # the events the device's epoll watches for this socket
+        #: time.monotonic() by which the CONNECT line or the guest's answer is due (0: none)
+        self.deadline = 0.0
 
     @property
     def key(self) -> tuple[int, int]:

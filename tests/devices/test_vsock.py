@@ -13,12 +13,11 @@ import pytest
 
 from minivmm.devices.vsock import (
     DEFAULT_BUF_ALLOC,
-    FIRST_LOCAL_PORT,
     VIRTIO_ID_VSOCK,
     VsockDevice,
 )
 from minivmm.devices.vsock_conn import HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD
-from minivmm.devices.vsock_host import LINE_MAX
+from minivmm.devices.vsock_host import FIRST_LOCAL_PORT, LINE_MAX
 from minivmm.errors import UsageError
 from minivmm.transport.testing import DeviceHarness
 
@@ -210,6 +209,32 @@ def test_too_many_connections(tmp_path: Path) -> None:
         v.send(hdr(REQUEST, GPORT, 99))
         assert only(v.packets()).op == RST
         assert v.dev.counters.guest_refused == 1
+    finally:
+        v.close()
+
+
+def test_connect_timeouts(tmp_path: Path) -> None:
+    v = Vsock.make(tmp_path / "v.sock", connect_timeout=0.2)
+    try:
+        silent = v.host_connect(b"CONN")  # never finishes its line
+        s = v.host_connect(b"CONNECT 99\n")  # the guest never answers the REQUEST
+        v.post_rx(4)
+        v.pump(timeout=5)
+        assert only(v.packets()).op == REQUEST
+        for _ in range(50):
+            v.pump(timeout=0.1)
+            if v.dev.counters.connect_timeouts:
+                break
+        assert is_closed(silent) and is_closed(s)
+        assert v.dev.counters.host_bad_connect == 1 and v.dev.counters.connect_timeouts == 1
+        rst = only(v.packets())
+        assert (rst.op, rst.dst_port) == (RST, 99)
+        assert not v.dev.connections and not v.dev.stats()["buffered_bytes"]
+        # an answered connection has no deadline
+        s, _ = connect_from_host(v)
+        v.pump(timeout=0.5)
+        assert len(v.dev.connections) == 1 and v.dev.counters.connect_timeouts == 1
+        s.close()
     finally:
         v.close()
 

@@ -11,7 +11,7 @@ import select
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from minivmm.devices.vsock import EVQ, RXQ, TXQ, VsockDevice
 from minivmm.devices.vsock_conn import HDR, HDR_SIZE, HOST_CID, VIRTIO_VSOCK_TYPE_STREAM
@@ -50,7 +50,7 @@ class Vsock:
     path: Path
 
     @classmethod
-    def make(cls, path: Path, **kwargs: int) -> Vsock:
+    def make(cls, path: Path, **kwargs: Any) -> Vsock:
         dev = VsockDevice(CID, path, **kwargs)
         h = DeviceHarness(dev, event_idx=True)
         h.initialise()
