@@ -11,6 +11,10 @@ Queues: rx (0) to the guest, tx (1) from it, event (2) for the transport-reset e
 * guest -> host: a REQUEST for host port P connects to ``uds_path_P``; RST if nothing
   listens there.
 
+A host program has ``connect_timeout`` (2 s) to send its line, and the guest as long to
+answer the REQUEST (a timerfd in the device's epoll); then the socket is closed (and the
+guest gets an RST).
+
 The listening socket is made in the constructor (path errors are usage errors before the
 guest starts; early host programs wait in the backlog) and removed by :meth:`close`. A
 device reset closes every connection; :meth:`transport_reset` does too and tells the guest.
