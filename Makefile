@@ -2,7 +2,8 @@
 # and cached outside the clone in $(MINIVMM_CACHE) (default ~/.cache/minivmm),
 # keyed by a hash of their inputs; guest/out/ only holds symlinks into it.
 #
-#   make guest            bzImage, vmlinux, initramfs.cpio, probe.elf, and on
+#   make guest            bzImage, vmlinux, initramfs.cpio, initramfs-vsock.cpio,
+#                         probe.elf, and on
 #                         hosts whose KVM emulates guest kernel code (kvm_pvm)
 #                         also vmlinux-emulated and initramfs-check.cpio
 #   make guest-emulated   vmlinux-emulated and initramfs-check.cpio, always
@@ -25,7 +26,7 @@ PYTHON ?= python3
 
 all: guest
 
-guest: guest-linux guest-initramfs guest-initramfs-check guest-probe
+guest: guest-linux guest-initramfs guest-initramfs-check guest-initramfs-vsock guest-probe
 	@if guest/kvm-emulates-kernel.sh -v; then $(MAKE) --no-print-directory guest-emulated; fi
 
 guest-linux:
@@ -44,7 +45,10 @@ guest-emulated: guest-initramfs-check
 guest-initramfs-check:
 	guest/build-initramfs.sh check $(OUT)
 
-.PHONY: guest-initramfs-check
+guest-initramfs-vsock:
+	guest/build-initramfs.sh vsock $(OUT)
+
+.PHONY: guest-initramfs-check guest-initramfs-vsock
 
 test:
 	$(PYTHON) -m pytest

@@ -6,6 +6,9 @@
 #       busybox-static, every applet linked, /init = guest/initramfs/init
 #   guest/build-initramfs.sh check OUTDIR   -> OUTDIR/initramfs-check.cpio
 #       one static /init built from guest/initramfs/check-init.c, no busybox
+#   guest/build-initramfs.sh vsock OUTDIR   -> OUTDIR/initramfs-vsock.cpio
+#       one static /init built from guest/initramfs/vsock-test.c (the guest side
+#       of tests/test_linux_vsock.py)
 #
 # Cached in $MINIVMM_CACHE/initramfs-<kind>-<hash of inputs>.
 set -euo pipefail
@@ -13,7 +16,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/cache.sh"
 
-[ $# -eq 2 ] || die "usage: $0 busybox|check OUTDIR"
+[ $# -eq 2 ] || die "usage: $0 busybox|check|vsock OUTDIR"
 kind=$1
 outdir=$2
 need python3 python3
@@ -33,13 +36,17 @@ busybox)
     version=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || sha256sum <"$busybox")
     result=initramfs.cpio
     ;;
-check)
+check | vsock)
     need gcc gcc
-    inputs=("$here/initramfs/check-init.c")
+    if [ "$kind" = check ]; then
+        inputs=("$here/initramfs/check-init.c")
+    else
+        inputs=("$here/initramfs/vsock-test.c")
+    fi
     version="$(gcc --version | head -n1) ${CFLAGS[*]}"
-    result=initramfs-check.cpio
+    result=initramfs-$kind.cpio
     ;;
-*) die "unknown initramfs '$kind' (busybox or check)" ;;
+*) die "unknown initramfs '$kind' (busybox, check or vsock)" ;;
 esac
 
 key=$(echo "$kind $version" | cache_key "initramfs-$kind" "$0" "$here/cache.sh" "$here/mkcpio.py" "${inputs[@]}")
@@ -78,7 +85,7 @@ if [ "$kind" = busybox ]; then
         done
     } >>"$spec"
 else
-    gcc "${CFLAGS[@]}" -o "$tmp/init" "$here/initramfs/check-init.c"
+    gcc "${CFLAGS[@]}" -o "$tmp/init" "${inputs[0]}"
     echo "file /init 0755 $tmp/init" >>"$spec"
 fi
 

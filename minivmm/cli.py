@@ -21,7 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
-    from .config import DriveConfig, NetConfig, VmConfig
+    from .config import DriveConfig, NetConfig, VmConfig, VsockConfig
     from .vm import Vm
 
 #: configuration field -> the option that sets it (for UsageError.field)
@@ -29,7 +29,7 @@ OPTION_NAMES = {
     "kernel": "--kernel", "initrd": "--initrd", "cmdline": "--cmdline", "mem": "--mem",
     "cpus": "--cpus", "console": "--console", "console_device": "--console-device",
     "drives": "--disk", "network_interfaces": "--net", "host_quirks": "--host-quirks",
-    "config": "--config", "devices": "virtio devices",
+    "config": "--config", "devices": "virtio devices", "vsock": "--vsock",
 }
 
 # -- signals: one handler from start-up to the end -------------------------------------
@@ -98,6 +98,9 @@ def _add_vm_options(r: argparse.ArgumentParser) -> None:
                         "permitted, else make it with `ip tuntap add`)")
     r.add_argument("--rng", action="store_true", default=None,
                    help="a virtio-rng entropy device")
+    r.add_argument("--vsock", metavar="cid=N,uds=PATH",
+                   help="virtio-vsock; host programs connect through the Unix socket PATH "
+                        "(Firecracker's protocol)")
     r.add_argument("--host-quirks", choices=["auto", "off"],
                    help="auto (default): on a host whose KVM emulates guest kernel code, "
                         "add the command-line options a Linux guest needs there; off: never")
@@ -163,6 +166,27 @@ def parse_net(text: str) -> NetConfig:
     return net
 
 
+def parse_vsock(text: str) -> VsockConfig:
+    """``cid=N,uds=PATH``"""
+    from .config import VsockConfig
+    from .errors import UsageError
+
+    kw: dict[str, Any] = {}
+    for opt in text.split(","):
+        key, eq, value = opt.partition("=")
+        if key == "cid" and eq and value.isdigit():
+            kw["guest_cid"] = int(value)
+        elif key == "uds" and eq and value:
+            kw["uds_path"] = value
+        else:
+            raise UsageError(f"{text!r}: bad option {opt!r} (known: cid=N with N >= 3, "
+                             "uds=PATH)", field="vsock")
+    if len(kw) != 2:
+        raise UsageError(f"{text!r}: give both, e.g. cid=3,uds=/tmp/v.sock", field="vsock")
+    vsock: VsockConfig = _item(VsockConfig, "vsock", text, **kw)
+    return vsock
+
+
 def _item(kind: Callable[..., Any], field: str, text: str, **kw: Any) -> Any:
     from .errors import UsageError
 
@@ -187,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         "drives": None if args.disk is None else tuple(parse_disk(d) for d in args.disk),
         "network_interfaces": None if args.net is None else tuple(
             parse_net(n) for n in args.net),
+        "vsock": None if args.vsock is None else parse_vsock(args.vsock),
     }
     given = {k: v for k, v in given.items() if v is not None}
     from_file = set(fields) - set(given)

@@ -183,6 +183,25 @@ class NetConfig:
 
 
 @dataclass(frozen=True)
+class VsockConfig:
+    """virtio-vsock with a Firecracker-compatible host side on the Unix socket
+    ``uds_path`` (see minivmm.devices.vsock)."""
+
+    guest_cid: int
+    uds_path: Path
+
+    if TYPE_CHECKING:
+        def __init__(self, guest_cid: int, uds_path: StrPath) -> None: ...
+
+    def __post_init__(self) -> None:
+        if isinstance(self.guest_cid, bool) or not isinstance(self.guest_cid, int) or not (
+                3 <= self.guest_cid < 0xFFFF_FFFF):
+            raise UsageError(f"guest cid {self.guest_cid!r}: give 3 to 4294967294",
+                             field="guest_cid")
+        _set(self, "uds_path", _path(self.uds_path, "uds_path"))
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """Everything that describes one VM. See the module docstring."""
 
@@ -200,6 +219,7 @@ class VmConfig:
     drives: tuple[DriveConfig, ...] = ()
     network_interfaces: tuple[NetConfig, ...] = ()
     rng: bool = False
+    vsock: VsockConfig | None = None
     #: "auto": on hosts whose KVM emulates guest kernel code, add what Linux needs there
     host_quirks: str = "auto"
     #: boot an ELF with a PVH note through PVH (False: its 64-bit entry)
@@ -211,7 +231,8 @@ class VmConfig:
                      cpus: int = 1, console: str = "stdio", console_device: str = "serial",
                      drives: Iterable[DriveConfig] = (),
                      network_interfaces: Iterable[NetConfig] = (), rng: bool = False,
-                     host_quirks: str = "auto", prefer_pvh: bool = True) -> None: ...
+                     vsock: VsockConfig | None = None, host_quirks: str = "auto",
+                     prefer_pvh: bool = True) -> None: ...
 
     def __post_init__(self) -> None:
         _set(self, "kernel", _path(self.kernel, "kernel"))
@@ -239,6 +260,8 @@ class VmConfig:
             for i, item in enumerate(items):
                 if not isinstance(item, kind):
                     raise UsageError(f"item {i} is not a {kind.__name__}", field=name)
+        if self.vsock is not None and not isinstance(self.vsock, VsockConfig):
+            raise UsageError(f"{self.vsock!r} is not a VsockConfig", field="vsock")
         if sum(d.root for d in drives) > 1:
             raise UsageError("more than one drive is the root device", field="drives")
         _set(self, "drives", drives)
@@ -278,6 +301,8 @@ class VmConfig:
             elif f.name == "network_interfaces":
                 value = [{"tap": n.tap, "mac": format_mac(n.mac) if n.mac else None,
                           "id": n.id} for n in value]
+            elif isinstance(value, VsockConfig):
+                value = {"guest_cid": value.guest_cid, "uds_path": str(value.uds_path)}
             elif isinstance(value, Path):
                 value = str(value)
             out[f.name] = value
@@ -299,6 +324,8 @@ class VmConfig:
         kw["drives"] = tuple(_from_items(DriveConfig, kw.get("drives", []), "drives"))
         kw["network_interfaces"] = tuple(
             _from_items(NetConfig, kw.get("network_interfaces", []), "network_interfaces"))
+        if kw.get("vsock") is not None:
+            kw["vsock"] = _from_items(VsockConfig, [kw["vsock"]], "vsock")[0]
         return cls(**kw)
 
     def replace(self, **changes: Any) -> VmConfig:

@@ -11,6 +11,7 @@ its field names, and ``minivmm config`` writes one. Supported::
       "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
                               "guest_mac": "52:54:00:12:34:56"}],
       "entropy": {},
+      "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"},
       "minivmm": {"console": "stdio", "console_device": "serial", "host_quirks": "auto"}
     }
 
@@ -25,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Final
 
-from .config import DriveConfig, NetConfig, VmConfig, format_mac
+from .config import DriveConfig, NetConfig, VmConfig, VsockConfig, format_mac
 from .errors import UsageError
 
 _MIB: Final = 1 << 20
@@ -36,6 +37,7 @@ _FIELDS: Final = {
     "drives": ("drive_id", "path_on_host", "is_root_device", "is_read_only"),
     "network-interfaces": ("iface_id", "host_dev_name", "guest_mac"),
     "entropy": (),
+    "vsock": ("guest_cid", "uds_path", "vsock_id"),
     "minivmm": ("console", "console_device", "host_quirks", "rng"),
 }
 #: minivmm's names for the fields, for messages about a value (see UsageError.field)
@@ -50,6 +52,7 @@ FIELD_NAMES: Final = {
     "console": "minivmm.console",
     "console_device": "minivmm.console_device",
     "host_quirks": "minivmm.host_quirks",
+    "vsock": "vsock",
 }
 
 
@@ -116,6 +119,10 @@ def fields_from_firecracker(doc: object) -> dict[str, Any]:
     if "entropy" in doc:
         _object(doc, "entropy")
         kw["rng"] = True
+    if "vsock" in doc:
+        v = _object(doc, "vsock")
+        kw["vsock"] = _build(VsockConfig, "vsock", guest_cid=v.get("guest_cid"),
+                             uds_path=v.get("uds_path"))
     kw.update(_object(doc, "minivmm"))
     return kw
 
@@ -167,6 +174,8 @@ def to_firecracker(cfg: VmConfig) -> dict[str, Any]:
     }
     if cfg.rng:
         doc["entropy"] = {}
+    if cfg.vsock is not None:
+        doc["vsock"] = {"guest_cid": cfg.vsock.guest_cid, "uds_path": str(cfg.vsock.uds_path)}
     doc["minivmm"] = {"console": cfg.console, "console_device": cfg.console_device,
                       "host_quirks": cfg.host_quirks}
     return doc

@@ -166,6 +166,10 @@ class Vm:
             from .devices.rng import RngDevice
 
             owned(RngDevice())
+        if cfg.vsock is not None:
+            from .devices.vsock import VsockDevice
+
+            owned(VsockDevice(cfg.vsock.guest_cid, cfg.vsock.uds_path))
         if self.feeder is not None:
             from .devices.console import ConsoleDevice
 
