@@ -196,8 +196,8 @@ class VsockConfig:
     def __post_init__(self) -> None:
         if isinstance(self.guest_cid, bool) or not isinstance(self.guest_cid, int) or not (
                 3 <= self.guest_cid < 0xFFFF_FFFF):
-            raise UsageError(f"guest cid {self.guest_cid!r}: give 3 to 4294967294",
-                             field="guest_cid")
+            raise UsageError(f"cid={self.guest_cid!r}: a guest CID is 3 to 4294967294 "
+                             "(0-2 are reserved, 2^32-1 is 'any')", field="guest_cid")
         _set(self, "uds_path", _path(self.uds_path, "uds_path"))
 
 

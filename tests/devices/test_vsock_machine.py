@@ -210,8 +210,13 @@ class VsockMachine(RuleBasedStateMachine):
         self.send(hdr(RW, gport, hport, length=n, buf_alloc=c.buf_alloc, fwd_cnt=c.fwd),
                   b"g" * n)
         if c.open and n > credit:
-            assert self.v.dev.counters.credit_violations == before + 1
-            assert (hport, gport) not in self.v.dev.connections
+            # Past the credit the guest last saw. The device may have forwarded more to the
+            # host since (its real room is larger): then it takes the data; otherwise it
+            # resets the connection. Either way it never holds more than it advertised.
+            if self.v.dev.counters.credit_violations == before + 1:
+                assert (hport, gport) not in self.v.dev.connections
+            else:
+                assert self.v.dev.buffered_bytes() <= len(self.v.dev.connections) * BUF
 
     @rule(i=st.integers(0, 20))
     def guest_reads(self, i: int) -> None:
