@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from .errors import UsageError
-from .memory import check_size as check_mem
 
 #: The kernel command line when none is given. ``reboot=t panic=-1``: a reboot or a panic
 #: ends the VM (a triple fault) even without ACPI; the i8042 options keep Linux from
@@ -36,6 +35,10 @@ DEFAULT_CMDLINE: Final = (
     "console=ttyS0 reboot=t panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
 )
 DEFAULT_MEM: Final = 128 << 20
+MIN_MEM: Final = 16 << 20
+#: guest RAM beyond this is refused up front, before the host is asked for it
+MAX_MEM: Final = 1 << 46
+PAGE_SIZE: Final = 4096
 MAX_CPUS: Final = 64
 CONSOLES: Final = "stdio, none or file:PATH"
 CONSOLE_DEVICES: Final = ("serial", "virtio")
@@ -58,6 +61,27 @@ def parse_size(value: int | str, *, field: str = "mem") -> int:
     if not m:
         raise UsageError(f"{value!r} is not a size: write it like 256M or 1G", field=field)
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def format_size(size: int) -> str:
+    """The shortest exact spelling: 134217728 -> '128M'."""
+    for unit in ("T", "G", "M", "K"):
+        if size and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)
+
+
+def check_mem(size: int) -> None:
+    """The rule for a guest's RAM size (minivmm.memory.GuestMemory keeps it too)."""
+    if size < MIN_MEM:
+        raise UsageError(f"{format_size(size)} is too small: minivmm needs at least "
+                         f"{MIN_MEM >> 20}M", field="mem")
+    if size % PAGE_SIZE:
+        raise UsageError("the memory size must be a whole number of 4 KiB pages",
+                         field="mem")
+    if size > MAX_MEM:
+        raise UsageError(f"{format_size(size)} is more than minivmm can map (at most "
+                         f"{MAX_MEM >> 40}T)", field="mem")
 
 
 def check_console(spec: str) -> None:

@@ -1,7 +1,8 @@
 """Guest memory: anonymous mappings, registered with KVM as memory slots.
 
-A guest of ``size`` bytes gets RAM from 0 up to ``layout.MMIO_GAP_START``; what does not
-fit below the gap continues at 4 GiB. Everything that reads or writes guest memory goes
+A guest of ``size`` bytes gets RAM from 0 up to the start of the MMIO gap the platform
+names (x86: ``layout.MMIO_GAP_START``); what does not fit below the gap continues at its
+end (4 GiB). Everything that reads or writes guest memory goes
 through :meth:`GuestMemory.translate`, which turns a guest-physical address and a length
 into a zero-copy ``memoryview`` after checking that the whole range lies inside one
 region. Nothing else in minivmm touches raw pointers.
@@ -15,36 +16,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .config import check_mem, format_size
 from .errors import UsageError
-from .x86 import layout
-
-MIN_MEMORY = 16 << 20
-#: guest RAM beyond this is refused up front, before the host is asked for it
-MAX_MEMORY = 1 << 46
-PAGE_SIZE = 4096
-_U64_LIMIT = 1 << 64
-_UNITS = (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
-
-
-def format_size(size: int) -> str:
-    """The shortest exact spelling: 134217728 -> '128M'."""
-    for unit, scale in _UNITS:
-        if size and size % scale == 0:
-            return f"{size // scale}{unit}"
-    return str(size)
-
-
-def check_size(size: int) -> None:
-    """The rule for a guest's RAM size: UsageError (field "mem") when it is broken."""
-    if size < MIN_MEMORY:
-        raise UsageError(f"{format_size(size)} is too small: minivmm needs at least "
-                         f"{MIN_MEMORY >> 20}M", field="mem")
-    if size % PAGE_SIZE:
-        raise UsageError("the memory size must be a whole number of 4 KiB pages",
-                         field="mem")
-    if size > MAX_MEMORY:
-        raise UsageError(f"{format_size(size)} is more than minivmm can map (at most "
-                         f"{MAX_MEMORY >> 40}T)", field="mem")
 
 
 class GuestMemoryError(LookupError):
@@ -75,12 +48,16 @@ class Region:
 class GuestMemory:
     """Guest RAM: bounds-checked translation from guest-physical ranges to memoryviews."""
 
-    def __init__(self, size: int, *, hugepages: bool = True) -> None:
-        check_size(size)
+    def __init__(self, size: int, *, gap: tuple[int, int] | None = None,
+                 hugepages: bool = True) -> None:
+        """``gap``: (start, end) of the hole in the physical address map where RAM may not
+        be (MMIO); None for one region from 0."""
+        check_mem(size)
         self.size = size
-        spans = [(0, min(size, layout.MMIO_GAP_START))]
-        if size > layout.MMIO_GAP_START:
-            spans.append((layout.MMIO_GAP_END, size - layout.MMIO_GAP_START))
+        start, end = gap if gap is not None else (size, size)
+        spans = [(0, min(size, start))]
+        if size > start:
+            spans.append((end, size - start))
         regions: list[Region] = []
         try:
             for gpa, length in spans:

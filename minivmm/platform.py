@@ -16,10 +16,11 @@ from contextlib import ExitStack
 from typing import Final, TypeVar
 
 from .bus import Bus
+from .config import format_size
 from .errors import UsageError
 from .kvm import KvmError, System, Vcpu, Vm
 from .kvm import constants as c
-from .memory import GuestMemory, format_size
+from .memory import GuestMemory
 from .x86 import cpu as x86cpu
 from .x86 import layout
 from .x86.cpuid import filter_cpuid
@@ -57,7 +58,8 @@ class Platform:
         self._closed = False
         with ExitStack() as building:
             building.callback(self.close)
-            self.memory = GuestMemory(mem_size)
+            self.memory = GuestMemory(
+                mem_size, gap=(layout.MMIO_GAP_START, layout.MMIO_GAP_END))
             # Registered first, so unmapped last: after the VM that uses it is gone.
             self._stack.callback(self.memory.close)
             self.system = self._own(System())

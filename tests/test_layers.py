@@ -113,20 +113,7 @@ RULES = (
 
 #: Edges that break a rule today, each with who is fixing it. The test fails once one of
 #: them no longer breaks a rule: delete its entry then.
-KNOWN_VIOLATIONS = frozenset({
-    # The engine catches the VMM's GuestMemoryError: the refactoring of minivmm/virtio
-    # (issue 10, "the virtqueue engine ... imports nothing from the VMM") removes these.
-    ("minivmm.virtio.mem", "minivmm.memory"),
-    ("minivmm.virtio.queue", "minivmm.memory"),
-    ("minivmm.virtio.testing", "minivmm.memory"),
-    # GuestMemory splits RAM around layout.MMIO_GAP_START/END: the machine layout should
-    # come from the platform (the caller) instead. For the lead (issue 10).
-    ("minivmm.memory", "minivmm.x86.layout"),
-    # VmConfig checks the memory size with memory.check_size: config is a leaf that
-    # devices (net, tap) use, so the size rule belongs in config (memory can import it
-    # from there). For the lead (issue 10).
-    ("minivmm.config", "minivmm.memory"),
-})
+KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 
 
 # --- reading the imports -----------------------------------------------------------------
