@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .config import check_mem, format_size
+
+_U64_LIMIT = 1 << 64
 from .errors import UsageError
 
 
