@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .config import check_mem, format_size
+from .errors import UsageError
 
 _U64_LIMIT = 1 << 64
-from .errors import UsageError
 
 
 class GuestMemoryError(LookupError):
