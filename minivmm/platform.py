@@ -58,8 +58,7 @@ class Platform:
         self._closed = False
         with ExitStack() as building:
             building.callback(self.close)
-            self.memory = GuestMemory(
-                mem_size, gap=(layout.MMIO_GAP_START, layout.MMIO_GAP_END))
+            self.memory = GuestMemory(mem_size, gap=layout.MMIO_GAP)
             # Registered first, so unmapped last: after the VM that uses it is gone.
             self._stack.callback(self.memory.close)
             self.system = self._own(System())

@@ -142,13 +142,12 @@ def write_cmdline(mem: GuestMemory, cmdline: str, limit: int, *, limit_source: s
     """
     data = cmdline.encode()
     if b"\0" in data:
-        raise UsageError("--cmdline contains a NUL byte; remove it")
+        raise UsageError("the command line contains a NUL byte; remove it", field="cmdline")
     limit = min(limit, layout.CMDLINE_MAX - 1)
     if len(data) > limit:
         raise UsageError(
-            f"--cmdline is {len(data)} bytes, but {limit_source} accepts at most {limit}; "
-            "shorten it"
-        )
+            f"the command line is {len(data)} bytes, but {limit_source} accepts at most {limit}; "
+            "shorten it", field="cmdline")
     mem.write(layout.CMDLINE_ADDR, data + b"\0")
     return len(data)
 

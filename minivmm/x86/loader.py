@@ -69,30 +69,30 @@ def load_kernel(
     prefer_pvh: bool = True,
 ) -> BootInfo:
     """Load ``kernel`` (a bzImage or an x86-64 ELF) and ``initrd`` into ``mem``."""
-    with _open(kernel, "--kernel") as f:
+    with _open(kernel, "kernel") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(PAGE_SIZE)
         if not head:
-            raise UsageError(f"{kernel}: the kernel file is empty; pass a bzImage or a vmlinux")
+            raise UsageError(f"{kernel}: the kernel file is empty; pass a bzImage or a vmlinux",
+                             field="kernel")
         if head.startswith(ELF_MAGIC):
             return _load_elf(mem, kernel, f, size, initrd, cmdline, prefer_pvh)
         if _is_bzimage(head):
             return _load_bzimage(mem, kernel, f, size, head, initrd, cmdline)
     raise UsageError(
         f"{kernel}: not a Linux kernel (neither a bzImage nor an ELF file); "
-        "pass a bzImage or a vmlinux to --kernel"
-    )
+        "pass a bzImage or a vmlinux", field="kernel")
 
 
 def _open(path: pathlib.Path, option: str) -> BinaryIO:
     try:
         return open(path, "rb")  # the caller's `with` closes it
     except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory; pass a file to {option}") from None
+        raise UsageError(f"{path}: is a directory; pass a file", field=option) from None
     except FileNotFoundError:
-        raise UsageError(f"{path}: no such file; check the path given to {option}") from None
+        raise UsageError(f"{path}: no such file; check the path", field=option) from None
     except OSError as e:
-        raise UsageError(f"{path}: cannot open ({e.strerror}); check {option}") from None
+        raise UsageError(f"{path}: cannot open ({e.strerror})", field=option) from None
 
 
 def _read_into(f: BinaryIO, offset: int, view: memoryview) -> int:
@@ -114,13 +114,11 @@ def _check_in_ram(mem: GuestMemory, path: pathlib.Path, what: str, gpa: int, siz
     if gpa < layout.HIMEM_START:
         raise UsageError(
             f"{path}: {what} at 0x{gpa:x} overlaps the boot data below 0x{layout.HIMEM_START:x}; "
-            "link the kernel at or above 1 MiB"
-        )
+            "link the kernel at or above 1 MiB", field="kernel")
     if not mem.contains(gpa, size):
         raise UsageError(
             f"{path}: {what} at 0x{gpa:x}-0x{gpa + size:x} does not fit in guest memory "
-            f"({mem.size >> 20} MiB); raise --mem"
-        )
+            f"({mem.size >> 20} MiB); give the guest more memory", field="kernel")
 
 
 # ---- bzImage: Documentation/arch/x86/boot.rst ----------------------------------------
@@ -141,25 +139,23 @@ def _load_bzimage(
 ) -> BootInfo:
     hdr_size = ctypes.sizeof(bp.SetupHeader)
     if len(head) < bp.SETUP_HEADER_OFFSET + hdr_size:
-        raise UsageError(f"{path}: truncated bzImage ({size} bytes); rebuild it or copy it again")
+        raise UsageError(f"{path}: truncated bzImage ({size} bytes); rebuild it or copy it again",
+                         field="kernel")
     hdr = bp.SetupHeader.from_buffer_copy(head, bp.SETUP_HEADER_OFFSET)
     # "THE REAL-MODE KERNEL HEADER": the "HdrS" magic marks protocol 2.00 and later.
     if hdr.header != bp.HDRS_MAGIC:
         raise UsageError(
             f"{path}: boot sector without the 'HdrS' setup header (a pre-2.00 kernel); "
-            "minivmm boots kernels with boot protocol 2.06 or newer"
-        )
+            "minivmm boots kernels with boot protocol 2.06 or newer", field="kernel")
     version = f"{hdr.version >> 8}.{hdr.version & 0xFF:02d}"
     if hdr.version < MIN_BOOT_PROTOCOL:
         raise UsageError(
             f"{path}: boot protocol {version} is too old; minivmm needs 2.06 or newer "
-            "(Linux 2.6.22+)"
-        )
+            "(Linux 2.6.22+)", field="kernel")
     if hdr.version < XLF_BOOT_PROTOCOL or not hdr.xloadflags & bp.XLF_KERNEL_64:
         raise UsageError(
             f"{path}: no 64-bit entry point (boot protocol {version}, XLF_KERNEL_64 not set); "
-            "pass a 64-bit x86 kernel"
-        )
+            "pass a 64-bit x86 kernel", field="kernel")
 
     # The setup code is setup_sects sectors after the boot sector; the protected-mode
     # kernel follows it to the end of the file.
@@ -172,13 +168,11 @@ def _load_bzimage(
     if payload <= 0 or payload < hdr.syssize * 16 or hdr_end > len(head):
         raise UsageError(
             f"{path}: truncated bzImage ({size} bytes, its header describes "
-            f"{kernel_offset + hdr.syssize * 16}); rebuild it or copy it again"
-        )
+            f"{kernel_offset + hdr.syssize * 16}); rebuild it or copy it again", field="kernel")
     if hdr.payload_offset + hdr.payload_length > payload:
         raise UsageError(
             f"{path}: truncated bzImage (compressed payload ends past the file end); "
-            "rebuild it or copy it again"
-        )
+            "rebuild it or copy it again", field="kernel")
 
     # Load at the preferred address if it fits; a relocatable kernel may go lower.
     ram_end = low_ram_end(mem)
@@ -192,9 +186,10 @@ def _load_bzimage(
     kernel_end = max(load + payload, out + hdr.init_size)
     _check_in_ram(mem, path, "the kernel (with its init_size)", load, kernel_end - load)
     if kernel_end > ram_end:
-        raise UsageError(f"{path}: the kernel needs memory up to 0x{kernel_end:x}; raise --mem")
+        raise UsageError(f"{path}: the kernel needs memory up to 0x{kernel_end:x}; give the "
+                         "guest more memory", field="kernel")
     if _read_into(f, kernel_offset, mem.translate(load, payload)) != payload:
-        raise UsageError(f"{path}: the file shrank while it was read; try again")
+        raise UsageError(f"{path}: the file shrank while it was read; try again", field="kernel")
 
     # "64-bit BOOT PROTOCOL": a zeroed boot_params with the setup header copied in.
     page = bytearray(bp.ZERO_PAGE_SIZE)
@@ -224,7 +219,8 @@ class _Segment:
 
 
 def _corrupt(path: pathlib.Path, e: Exception) -> UsageError:
-    return UsageError(f"{path}: truncated or corrupt ELF file ({e}); rebuild it or copy it again")
+    return UsageError(f"{path}: truncated or corrupt ELF file ({e}); rebuild it or copy it again",
+                      field="kernel")
 
 
 def _load_elf(
@@ -241,10 +237,10 @@ def _load_elf(
         if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64" or not elf.little_endian:
             raise UsageError(
                 f"{path}: an ELF file for {elf.get_machine_arch()} ({elf.elfclass}-bit), "
-                "not x86-64; pass a 64-bit x86 kernel"
-            )
+                "not x86-64; pass a 64-bit x86 kernel", field="kernel")
         if elf["e_type"] not in ("ET_EXEC", "ET_DYN"):
-            raise UsageError(f"{path}: an ELF {elf['e_type']}, not an executable kernel")
+            raise UsageError(f"{path}: an ELF {elf['e_type']}, not an executable kernel",
+                             field="kernel")
         e_entry = int(elf["e_entry"])
         tables_end = max(
             elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"],
@@ -253,8 +249,7 @@ def _load_elf(
         if tables_end > size:
             raise UsageError(
                 f"{path}: truncated ELF file (its headers end at byte {tables_end}, the file "
-                f"has {size}); rebuild it or copy it again"
-            )
+                f"has {size}); rebuild it or copy it again", field="kernel")
         loads: list[_Segment] = []
         notes = b""
         for seg in elf.iter_segments():
@@ -265,8 +260,7 @@ def _load_elf(
             if s.offset + s.filesz > size:
                 raise UsageError(
                     f"{path}: truncated ELF file (a segment ends at byte {s.offset + s.filesz}, "
-                    f"the file has {size}); rebuild it or copy it again"
-                )
+                    f"the file has {size}); rebuild it or copy it again", field="kernel")
             if seg["p_type"] == "PT_LOAD" and s.memsz:
                 loads.append(s)
             elif seg["p_type"] == "PT_NOTE":
@@ -280,18 +274,20 @@ def _load_elf(
     except _PARSE_ERRORS as e:
         raise _corrupt(path, e) from None
     if not loads:
-        raise UsageError(f"{path}: ELF file without loadable segments; pass a vmlinux")
+        raise UsageError(f"{path}: ELF file without loadable segments; pass a vmlinux",
+                         field="kernel")
 
     for s in loads:
         if s.filesz > s.memsz:
             raise UsageError(
-                f"{path}: corrupt ELF segment (file size > memory size at 0x{s.paddr:x})"
-            )
+                f"{path}: corrupt ELF segment (file size > memory size at 0x{s.paddr:x})",
+                field="kernel")
         _check_in_ram(mem, path, "ELF segment", s.paddr, s.memsz)
     for s in loads:
         view = mem.translate(s.paddr, s.memsz)
         if _read_into(f, s.offset, view[: s.filesz]) != s.filesz:
-            raise UsageError(f"{path}: the file shrank while it was read; try again")
+            raise UsageError(f"{path}: the file shrank while it was read; try again",
+                             field="kernel")
         view[s.filesz :] = bytes(s.memsz - s.filesz)
     kernel_end = max(s.paddr + s.memsz for s in loads)
 
@@ -328,7 +324,8 @@ def _physical_entry(path: pathlib.Path, loads: list[_Segment], entry: int) -> in
     for s in loads:
         if s.vaddr <= entry < s.vaddr + s.memsz:
             return entry - s.vaddr + s.paddr
-    raise UsageError(f"{path}: entry point 0x{entry:x} is outside every loadable segment")
+    raise UsageError(f"{path}: entry point 0x{entry:x} is outside every loadable segment",
+                     field="kernel")
 
 
 # ---- initrd ------------------------------------------------------------------------------
@@ -341,17 +338,19 @@ def _load_initrd(
     below 4 GiB) and above the kernel; return (gpa, size)."""
     if path is None:
         return None
-    with _open(path, "--initrd") as f:
+    with _open(path, "initrd") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            raise UsageError(f"{path}: the initrd is empty; pass a cpio archive or drop --initrd")
+            raise UsageError(f"{path}: the initrd is empty; pass a cpio archive or none",
+                             field="initrd")
         top = min(addr_max + 1, low_ram_end(mem))
         gpa = (top - size) & ~(PAGE_SIZE - 1)
         if gpa < _page_up(kernel_end):
             raise UsageError(
                 f"{path}: initrd of {-(-size >> 20)} MiB does not fit below 0x{top:x} above the "
-                f"kernel (which ends at 0x{kernel_end:x}); raise --mem"
-            )
+                f"kernel (which ends at 0x{kernel_end:x}); give the guest more memory",
+                field="initrd")
         if _read_into(f, 0, mem.translate(gpa, size)) != size:
-            raise UsageError(f"{path}: the file shrank while it was read; try again")
+            raise UsageError(f"{path}: the file shrank while it was read; try again",
+                             field="initrd")
     return gpa, size

@@ -170,13 +170,12 @@ def mptable_size(num_cpus: int) -> int:
 def build_mptable(num_cpus: int) -> bytes:
     """The MP table for ``num_cpus`` vCPUs, as it is to be placed at layout.MPTABLE_ADDR."""
     if not 1 <= num_cpus <= MAX_CPUS:
-        raise UsageError(f"--cpus {num_cpus} is out of range: the MP table takes 1 to {MAX_CPUS}")
+        raise UsageError(f"{num_cpus} vCPUs: the MP table takes 1 to {MAX_CPUS}", field="cpus")
     size = mptable_size(num_cpus)
     if size > MPTABLE_SPACE:
         raise UsageError(
             f"the MP table for {num_cpus} vCPUs needs {size} bytes, more than the {MPTABLE_SPACE} "
-            f"reserved at 0x{layout.MPTABLE_ADDR:x}; use fewer --cpus"
-        )
+            f"reserved at 0x{layout.MPTABLE_ADDR:x}; use fewer vCPUs", field="cpus")
     ioapic_id = num_cpus
     entries: list[ctypes.LittleEndianStructure] = [
         MpcCpu(

@@ -20,7 +20,7 @@ def test_small_guest_splits_the_first_region_around_the_ebda() -> None:
 
 
 def test_large_guest_continues_above_4g() -> None:
-    mem = GuestMemory(3584 * MiB, hugepages=False)
+    mem = GuestMemory(3584 * MiB, gap=layout.MMIO_GAP, hugepages=False)
     e820 = e820_map(mem)
     assert e820[2] == E820Entry(0x10_0000, layout.MMIO_GAP_START - 0x10_0000, E820_RAM)
     assert e820[3] == E820Entry(1 << 32, 3584 * MiB - layout.MMIO_GAP_START, E820_RAM)

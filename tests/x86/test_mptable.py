@@ -60,5 +60,5 @@ def test_mptable_round_trip(cpus: int) -> None:
 
 @pytest.mark.parametrize("cpus", [0, MAX_CPUS + 1, 1000])
 def test_mptable_rejects_cpu_counts(cpus: int) -> None:
-    with pytest.raises(UsageError, match=f"--cpus {cpus}"):
+    with pytest.raises(UsageError, match=f"{cpus} vCPUs"):
         write_mptable(GuestMemory(16 << 20), cpus)
