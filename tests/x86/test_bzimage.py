@@ -133,7 +133,7 @@ def test_initrd_respects_initrd_addr_max(tmp_path: Path) -> None:
 def test_initrd_too_big(tmp_path: Path) -> None:
     mem = GuestMemory(16 * MiB)
     initrd = _write(tmp_path, bytes(15 * MiB), "initrd")
-    with pytest.raises(UsageError, match=r"initrd: initrd of 15 MiB does not fit below .*more memory"):
+    with pytest.raises(UsageError, match=r"initrd: initrd of 15 MiB does not fit below .*memory"):
         load_kernel(mem, _write(tmp_path, make_bzimage()), initrd=initrd, cmdline="")
 
 
