@@ -418,8 +418,11 @@ class InputPump:
                     feeder.flush()
                 if self.fd not in ready:
                     continue
+                size = _READ_SIZE
+                if feeder is not None and not self._escape:  # never more than fits
+                    size = max(1, min(size, feeder.limit - feeder.backlog))
                 try:
-                    data = os.read(self.fd, _READ_SIZE)
+                    data = os.read(self.fd, size)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as e:  # e.g. EIO: the terminal hung up

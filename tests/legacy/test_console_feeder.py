@@ -7,6 +7,7 @@ still ends the VM however much input is waiting.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import tty
 from collections.abc import Iterator
@@ -61,6 +62,8 @@ def test_pipe_input_keeps_its_back_pressure() -> None:
     writer.start()
     try:
         while len(got) < len(payload):
+            ready, _, _ = select.select([feeder.read_fd], [], [], WAIT)
+            assert ready, f"input stalled after {len(got)} bytes"
             got += os.read(feeder.read_fd, 65536)
         assert bytes(got) == payload and feeder.dropped == 0
     finally:
