@@ -232,7 +232,7 @@ class Machine:
         if self.cpus < 1:
             raise ValueError(f"ACPI tables need at least one CPU, not {self.cpus}")
         for dev in self.virtio:
-            if not (0 < dev.size and dev.base + dev.size <= 1 << 32):
+            if not (dev.size > 0 and dev.base + dev.size <= 1 << 32):
                 raise ValueError(f"virtio-mmio window 0x{dev.base:x}+0x{dev.size:x} "
                                  "is not below 4 GiB")
             if not 0 <= dev.irq < IOAPIC_PINS:
