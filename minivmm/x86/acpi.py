@@ -229,8 +229,8 @@ class Machine:
     i8042: bool = False
 
     def __post_init__(self) -> None:
-        if self.cpus < 1:
-            raise ValueError(f"ACPI tables need at least one CPU, not {self.cpus}")
+        if not 1 <= self.cpus <= 0x1000:
+            raise ValueError(f"the DSDT names 1-4096 CPUs (C000-CFFF), not {self.cpus}")
         for dev in self.virtio:
             if not (dev.size > 0 and dev.base + dev.size <= 1 << 32):
                 raise ValueError(f"virtio-mmio window 0x{dev.base:x}+0x{dev.size:x} "
