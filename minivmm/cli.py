@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtio-net on a Linux tap (repeatable; created if absent and "
                         "permitted, else make it with `ip tuntap add`)")
     r.add_argument("--rng", action="store_true", help="a virtio-rng entropy device")
+    r.add_argument("--acpi", default="on", choices=["on", "off"],
+                   help="on (default): ACPI tables describing the machine, and poweroff "
+                        "through ACPI S5; off: none (MP table and command-line devices only)")
     r.add_argument("--host-quirks", default="auto", choices=["auto", "off"],
                    help="auto (default): on a host whose KVM emulates guest kernel code, "
                         "add the command-line options a Linux guest needs there; off: never")
@@ -105,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         disks=[DiskSpec.parse(d) for d in args.disk],
         nets=[NetSpec.parse(n) for n in args.net],
         rng=args.rng,
+        acpi=args.acpi == "on",
     )
     if args.cpus < 1:
         raise UsageError("--cpus must be at least 1")

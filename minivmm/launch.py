@@ -28,6 +28,7 @@ from .eventloop import EventLoop
 from .transport.placement import VirtioMmioDevices
 from .vm import Machine, RunResult, Timeline
 from .x86 import layout
+from .x86.acpi import write_acpi_tables
 from .x86.loader import load_kernel
 from .x86.mptable import write_mptable
 
@@ -101,6 +102,8 @@ class LaunchConfig:
     nets: list[NetSpec] = field(default_factory=list)
     rng: bool = False
     prefer_pvh: bool = True
+    #: ACPI tables, the RSDP handed to the kernel, and the S5 power-off registers
+    acpi: bool = True
     #: extra virtio devices (embedders, device authors testing their own device)
     devices: list[VirtioDevice] = field(default_factory=list)
     #: called with the Machine once it is built, before it runs (tests, embedders)
@@ -186,8 +189,17 @@ def build_machine(cfg: LaunchConfig, *, timeline: Timeline | None = None) -> Mac
         machine.virtio = placed
         cmdline = " ".join(part for part in (cfg.cmdline, placed.cmdline()) if part)
 
+        rsdp = None
+        if cfg.acpi:
+            from .devices.legacy.acpi_pm import AcpiPm
+
+            machine.pio_bus.register(layout.ACPI_PM_PORT, AcpiPm.SIZE, AcpiPm(
+                on_poweroff=lambda: machine.request_stop(0, "poweroff", "ACPI S5")))
+            rsdp = write_acpi_tables(
+                machine.memory, cpus=cfg.cpus, serial=True, rtc=True, i8042=True,
+                virtio=[(s.base, layout.VIRTIO_MMIO_SIZE, s.irq) for s, _ in placed.transports])
         boot = load_kernel(machine.memory, cfg.kernel, initrd=cfg.initrd, cmdline=cmdline,
-                           prefer_pvh=cfg.prefer_pvh)
+                           prefer_pvh=cfg.prefer_pvh, rsdp_addr=rsdp)
         write_mptable(machine.memory, cfg.cpus)
         machine.set_boot(boot.protocol, boot.entry, boot.boot_params_addr)
         machine.timeline.mark("kernel loaded")
