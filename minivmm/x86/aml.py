@@ -53,6 +53,7 @@ NULL_NAME: Final = 0x00
 PKG_LENGTH_MAX: Final = (1 << 28) - 1  # §20.2.4: 4 bits + 3 bytes
 _NAME_LEAD: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _NAME_CHARS: Final = _NAME_LEAD | frozenset("0123456789")
+_HEX_DIGITS: Final = frozenset("0123456789ABCDEF")
 
 
 class Aml(Protocol):
@@ -162,10 +163,9 @@ class EisaId:
         t = self.text
         if len(t) != 7 or not t[:3].isascii() or not t[:3].isupper() or not t[:3].isalpha():
             raise ValueError(f"EISA id {t!r} is not three capital letters and four hex digits")
-        try:
-            product = int(t[3:], 16)
-        except ValueError:
-            raise ValueError(f"EISA id {t!r}: {t[3:]!r} is not four hex digits") from None
+        if not set(t[3:]) <= _HEX_DIGITS:
+            raise ValueError(f"EISA id {t!r}: {t[3:]!r} is not four hex digits")
+        product = int(t[3:], 16)
         vendor = ((ord(t[0]) - 0x40) << 10) | ((ord(t[1]) - 0x40) << 5) | (ord(t[2]) - 0x40)
         return int.from_bytes(struct.pack(">HH", vendor, product), "little")
 
@@ -292,6 +292,12 @@ def _large(tag: int, body: bytes) -> bytes:
     return struct.pack("<BH", tag, len(body)) + body
 
 
+def _check(what: str, value: int, bits: int) -> int:
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{what} {value:#x} does not fit in {bits} bits")
+    return value
+
+
 @dataclass(frozen=True)
 class Memory32Fixed:
     """Memory32Fixed(ReadWrite|ReadOnly, base, length) (§6.4.3.4)."""
@@ -301,8 +307,9 @@ class Memory32Fixed:
     writable: bool = True
 
     def encode(self) -> bytes:
-        return _large(_LARGE_MEMORY32_FIXED,
-                      struct.pack("<BII", int(self.writable), self.base, self.length))
+        base = _check("Memory32Fixed base", self.base, 32)
+        length = _check("Memory32Fixed length", self.length, 32)
+        return _large(_LARGE_MEMORY32_FIXED, struct.pack("<BII", int(self.writable), base, length))
 
 
 @dataclass(frozen=True)
@@ -317,6 +324,8 @@ class Interrupt:
 
     def encode(self) -> bytes:
         irqs = [self.irqs] if isinstance(self.irqs, int) else list(self.irqs)
+        for irq in irqs:
+            _check("interrupt", irq, 32)
         if not 1 <= len(irqs) <= 255:
             raise ValueError("an Interrupt descriptor lists 1-255 interrupts")
         flags = 0x01  # bit 0: resource consumer
@@ -350,8 +359,10 @@ class Io:
 
     def encode(self) -> bytes:
         decode16 = 0x01
-        return _small(_SMALL_IO, struct.pack("<BHHBB", decode16, self.base, self.base,
-                                             self.alignment, self.length))
+        base = _check("IO base", self.base, 16)
+        alignment = _check("IO alignment", self.alignment, 8)
+        length = _check("IO length", self.length, 8)
+        return _small(_SMALL_IO, struct.pack("<BHHBB", decode16, base, base, alignment, length))
 
 
 @dataclass(frozen=True)

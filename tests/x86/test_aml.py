@@ -135,7 +135,8 @@ def test_eisa_ids(text: str, value: int) -> None:
     assert aml.EisaId(text).encode() == aml.integer(value)
 
 
-@pytest.mark.parametrize("bad", ["PNP050", "pnp0501", "PN10501", "PNP050G"])
+@pytest.mark.parametrize("bad", ["PNP050", "pnp0501", "PN10501", "PNP050G", "PNP0x12",
+                                 "PNP+123", "PNP05a1"])
 def test_bad_eisa_ids(bad: str) -> None:
     with pytest.raises(ValueError):
         aml.EisaId(bad).value()
@@ -156,6 +157,14 @@ def test_resource_descriptors() -> None:
         aml.IrqNoFlags(16).encode()
     with pytest.raises(ValueError):
         aml.Interrupt([]).encode()
+    with pytest.raises(ValueError):
+        aml.Interrupt(1 << 32).encode()
+    with pytest.raises(ValueError):
+        aml.Memory32Fixed(0xFFFF_F000, 1 << 32).encode()
+    with pytest.raises(ValueError):
+        aml.Io(0x10000, 1).encode()
+    with pytest.raises(ValueError):
+        aml.Io(0x60, 256).encode()
 
 
 def test_objects() -> None:
