@@ -219,8 +219,8 @@ class VirtioMmio:
 
 
 @dataclass(frozen=True)
-class Machine:
-    """What the tables describe."""
+class Platform:
+    """The machine the tables describe."""
 
     cpus: int
     virtio: Sequence[VirtioMmio] = ()
@@ -244,7 +244,7 @@ class Machine:
 # ---- DSDT -------------------------------------------------------------------------------
 
 
-def dsdt_aml(m: Machine) -> bytes:
+def dsdt_aml(m: Platform) -> bytes:
     """The DSDT's definition block body (everything after the table header)."""
     sb: list[aml.Aml] = []
     # ACPI 6.4 §8.4: processors are Device objects with _HID ACPI0007 whose _UID is the
@@ -303,7 +303,7 @@ def dsdt_aml(m: Machine) -> bytes:
 # ---- MADT -------------------------------------------------------------------------------
 
 
-def madt_body(m: Machine) -> bytes:
+def madt_body(m: Platform) -> bytes:
     body = bytearray(struct.pack("<II", layout.LAPIC_ADDR, MADT_PCAT_COMPAT))
     for cpu in range(m.cpus):
         apic_id = cpu  # KVM gives vCPU n local APIC id n
@@ -329,7 +329,7 @@ def _sleep_register(port: int) -> Gas:
                address=port)
 
 
-def fadt_body(m: Machine, dsdt_addr: int) -> bytes:
+def fadt_body(m: Platform, dsdt_addr: int) -> bytes:
     boot_arch = IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED
     if m.serial:
         boot_arch |= IAPC_LEGACY_DEVICES  # §5.2.9.3: e.g. a serial port the OS drives
@@ -370,7 +370,7 @@ def _align16(n: int) -> int:
     return (n + 15) & ~15
 
 
-def build_tables(m: Machine) -> Tables:
+def build_tables(m: Platform) -> Tables:
     """Lay the tables out from layout.ACPI_TABLES_ADDR, each 16-byte aligned."""
     at = layout.ACPI_TABLES_ADDR
     placed: dict[str, tuple[int, bytes]] = {}
@@ -411,8 +411,8 @@ def write_acpi_tables(
 
     ``virtio`` lists each virtio-mmio transport as (base, size, irq).
     """
-    machine = Machine(cpus, tuple(VirtioMmio(*v) for v in virtio), serial, rtc, i8042)
-    tables = build_tables(machine)
+    platform = Platform(cpus, tuple(VirtioMmio(*v) for v in virtio), serial, rtc, i8042)
+    tables = build_tables(platform)
     mem.write(tables.rsdp_addr, tables.rsdp)
     for addr, data in tables.tables.values():
         mem.write(addr, data)

@@ -152,7 +152,7 @@ def parse_madt(madt: bytes) -> list[tuple[int, tuple[int, ...]]]:
 
 
 def test_x2apic_entries_from_id_255() -> None:
-    tables = acpi.build_tables(acpi.Machine(300))
+    tables = acpi.build_tables(acpi.Platform(300))
     entries = parse_madt(tables.tables["APIC"][1])
     assert [e[1][1] for e in entries if e[0] == 0] == list(range(255))
     assert [e[1] for e in entries if e[0] == 9] == [(c, c, 1) for c in range(255, 300)]
@@ -172,9 +172,9 @@ def test_refuses_impossible_machines(bad: dict[str, object]) -> None:
 
 def test_too_many_cpus_for_the_bios_area() -> None:
     with pytest.raises(ValueError, match="past 0x100000"):
-        acpi.build_tables(acpi.Machine(4000))
+        acpi.build_tables(acpi.Platform(4000))
     with pytest.raises(ValueError, match="4096"):
-        acpi.build_tables(acpi.Machine(4097))
+        acpi.build_tables(acpi.Platform(4097))
 
 
 # ---- ACPICA's tools ----------------------------------------------------------------------
