@@ -7,6 +7,7 @@
 #                         hosts whose KVM emulates guest kernel code (kvm_pvm)
 #                         also vmlinux-emulated and initramfs-check.cpio
 #   make guest-emulated   vmlinux-emulated and initramfs-check.cpio, always
+#   make guest-acpi       vmlinux-acpi: the emulated kernel with ACPI (always built)
 #   make test             the test suite
 #   make fuzz             the virtqueue engine fuzzer (FUZZ_SECONDS=300)
 #   make bench            minivmm next to QEMU (bench/run.py; BENCH_ARGS=--reps N)
@@ -28,6 +29,7 @@ all: guest
 
 guest: guest-linux guest-initramfs guest-initramfs-check guest-initramfs-vsock guest-probe
 	@if guest/kvm-emulates-kernel.sh -v; then $(MAKE) --no-print-directory guest-emulated; fi
+	$(MAKE) --no-print-directory guest-acpi
 
 guest-linux:
 	guest/build-kernel.sh minimal $(OUT)
@@ -48,7 +50,10 @@ guest-initramfs-check:
 guest-initramfs-vsock:
 	guest/build-initramfs.sh vsock $(OUT)
 
-.PHONY: guest-initramfs-check guest-initramfs-vsock
+guest-acpi:
+	guest/build-kernel.sh acpi $(OUT)
+
+.PHONY: guest-initramfs-check guest-initramfs-vsock guest-acpi
 
 test:
 	$(PYTHON) -m pytest

@@ -3,12 +3,14 @@
 #
 #   guest/build-kernel.sh minimal  OUTDIR   -> OUTDIR/bzImage, OUTDIR/vmlinux
 #   guest/build-kernel.sh emulated OUTDIR   -> OUTDIR/vmlinux-emulated
+#   guest/build-kernel.sh acpi     OUTDIR   -> OUTDIR/vmlinux-acpi
 #
 # Config: `make tinyconfig`, merge guest/linux/minimal.config (and, for
 # "emulated", guest/linux/emulated.config), `make olddefconfig`, then check
 # that every fragment line survived. "emulated" also applies
 # guest/linux/patches/*.patch (for hosts whose KVM emulates guest kernel code,
-# REFERENCE.md §1). The source is extracted into the cache, never the repo.
+# REFERENCE.md §1). "acpi" is "emulated" plus guest/linux/acpi.config.
+# The source is extracted into the cache, never the repo.
 #
 # Environment: MINIVMM_CACHE (cache root), MINIVMM_JOBS (make -j, default 2),
 # MINIVMM_KEEP_BUILD=1 keeps the build tree in the cache (about 1.5 GB).
@@ -17,7 +19,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/cache.sh"
 
-[ $# -eq 2 ] || die "usage: $0 minimal|emulated OUTDIR"
+[ $# -eq 2 ] || die "usage: $0 minimal|emulated|acpi OUTDIR"
 variant=$1
 outdir=$2
 case $variant in
@@ -30,7 +32,12 @@ emulated)
     patches=("$here"/linux/patches/*.patch)
     [ -e "${patches[0]}" ] || die "no patches in $here/linux/patches"
     ;;
-*) die "unknown variant '$variant' (minimal or emulated)" ;;
+acpi)
+    fragments=("$here/linux/minimal.config" "$here/linux/emulated.config"
+               "$here/linux/acpi.config")
+    patches=("$here"/linux/patches/*.patch)
+    ;;
+*) die "unknown variant '$variant' (minimal, emulated or acpi)" ;;
 esac
 
 tarball=/usr/src/linux-source-6.1.tar.xz
@@ -59,7 +66,7 @@ link_results() {
         link_out "$entry" bzImage "$outdir/bzImage"
         link_out "$entry" vmlinux "$outdir/vmlinux"
     else
-        link_out "$entry" vmlinux "$outdir/vmlinux-emulated"
+        link_out "$entry" vmlinux "$outdir/vmlinux-$variant"
     fi
 }
 

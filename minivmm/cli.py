@@ -29,7 +29,7 @@ OPTION_NAMES = {
     "kernel": "--kernel", "initrd": "--initrd", "cmdline": "--cmdline", "mem": "--mem",
     "cpus": "--cpus", "console": "--console", "console_device": "--console-device",
     "drives": "--disk", "network_interfaces": "--net", "host_quirks": "--host-quirks",
-    "config": "--config", "devices": "virtio devices", "vsock": "--vsock",
+    "config": "--config", "devices": "virtio devices", "vsock": "--vsock", "acpi": "--acpi",
 }
 
 # -- signals: one handler from start-up to the end -------------------------------------
@@ -101,6 +101,9 @@ def _add_vm_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--vsock", metavar="cid=N,uds=PATH",
                    help="virtio-vsock; host programs connect through the Unix socket PATH "
                         "(Firecracker's protocol)")
+    r.add_argument("--acpi", choices=["on", "off"],
+                   help="on (default): ACPI tables describe the machine and the guest can "
+                        "power off; off: no tables")
     r.add_argument("--host-quirks", choices=["auto", "off"],
                    help="auto (default): on a host whose KVM emulates guest kernel code, "
                         "add the command-line options a Linux guest needs there; off: never")
@@ -208,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         "mem": args.mem, "cpus": args.cpus, "console": args.console,
         "console_device": args.console_device, "rng": args.rng,
         "host_quirks": args.host_quirks,
+        "acpi": None if args.acpi is None else args.acpi == "on",
         "drives": None if args.disk is None else tuple(parse_disk(d) for d in args.disk),
         "network_interfaces": None if args.net is None else tuple(
             parse_net(n) for n in args.net),

@@ -244,6 +244,9 @@ class VmConfig:
     network_interfaces: tuple[NetConfig, ...] = ()
     rng: bool = False
     vsock: VsockConfig | None = None
+    #: ACPI tables (and power-off through ACPI S5); False: the MP table and the command
+    #: line's virtio_mmio.device= alone describe the machine
+    acpi: bool = True
     #: "auto": on hosts whose KVM emulates guest kernel code, add what Linux needs there
     host_quirks: str = "auto"
     #: boot an ELF with a PVH note through PVH (False: its 64-bit entry)
@@ -255,8 +258,8 @@ class VmConfig:
                      cpus: int = 1, console: str = "stdio", console_device: str = "serial",
                      drives: Iterable[DriveConfig] = (),
                      network_interfaces: Iterable[NetConfig] = (), rng: bool = False,
-                     vsock: VsockConfig | None = None, host_quirks: str = "auto",
-                     prefer_pvh: bool = True) -> None: ...
+                     vsock: VsockConfig | None = None, acpi: bool = True,
+                     host_quirks: str = "auto", prefer_pvh: bool = True) -> None: ...
 
     def __post_init__(self) -> None:
         _set(self, "kernel", _path(self.kernel, "kernel"))

@@ -12,7 +12,8 @@ its field names, and ``minivmm config`` writes one. Supported::
                               "guest_mac": "52:54:00:12:34:56"}],
       "entropy": {},
       "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"},
-      "minivmm": {"console": "stdio", "console_device": "serial", "host_quirks": "auto"}
+      "minivmm": {"console": "stdio", "console_device": "serial", "host_quirks": "auto",
+                  "acpi": true}
     }
 
 ``minivmm`` holds what Firecracker has no field for. Any other field, or a supported
@@ -38,7 +39,7 @@ _FIELDS: Final = {
     "network-interfaces": ("iface_id", "host_dev_name", "guest_mac"),
     "entropy": (),
     "vsock": ("guest_cid", "uds_path", "vsock_id"),
-    "minivmm": ("console", "console_device", "host_quirks", "rng"),
+    "minivmm": ("console", "console_device", "host_quirks", "acpi"),
 }
 #: minivmm's names for the fields, for messages about a value (see UsageError.field)
 FIELD_NAMES: Final = {
@@ -52,6 +53,7 @@ FIELD_NAMES: Final = {
     "console": "minivmm.console",
     "console_device": "minivmm.console_device",
     "host_quirks": "minivmm.host_quirks",
+    "acpi": "minivmm.acpi",
     "vsock": "vsock",
 }
 
@@ -177,5 +179,5 @@ def to_firecracker(cfg: VmConfig) -> dict[str, Any]:
     if cfg.vsock is not None:
         doc["vsock"] = {"guest_cid": cfg.vsock.guest_cid, "uds_path": str(cfg.vsock.uds_path)}
     doc["minivmm"] = {"console": cfg.console, "console_device": cfg.console_device,
-                      "host_quirks": cfg.host_quirks}
+                      "host_quirks": cfg.host_quirks, "acpi": cfg.acpi}
     return doc

@@ -133,8 +133,9 @@ class Vm:
         own.callback(self.serial.flush)
         cmdline = " ".join(part for part in (cfg.base_cmdline(), cfg.host_quirks_cmdline(),
                                              self.virtio.cmdline()) if part)
+        rsdp = self._acpi() if cfg.acpi else None
         boot = load_kernel(self.memory, cfg.kernel, initrd=cfg.initrd, cmdline=cmdline,
-                           prefer_pvh=cfg.prefer_pvh)
+                           prefer_pvh=cfg.prefer_pvh, rsdp_addr=rsdp)
         write_mptable(self.memory, cfg.cpus)
         self.platform.set_boot(boot.protocol, boot.entry, boot.boot_params_addr)
         self.cmdline = cmdline
@@ -191,6 +192,20 @@ class Vm:
         rtc = Rtc(self.platform.irq_line(layout.RTC_IRQ))
         self._stack.callback(rtc.close)
         pio.register(layout.RTC_PORT, Rtc.SIZE, rtc)
+
+    def _acpi(self) -> int:
+        """ACPI tables for this machine and the sleep registers behind its S5; the RSDP's
+        address. Kernels without ACPI ignore both (the MP table and the command line's
+        virtio_mmio.device= describe the machine to them)."""
+        from .devices.legacy.acpi_pm import AcpiPm
+        from .x86.acpi import write_acpi_tables
+
+        pm = AcpiPm(on_poweroff=lambda: self.request_stop(0, "poweroff", "ACPI S5"))
+        self.platform.pio_bus.register(layout.ACPI_PM_PORT, AcpiPm.SIZE, pm)
+        return write_acpi_tables(
+            self.memory, cpus=self.config.cpus, serial=True, rtc=True, i8042=True,
+            virtio=[(slot.base, layout.VIRTIO_MMIO_SIZE, slot.irq)
+                    for slot, _ in self.virtio.transports])
 
     # -- running --------------------------------------------------------------------
 

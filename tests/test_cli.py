@@ -29,6 +29,7 @@ def _one_line_error(args: list[str], want: str) -> None:
     (["run", "--kernel", "/etc/hostname", "--console", "file:"], "console"),
     (["run", "--kernel", "/etc/hostname", "--console", "tty9"], "console"),
     (["run", "--kernel", "/etc/hostname", "--bogus"], "--bogus"),
+    (["run", "--kernel", "/etc/hostname", "--acpi", "maybe"], "--acpi"),
 ])
 def test_usage_errors(args: list[str], want: str) -> None:
     _one_line_error(args, want)

@@ -25,7 +25,9 @@
  *   minivmm-check: end
  * A step that fails prints "minivmm-check: <step> error <errno>" (or
  * "absent" for a missing device) instead, and the report goes on.
- * Then reboot(RB_AUTOBOOT); with `reboot=t` that is a triple fault.
+ * Then reboot(RB_AUTOBOOT); with `reboot=t` that is a triple fault. Built with
+ * -DCHECK_POWER_OFF it powers off instead (RB_POWER_OFF: ACPI S5, where the kernel
+ * has ACPI; tests/test_linux_acpi.py).
  */
 
 #define HVC0_LINE "minivmm-check: hello on hvc0\n"
@@ -51,6 +53,12 @@ enum {
 #define LINUX_REBOOT_MAGIC1 0xfee1dead
 #define LINUX_REBOOT_MAGIC2 672274793
 #define LINUX_REBOOT_CMD_RESTART 0x01234567 /* RB_AUTOBOOT */
+#define LINUX_REBOOT_CMD_POWER_OFF 0x4321FEDC /* RB_POWER_OFF */
+#ifdef CHECK_POWER_OFF
+#define CHECK_END_CMD LINUX_REBOOT_CMD_POWER_OFF
+#else
+#define CHECK_END_CMD LINUX_REBOOT_CMD_RESTART
+#endif
 
 static long sys6(long n, long a, long b, long c, long d, long e, long f)
 {
@@ -394,7 +402,7 @@ void __attribute__((noreturn, used)) check_main(void)
 	begin("end");
 	end_line();
 	sys6(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2,
-	     LINUX_REBOOT_CMD_RESTART, 0, 0, 0);
+	     CHECK_END_CMD, 0, 0, 0);
 	for (;;)
 		sys3(SYS_nanosleep, 0, 0, 0);
 }

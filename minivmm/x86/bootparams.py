@@ -157,9 +157,12 @@ def fill_boot_params(
     *,
     e820: Sequence[E820Entry],
     initrd: tuple[int, int] | None,
+    rsdp_addr: int | None = None,
 ) -> None:
     """Fill what the loader owns in a zero page whose setup header is already in place:
-    loader identity, command line, initrd and memory map (boot.rst, "64-bit BOOT PROTOCOL")."""
+    loader identity, command line, initrd, memory map (boot.rst, "64-bit BOOT PROTOCOL")
+    and the ACPI RSDP's address, if there are ACPI tables (zero-page.rst: acpi_rsdp_addr,
+    offset 0x070, read by every kernel that has the field, whatever its boot protocol)."""
     hdr = bp.hdr
     hdr.type_of_loader = LOADER_TYPE_UNDEFINED
     hdr.loadflags |= LOADED_HIGH | CAN_USE_HEAP
@@ -171,6 +174,7 @@ def fill_boot_params(
     hdr.ramdisk_size = size & 0xFFFF_FFFF
     bp.ext_ramdisk_image = gpa >> 32
     bp.ext_ramdisk_size = size >> 32
+    bp.acpi_rsdp_addr = rsdp_addr or 0
     if len(e820) > E820_MAX_ENTRIES_ZEROPAGE:
         raise ValueError(f"{len(e820)} e820 entries do not fit in the zero page")
     bp.e820_entries = len(e820)

@@ -5,7 +5,8 @@ Both boot paths hand the kernel the same map: the Linux zero page carries it in
 are the E820 ones). The first RAM region is split around the EBDA, where the MP table lives:
 
     0 .. EBDA_START             usable  (real-mode IVT, boot GDT, zero page, page tables)
-    EBDA_START .. HIMEM_START   reserved (EBDA with the MP table; legacy VGA/ROM hole)
+    EBDA_START .. HIMEM_START   reserved (EBDA with the MP table; legacy VGA/ROM hole, where
+                                the ACPI tables live, from layout.ACPI_RSDP_ADDR)
     HIMEM_START .. region end   usable
 
 Every further RAM region (RAM above 4 GiB) is usable as a whole.

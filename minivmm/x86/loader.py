@@ -67,8 +67,13 @@ def load_kernel(
     initrd: pathlib.Path | None,
     cmdline: str,
     prefer_pvh: bool = True,
+    rsdp_addr: int | None = None,
 ) -> BootInfo:
-    """Load ``kernel`` (a bzImage or an x86-64 ELF) and ``initrd`` into ``mem``."""
+    """Load ``kernel`` (a bzImage or an x86-64 ELF) and ``initrd`` into ``mem``.
+
+    ``rsdp_addr``: where the ACPI tables' RSDP is (acpi.write_acpi_tables), handed to the
+    kernel in the zero page or the PVH start info; None when there are no tables.
+    """
     with _open(kernel, "kernel") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(PAGE_SIZE)
@@ -76,9 +81,9 @@ def load_kernel(
             raise UsageError(f"{kernel}: the kernel file is empty; pass a bzImage or a vmlinux",
                              field="kernel")
         if head.startswith(ELF_MAGIC):
-            return _load_elf(mem, kernel, f, size, initrd, cmdline, prefer_pvh)
+            return _load_elf(mem, kernel, f, size, initrd, cmdline, prefer_pvh, rsdp_addr)
         if _is_bzimage(head):
-            return _load_bzimage(mem, kernel, f, size, head, initrd, cmdline)
+            return _load_bzimage(mem, kernel, f, size, head, initrd, cmdline, rsdp_addr)
     raise UsageError(
         f"{kernel}: not a Linux kernel (neither a bzImage nor an ELF file); "
         "pass a bzImage or a vmlinux", field="kernel")
@@ -136,6 +141,7 @@ def _load_bzimage(
     head: bytes,
     initrd: pathlib.Path | None,
     cmdline: str,
+    rsdp_addr: int | None,
 ) -> BootInfo:
     hdr_size = ctypes.sizeof(bp.SetupHeader)
     if len(head) < bp.SETUP_HEADER_OFFSET + hdr_size:
@@ -200,7 +206,7 @@ def _load_bzimage(
         mem, cmdline, params.hdr.cmdline_size, limit_source="the kernel's cmdline_size"
     )
     initrd_at = _load_initrd(mem, initrd, kernel_end, params.hdr.initrd_addr_max)
-    bp.fill_boot_params(params, e820=e820_map(mem), initrd=initrd_at)
+    bp.fill_boot_params(params, e820=e820_map(mem), initrd=initrd_at, rsdp_addr=rsdp_addr)
     return BootInfo(
         "linux64", load + ENTRY_64_OFFSET, bp.write_boot_params(mem, params), kernel_end, initrd_at
     )
@@ -231,6 +237,7 @@ def _load_elf(
     initrd: pathlib.Path | None,
     cmdline: str,
     prefer_pvh: bool,
+    rsdp_addr: int | None,
 ) -> BootInfo:
     try:
         elf = ELFFile(f)
@@ -298,7 +305,8 @@ def _load_elf(
     initrd_at = _load_initrd(mem, initrd, kernel_end, ELF_INITRD_ADDR_MAX)
     e820 = e820_map(mem)
     if pvh_entry is not None:
-        info = pvh.write_start_info(mem, cmdline_addr=cmdline_addr, e820=e820, initrd=initrd_at)
+        info = pvh.write_start_info(mem, cmdline_addr=cmdline_addr, e820=e820, initrd=initrd_at,
+                                    rsdp_addr=rsdp_addr)
         return BootInfo("pvh", entry, info, kernel_end, initrd_at)
 
     # No setup header in a vmlinux: fill in what the 64-bit entry reads from one.
@@ -311,7 +319,7 @@ def _load_elf(
     hdr.initrd_addr_max = ELF_INITRD_ADDR_MAX
     hdr.cmdline_size = layout.CMDLINE_MAX - 1
     hdr.xloadflags = bp.XLF_KERNEL_64
-    bp.fill_boot_params(params, e820=e820, initrd=initrd_at)
+    bp.fill_boot_params(params, e820=e820, initrd=initrd_at, rsdp_addr=rsdp_addr)
     return BootInfo("linux64", entry, bp.write_boot_params(mem, params), kernel_end, initrd_at)
 
 

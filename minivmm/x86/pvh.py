@@ -105,8 +105,10 @@ def write_start_info(
     cmdline_addr: int,
     e820: Sequence[E820Entry],
     initrd: tuple[int, int] | None,
+    rsdp_addr: int | None = None,
 ) -> int:
-    """Write hvm_start_info, its module list and memory map at layout.PVH_INFO_ADDR.
+    """Write hvm_start_info, its module list and memory map at layout.PVH_INFO_ADDR;
+    ``rsdp_addr`` is the ACPI RSDP's address (rsdp_paddr), None without ACPI tables.
 
     Returns the start info's address (for EBX).
     """
@@ -127,6 +129,7 @@ def write_start_info(
         nr_modules=len(modules),
         modlist_paddr=modlist_addr if modules else 0,
         cmdline_paddr=cmdline_addr,
+        rsdp_paddr=rsdp_addr or 0,
         memmap_paddr=memmap_addr,
         memmap_entries=len(e820),
     )

@@ -4,19 +4,21 @@
     i8042       keyboard controller: only what Linux needs to probe it and to reset the machine
     debug_exit  one write-only port; the guest writes its exit status to it
     rtc         MC146818 CMOS real-time clock (layout.RTC_PORT, IRQ layout.RTC_IRQ)
+    acpi_pm     the ACPI sleep control/status registers: S5 from the guest powers off
 
 Each is a bus device (minivmm.bus.BusDevice) registered over ``SIZE`` ports at its base.
 All are pure Python and testable without /dev/kvm; their effects on the VM (an interrupt
 level, the end of the VM) go through objects and callbacks the VMM passes in. Every
 register access is guest-controlled: any offset and any access size is accepted, and
 none of these devices raises from ``read`` or ``write``. The callbacks they invoke
-(``on_reset``, ``on_exit``) run on the vCPU thread inside the port access and may raise
-to unwind the run loop.
+(``on_reset``, ``on_exit``, ``on_poweroff``) run on the vCPU thread inside the port
+access and may raise to unwind the run loop.
 """
 
+from minivmm.devices.legacy.acpi_pm import AcpiPm
 from minivmm.devices.legacy.debug_exit import DebugExit
 from minivmm.devices.legacy.i8042 import I8042
 from minivmm.devices.legacy.rtc import Rtc
 from minivmm.devices.legacy.serial import Serial, Sink
 
-__all__ = ["I8042", "DebugExit", "Rtc", "Serial", "Sink"]
+__all__ = ["I8042", "AcpiPm", "DebugExit", "Rtc", "Serial", "Sink"]
