@@ -101,11 +101,14 @@ def check_lines(console: str) -> dict[str, list[str]]:
     return report
 
 
-def assert_check_report(console: str, *, cmdline: str, disk: Path, hvc0_text: str) -> None:
+def assert_check_report(console: str, *, cmdline: str, disk: Path, hvc0_text: str,
+                        cpus: int = 1) -> None:
     """Every line of the report: the command line (with three virtio_mmio.device=
-    entries), the memory of a 256 MiB guest, blk/console/rng found and bound to their
-    drivers, the disk's size and CRC-32, 16 hwrng bytes, and the hvc0 line."""
+    entries), the memory of a 256 MiB guest, the vCPUs online, blk/console/rng found and
+    bound to their drivers, the disk's size and CRC-32, 16 hwrng bytes, and the hvc0
+    line."""
     report = check_lines(console)
+    assert report["cpus-online"] == ["0" if cpus == 1 else f"0-{cpus - 1}"]
     (got_cmdline,) = report["cmdline"]
     assert cmdline in got_cmdline
     assert len(re.findall(r"virtio_mmio\.device=\S+", got_cmdline)) == 3
@@ -134,6 +137,6 @@ def assert_check_report(console: str, *, cmdline: str, disk: Path, hvc0_text: st
 
     # Nothing else reported (a failed mount would print a "mount" line).
     assert set(report) == {
-        "cmdline", "memtotal-kib", "virtio", "virtio-count",
+        "cmdline", "memtotal-kib", "cpus-online", "virtio", "virtio-count",
         "vda-size", "vda-crc32", "hwrng", "hvc0",
     }  # fmt: skip

@@ -13,6 +13,7 @@
  *   minivmm-check: begin
  *   minivmm-check: cmdline <contents of /proc/cmdline>
  *   minivmm-check: memtotal-kib <MemTotal from /proc/meminfo>
+ *   minivmm-check: cpus-online <contents of /sys/devices/system/cpu/online, e.g. 0-1>
  *   minivmm-check: virtio <name> device-id <decimal id> driver <driver|none>
  *                                     (one line per /sys/bus/virtio/devices entry)
  *   minivmm-check: virtio-count <n>
@@ -202,6 +203,18 @@ static void report_memtotal(void)
 		kib = kib * 10 + (u64)(*p++ - '0');
 	begin("memtotal-kib ");
 	put_udec(kib);
+	end_line();
+}
+
+static void report_cpus(void)
+{
+	long n = read_file("/sys/devices/system/cpu/online");
+	if (n < 0)
+		return fail("cpus-online", n);
+	while (n > 0 && buf[n - 1] == '\n')
+		n--;
+	begin("cpus-online ");
+	put_n(buf, (size_t)n);
 	end_line();
 }
 
@@ -395,6 +408,7 @@ void __attribute__((noreturn, used)) check_main(void)
 	mount_fs("devtmpfs", "/dev");
 	report_cmdline();
 	report_memtotal();
+	report_cpus();
 	report_virtio();
 	report_vda();
 	report_hwrng();

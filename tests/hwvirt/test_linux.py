@@ -40,19 +40,20 @@ STOCK_TIMEOUT = 150.0  # seconds; today's run ends (without devices) in about a 
 STOCK_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet"
 
 
-@pytest.mark.parametrize("kernel_name", ["vmlinux", "bzImage"])
-def test_minimal_kernel_check_report(tmp_path: Path, kernel_name: str) -> None:
+@pytest.mark.parametrize(("kernel_name", "cpus"), [("vmlinux", 1), ("bzImage", 2)])
+def test_minimal_kernel_check_report(tmp_path: Path, kernel_name: str, cpus: int) -> None:
     disk = make_disk(tmp_path / "disk.img")
     cmd = minivmm("--kernel", str(guest_artifact(kernel_name)),
                   "--initrd", str(guest_artifact("initramfs-check.cpio")), "--mem", "256M",
-                  "--disk", str(disk), "--rng", "--console-device", "virtio",
-                  "--cmdline", PLAIN_CMDLINE)
+                  "--cpus", str(cpus), "--disk", str(disk), "--rng",
+                  "--console-device", "virtio", "--cmdline", PLAIN_CMDLINE)
     console, seconds = run_until(cmd, "minivmm-check: end", HARD_TIMEOUT)
     print(f"{kernel_name} under minivmm: report complete after {seconds:.1f} s")
     # Both consoles print to stdout: the kernel's ttyS0 and the line /init wrote to hvc0.
     assert HVC0_LINE + "\n" in console
     ttys0 = console.replace(HVC0_LINE + "\n", "", 1)
-    assert_check_report(ttys0, cmdline=PLAIN_CMDLINE, disk=disk, hvc0_text=console)
+    assert_check_report(ttys0, cmdline=PLAIN_CMDLINE, disk=disk, hvc0_text=console,
+                        cpus=cpus)
     (reported,) = [ln for ln in console.splitlines() if ln.startswith("minivmm-check: cmdline")]
     assert "clearcpuid" not in reported  # no kvm_pvm quirks on this host
 
@@ -62,7 +63,7 @@ def test_stock_kernel_finds_its_devices(tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "disk.img")
     cmd = minivmm("--kernel", str(hwvirt_artifact("vmlinuz")),
                   "--initrd", str(hwvirt_artifact("initramfs-stock.cpio")), "--mem", "512M",
-                  "--disk", str(disk), "--rng", "--console-device", "virtio",
+                  "--cpus", "2", "--disk", str(disk), "--rng", "--console-device", "virtio",
                   "--cmdline", STOCK_CMDLINE)
     try:
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
@@ -80,6 +81,7 @@ def test_stock_kernel_finds_its_devices(tmp_path: Path) -> None:
         assert m, value
         devices[int(m[2])] = m[3]
     assert devices == VIRTIO_IDS, why  # found (through ACPI) and bound to their drivers
+    assert report.get("cpus-online") == ["0-1"], why
     data = disk.read_bytes()
     assert report.get("vda-size") == [str(len(data))], why
     assert report.get("vda-crc32") == [f"{zlib.crc32(data[:65536]):08x} bytes 65536"], why
