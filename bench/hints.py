@@ -44,7 +44,7 @@ def _python_baseline() -> tuple[float, float, float]:
     imp: list[float] = []
     rss: list[float] = []
     for _ in range(3):
-        for code, acc in (("pass", bare), ("import minivmm.launch, minivmm.cli", imp)):
+        for code, acc in (("pass", bare), ("import minivmm.vm, minivmm.cli", imp)):
             t0 = time.monotonic()
             p = subprocess.Popen([sys.executable, "-c", code], cwd=vmms.MINIVMM_HOME)
             _, _, ru = os.wait4(p.pid, 0)
@@ -95,7 +95,7 @@ def hints(b: Bench, summary: dict[str, dict[str, object]], floor: dict[str, floa
                     "i.e. 'kvm ready' is almost all interpreter start and imports")
             out.append(f"start-up: minivmm {m:.0f} ms vs QEMU {q:.0f} ms to the first line; "
                        f"minivmm --timeline (ms, median): {phases}. `python3 -c pass` takes "
-                       f"{bare_ms:.0f} ms and `python3 -c 'import minivmm.launch, minivmm.cli'` "
+                       f"{bare_ms:.0f} ms and `python3 -c 'import minivmm.vm, minivmm.cli'` "
                        f"{import_ms:.0f} ms (best of 3): interpreter start {bare_ms:.0f} ms + "
                        f"imports {import_ms - bare_ms:.0f} ms, {rest}")
         elif key == "mmio_guest":
@@ -121,7 +121,7 @@ def hints(b: Bench, summary: dict[str, dict[str, object]], floor: dict[str, floa
             out.append(hint(b, key, summary))
         elif key == "mem_overhead":
             out.append(f"memory: minivmm overhead {m:.1f} MiB vs QEMU {q:.1f} MiB; "
-                       f"`python3 -c 'import minivmm.launch'` alone peaks at {import_rss:.1f} "
+                       f"`python3 -c 'import minivmm.vm'` alone peaks at {import_rss:.1f} "
                        f"MiB, so about {m - import_rss:.1f} MiB is what the running VMM adds "
                        "(threads' stacks, ctypes, buffers, device state)")
     return out

@@ -45,7 +45,7 @@ from .vmms import MIB, REPO, RunOutput, Vmm
 WORKLOADS = ["mmio", "rng", "blk_rand4k_qd1", "blk_rand4k_qd32", "blk_seq1m_read",
              "blk_seq1m_write"]
 BLK = [w for w in WORKLOADS if w.startswith("blk")]
-STATS = re.compile(r"^stats: exits (\w+): (\d+)$", re.M)
+STATS = re.compile(r"^stats: vcpu0 exits (\w+): (\d+)$", re.M)
 TIMELINE = re.compile(r"^timeline: (.+?)\s+([\d.]+) ms$", re.M)
 
 

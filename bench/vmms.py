@@ -225,7 +225,7 @@ def snapshot(out: Path, tries: int = 12) -> dict[str, str]:
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(REPO / "minivmm", dest / "minivmm",
                         ignore=shutil.ignore_patterns("__pycache__"))
-        p = subprocess.run([sys.executable, "-c", "import minivmm.cli, minivmm.launch"],
+        p = subprocess.run([sys.executable, "-c", "import minivmm.cli, minivmm.vm"],
                            cwd=dest, capture_output=True, text=True)
         if p.returncode == 0:
             break

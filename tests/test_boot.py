@@ -88,7 +88,7 @@ def test_console_to_file_and_stats_and_timeline(tmp_path: Path) -> None:
     assert run.status == 0
     assert "probe: result pass" in log.read_text()
     assert "probe:" not in run.out
-    assert "stats: exits io:" in run.err
+    assert "stats: vcpu0 exits io:" in run.err
     for mark in ("process start", "kvm ready", "kernel loaded", "first KVM_RUN",
                  "first console byte", "vm exit"):
         assert f"timeline: {mark}" in run.err
@@ -147,7 +147,8 @@ def test_signal_during_start_up(tmp_path: Path, sig: signal.Signals, delay: floa
     time.sleep(delay)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    if proc.returncode == -sig or (b"KeyboardInterrupt" in err and b"minivmm" not in err):
+    ours = str(ROOT / "minivmm").encode()  # a frame of minivmm's own code
+    if proc.returncode == -sig or (b"KeyboardInterrupt" in err and ours not in err):
         pytest.skip("the signal arrived before the interpreter ran minivmm's first line")
     assert proc.returncode == 128 + sig, err
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
