@@ -174,6 +174,13 @@ class NetDevice(VirtioDevice):
         self.rx_pauses = 0
         self.tx_packets = self.tx_bytes = self.tx_dropped = self.tx_errors = 0
 
+    def stats(self) -> dict[str, int]:
+        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+                "rx_dropped": self.rx_dropped, "rx_bad_chains": self.rx_bad_chains,
+                "rx_pauses": self.rx_pauses, "tx_packets": self.tx_packets,
+                "tx_bytes": self.tx_bytes, "tx_dropped": self.tx_dropped,
+                "tx_errors": self.tx_errors}
+
     @property
     def tap_fd(self) -> int:
         return self._tap
