@@ -6,10 +6,9 @@
   report QEMU gives (test_qemu.py) and the one test_linux_emulated.py asks for.
 * test_stock_kernel_finds_its_devices: Debian's stock kernel (the one L1 runs, from
   `make hwvirt`) with its virtio modules (guest/out/hwvirt/initramfs-stock.cpio loads
-  them, then hands over to the same check /init). Debian builds VIRTIO_MMIO=m without
-  VIRTIO_MMIO_CMDLINE_DEVICES, so it finds virtio-mmio devices only through ACPI, and
-  it spins in rtc_cmos without an RTC (REFERENCE.md §7): expected to fail until minivmm
-  offers both (issue 12).
+  them, then hands over to the same check /init), with 2 vCPUs. Debian builds
+  VIRTIO_MMIO=m without VIRTIO_MMIO_CMDLINE_DEVICES, so it finds virtio-mmio devices
+  only through ACPI (minivmm's DSDT), and its rtc_cmos needs the CMOS RTC.
 """
 
 from __future__ import annotations
@@ -58,7 +57,6 @@ def test_minimal_kernel_check_report(tmp_path: Path, kernel_name: str, cpus: int
     assert "clearcpuid" not in reported  # no kvm_pvm quirks on this host
 
 
-@pytest.mark.xfail(strict=True, reason="needs ACPI + RTC (issue 12)")
 def test_stock_kernel_finds_its_devices(tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "disk.img")
     cmd = minivmm("--kernel", str(hwvirt_artifact("vmlinuz")),

@@ -1,7 +1,7 @@
-"""A hostile driver on the register file of every device: random accesses of every width at every offset,
-random status values, queue set-ups pointing anywhere, and kicks in between. Nothing may
-escape the transport or the device (the VMM's vCPU and device threads would die), and
-every register read must return as many bytes as were asked for."""
+"""A hostile driver on the register file of every device: random accesses of every width at
+every offset, random status values, queue set-ups pointing anywhere, and kicks in
+between. Nothing may escape the transport or the device (the VMM's vCPU and device
+threads would die), and every register read must return as many bytes as were asked for."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minivmm.console import NullSink
-from minivmm.devices.base import VirtioDevice
-from minivmm.devices.blk import BlockDevice
 from minivmm.devices import net as netdev
 from minivmm.devices import tap as taplib
+from minivmm.devices.base import VirtioDevice
+from minivmm.devices.blk import BlockDevice
 from minivmm.devices.console import ConsoleDevice
 from minivmm.devices.net import NetDevice
 from minivmm.devices.rng import RngDevice
@@ -108,7 +108,7 @@ def tap_stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(taplib, "supported_offloads", lambda fd: taplib.TUN_F_CSUM)
     monkeypatch.setattr(taplib, "set_offload", lambda fd, flags: None)
     monkeypatch.setattr(taplib, "is_attached", lambda fd: True)
-    assert netdev.taplib is taplib
+    assert netdev.taplib is taplib  # type: ignore[attr-defined]
     yield
 
 
