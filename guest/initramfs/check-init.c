@@ -14,6 +14,7 @@
  *   minivmm-check: cmdline <contents of /proc/cmdline>
  *   minivmm-check: memtotal-kib <MemTotal from /proc/meminfo>
  *   minivmm-check: cpus-online <contents of /sys/devices/system/cpu/online, e.g. 0-1>
+ *   minivmm-check: rtc0 since-epoch <seconds>   (only if the kernel has an RTC driver)
  *   minivmm-check: virtio <name> device-id <decimal id> driver <driver|none>
  *                                     (one line per /sys/bus/virtio/devices entry)
  *   minivmm-check: virtio-count <n>
@@ -218,6 +219,18 @@ static void report_cpus(void)
 	end_line();
 }
 
+static void report_rtc(void)
+{
+	long n = read_file("/sys/class/rtc/rtc0/since_epoch");
+	if (n < 0)
+		return; /* no RTC driver (the minimal kernel): nothing to report */
+	while (n > 0 && buf[n - 1] == '\n')
+		n--;
+	begin("rtc0 since-epoch ");
+	put_n(buf, (size_t)n);
+	end_line();
+}
+
 struct dirent64 {
 	u64 d_ino;
 	u64 d_off;
@@ -409,6 +422,7 @@ void __attribute__((noreturn, used)) check_main(void)
 	report_cmdline();
 	report_memtotal();
 	report_cpus();
+	report_rtc();
 	report_virtio();
 	report_vda();
 	report_hwrng();

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def test_stock_kernel_finds_its_devices(tmp_path: Path) -> None:
                   "--initrd", str(hwvirt_artifact("initramfs-stock.cpio")), "--mem", "512M",
                   "--cpus", "2", "--disk", str(disk), "--rng", "--console-device", "virtio",
                   "--cmdline", STOCK_CMDLINE)
+    started = time.time()
     try:
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                            timeout=STOCK_TIMEOUT)
@@ -80,6 +82,9 @@ def test_stock_kernel_finds_its_devices(tmp_path: Path) -> None:
         devices[int(m[2])] = m[3]
     assert devices == VIRTIO_IDS, why  # found (through ACPI) and bound to their drivers
     assert report.get("cpus-online") == ["0-1"], why
+    (since_epoch,) = report.get("rtc0", ["none"])  # rtc_cmos bound to minivmm's RTC
+    assert since_epoch.startswith("since-epoch "), why
+    assert abs(int(since_epoch.split()[1]) - started) < 600, why  # the host's time
     data = disk.read_bytes()
     assert report.get("vda-size") == [str(len(data))], why
     assert report.get("vda-crc32") == [f"{zlib.crc32(data[:65536]):08x} bytes 65536"], why
