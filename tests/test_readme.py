@@ -1,10 +1,13 @@
-"""README's "Writing a device" example is code a reader will copy: run it as written."""
+"""README's examples are code a reader will copy: run them as written."""
 
 from __future__ import annotations
 
 import re
 
-from guests import ROOT
+import pytest
+from guests import ROOT, guest_artifact
+
+import minivmm
 
 
 def test_writing_a_device_example_runs() -> None:
@@ -17,3 +20,17 @@ def test_writing_a_device_example_runs() -> None:
     test_upper = namespace["test_upper"]
     assert callable(test_upper)
     test_upper()
+
+
+@pytest.mark.kvm
+def test_python_api_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's "Python API" block, as written (it boots the probe from guest/out/)."""
+    guest_artifact("probe.elf")
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API") :]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)[:1]
+    monkeypatch.chdir(ROOT)
+    namespace: dict[str, object] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert isinstance(result, minivmm.RunResult) and result.status == 0, result
