@@ -15,6 +15,8 @@ from guests import ROOT, ProbeRun, guest_artifact, run_minivmm
 from test_dev_blk import make_image
 from test_plugins import make_distribution
 
+from minivmm import DeviceConfig, Vm, VmConfig
+
 pytestmark = pytest.mark.kvm
 SECTORS = 2048  # 1 MiB
 
@@ -72,3 +74,16 @@ def test_ramdisk_through_an_entry_point(tmp_path: Path) -> None:
     run.assert_pass()
     assert "id=from-entry-point" in run.result("blk")
     assert len([ln for ln in run.lines if ln.startswith("virtio dev ") and "device=2" in ln]) == 2
+
+
+def test_a_plugin_device_names_its_kernel_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel_option class attribute of a device from outside minivmm is the hint a
+    Linux guest that never initialised it gets (the VM is built, not run)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    cfg = VmConfig(kernel=guest_artifact("bzImage"), console="none", devices=[
+        DeviceConfig("examples.ramdisk:RamDisk", {"size": "64K"})])
+    with Vm(cfg) as vm:
+        hints = vm.device_hints()
+    assert hints == ["the guest never initialised virtio-ramdisk at 0xd0000000 (IRQ 5): is "
+                     "its kernel built with CONFIG_VIRTIO_MMIO, "
+                     "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and CONFIG_VIRTIO_BLK?"]
