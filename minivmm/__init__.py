@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .config import DriveConfig, NetConfig, VmConfig
+    from .config import DeviceConfig, DriveConfig, NetConfig, VmConfig
     from .devices.base import VirtioDevice
     from .errors import GuestError, HostError, InternalError, MinivmmError, UsageError
     from .stop import RunResult
@@ -38,13 +38,14 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 __all__ = [
-    "DeviceHarness", "DriveConfig", "FakeDriver", "GuestError", "HostError", "InternalError",
-    "MinivmmError", "NetConfig", "RunResult", "UsageError", "VirtioDevice", "Vm", "VmConfig",
+    "DeviceConfig", "DeviceHarness", "DriveConfig", "FakeDriver", "GuestError", "HostError",
+    "InternalError", "MinivmmError", "NetConfig", "RunResult", "UsageError", "VirtioDevice",
+    "Vm", "VmConfig",
     "__version__",
 ]
 
 _WHERE = {
-    "VmConfig": "config", "DriveConfig": "config", "NetConfig": "config",
+    "VmConfig": "config", "DeviceConfig": "config", "DriveConfig": "config", "NetConfig": "config",
     "Vm": "vm", "RunResult": "stop", "VirtioDevice": "devices.base",
     "DeviceHarness": "transport.testing", "FakeDriver": "virtio.testing",
     "MinivmmError": "errors", "UsageError": "errors", "GuestError": "errors",

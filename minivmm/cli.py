@@ -29,7 +29,7 @@ OPTION_NAMES = {
     "kernel": "--kernel", "initrd": "--initrd", "cmdline": "--cmdline", "mem": "--mem",
     "cpus": "--cpus", "console": "--console", "console_device": "--console-device",
     "drives": "--disk", "network_interfaces": "--net", "host_quirks": "--host-quirks",
-    "config": "--config", "devices": "virtio devices", "vsock": "--vsock", "acpi": "--acpi",
+    "config": "--config", "devices": "--device", "vsock": "--vsock", "acpi": "--acpi",
 }
 
 # -- signals: one handler from start-up to the end -------------------------------------
@@ -101,6 +101,10 @@ def _add_vm_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--vsock", metavar="cid=N,uds=PATH",
                    help="virtio-vsock; host programs connect through the Unix socket PATH "
                         "(Firecracker's protocol)")
+    r.add_argument("--device", action="append", metavar="NAME[,key=value...]",
+                   help="a virtio device by name: blk, net, rng, vsock, an installed "
+                        "package's, or MODULE:CLASS (repeatable; options go to its "
+                        "from_options, e.g. --device blk,path=disk.img,ro)")
     r.add_argument("--acpi", choices=["on", "off"],
                    help="on (default): ACPI tables describe the machine and the guest can "
                         "power off; off: no tables")
@@ -202,7 +206,7 @@ def _item(kind: Callable[..., Any], field: str, text: str, **kw: Any) -> Any:
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     """The VmConfig of a command line: the --config file, then the options over it."""
     from . import firecracker
-    from .config import VmConfig
+    from .config import DeviceConfig, VmConfig
     from .errors import UsageError
 
     fields: dict[str, Any] = firecracker.load(args.config) if args.config else {}
@@ -216,6 +220,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         "network_interfaces": None if args.net is None else tuple(
             parse_net(n) for n in args.net),
         "vsock": None if args.vsock is None else parse_vsock(args.vsock),
+        "devices": None if args.device is None else tuple(
+            DeviceConfig.parse(d) for d in args.device),
     }
     given = {k: v for k, v in given.items() if v is not None}
     from_file = set(fields) - set(given)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -226,6 +226,66 @@ class VsockConfig:
 
 
 @dataclass(frozen=True)
+class DeviceConfig:
+    """A virtio device by name, built when the VM is: ``device`` is a built-in name
+    (``blk``, ``net``, ``rng``, ``vsock``), a name an installed package offers, or
+    ``MODULE:CLASS``; ``options`` go to the class's ``from_options`` (see
+    minivmm.devices.plugins). JSON: ``{"device": "blk", "options": {"path": "d.img"}}``;
+    option values may be written as strings, numbers or true/false (kept as strings)."""
+
+    device: str
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    if TYPE_CHECKING:
+        def __init__(self, device: str,
+                     options: Mapping[str, str | int | bool] | None = None) -> None: ...
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device or "," in self.device:
+            raise UsageError(f"{self.device!r}: name a device, e.g. blk or "
+                             "mypkg.ramdisk:RamDisk", field="device")
+        opts: object = {} if self.options is None else self.options
+        if not isinstance(opts, Mapping):
+            raise UsageError(f"{opts!r}: options are an object of key: value",
+                             field="options")
+        norm: dict[str, str] = {}
+        for key, value in opts.items():
+            if not isinstance(key, str) or not key or "=" in key or "," in key:
+                raise UsageError(f"{key!r} is not an option name", field="options")
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, int):
+                value = str(value)
+            elif not isinstance(value, str):
+                raise UsageError(f"{key}: {value!r} is not a string, number or true/false",
+                                 field="options")
+            norm[key] = value
+        _set(self, "options", norm)
+
+    def __hash__(self) -> int:
+        return hash((self.device, tuple(self.options.items())))
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceConfig:
+        """``NAME[,key=value...]`` (``--device``); a bare ``key`` means ``key=true``."""
+        device, *opts = text.split(",")
+        options: dict[str, str] = {}
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if not key or key in options:
+                raise UsageError(f"{text!r}: {'empty' if not key else 'repeated'} option "
+                                 f"{opt!r}; write NAME,key=value,...", field="devices")
+            options[key] = value if eq else "true"
+        try:
+            return cls(device, options)
+        except UsageError as e:
+            raise UsageError(f"{text!r}: {e.message}", field="devices") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """Everything that describes one VM. See the module docstring."""
 
@@ -244,6 +304,8 @@ class VmConfig:
     network_interfaces: tuple[NetConfig, ...] = ()
     rng: bool = False
     vsock: VsockConfig | None = None
+    #: more virtio devices, by name (``--device``), after the ones above
+    devices: tuple[DeviceConfig, ...] = ()
     #: ACPI tables (and power-off through ACPI S5); False: the MP table and the command
     #: line's virtio_mmio.device= alone describe the machine
     acpi: bool = True
@@ -258,7 +320,8 @@ class VmConfig:
                      cpus: int = 1, console: str = "stdio", console_device: str = "serial",
                      drives: Iterable[DriveConfig] = (),
                      network_interfaces: Iterable[NetConfig] = (), rng: bool = False,
-                     vsock: VsockConfig | None = None, acpi: bool = True,
+                     vsock: VsockConfig | None = None,
+                     devices: Iterable[DeviceConfig] = (), acpi: bool = True,
                      host_quirks: str = "auto", prefer_pvh: bool = True) -> None: ...
 
     def __post_init__(self) -> None:
@@ -282,8 +345,10 @@ class VmConfig:
             raise UsageError(f"{self.host_quirks!r}: use auto or off", field="host_quirks")
         drives = tuple(self.drives)
         nets = tuple(self.network_interfaces)
+        devices = tuple(self.devices)
         for name, items, kind in (("drives", drives, DriveConfig),
-                                  ("network_interfaces", nets, NetConfig)):
+                                  ("network_interfaces", nets, NetConfig),
+                                  ("devices", devices, DeviceConfig)):
             for i, item in enumerate(items):
                 if not isinstance(item, kind):
                     raise UsageError(f"item {i} is not a {kind.__name__}", field=name)
@@ -293,8 +358,26 @@ class VmConfig:
             raise UsageError("more than one drive is the root device", field="drives")
         _set(self, "drives", drives)
         _set(self, "network_interfaces", nets)
+        _set(self, "devices", devices)
 
     # -- what the guest is given ----------------------------------------------------------
+
+    def virtio_devices(self) -> list[tuple[str, DeviceConfig]]:
+        """Every configured virtio device as (the field it comes from, its DeviceConfig),
+        in the order the guest sees them: the Firecracker-style fields (drives, network
+        interfaces, rng, vsock) as the built-in devices, then ``devices``."""
+        out = [("drives", DeviceConfig("blk", {
+            "path": str(d.path), "read_only": d.read_only,
+            **({"serial": d.serial} if d.serial is not None else {})})) for d in self.drives]
+        out += [("network_interfaces", DeviceConfig("net", {
+            "tap": n.tap, **({"mac": format_mac(n.mac)} if n.mac else {})}))
+            for n in self.network_interfaces]
+        if self.rng:
+            out.append(("rng", DeviceConfig("rng")))
+        if self.vsock is not None:
+            out.append(("vsock", DeviceConfig("vsock", {
+                "cid": self.vsock.guest_cid, "uds": str(self.vsock.uds_path)})))
+        return out + [("devices", d) for d in self.devices]
 
     def base_cmdline(self) -> str:
         """The command line before host quirks and virtio devices are added."""
@@ -328,6 +411,8 @@ class VmConfig:
             elif f.name == "network_interfaces":
                 value = [{"tap": n.tap, "mac": format_mac(n.mac) if n.mac else None,
                           "id": n.id} for n in value]
+            elif f.name == "devices":
+                value = [d.to_dict() for d in value]
             elif isinstance(value, VsockConfig):
                 value = {"guest_cid": value.guest_cid, "uds_path": str(value.uds_path)}
             elif isinstance(value, Path):
@@ -353,6 +438,7 @@ class VmConfig:
             _from_items(NetConfig, kw.get("network_interfaces", []), "network_interfaces"))
         if kw.get("vsock") is not None:
             kw["vsock"] = _from_items(VsockConfig, [kw["vsock"]], "vsock")[0]
+        kw["devices"] = tuple(_from_items(DeviceConfig, kw.get("devices", []), "devices"))
         return cls(**kw)
 
     def replace(self, **changes: Any) -> VmConfig:

@@ -13,10 +13,13 @@ its field names, and ``minivmm config`` writes one. Supported::
       "entropy": {},
       "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"},
       "minivmm": {"console": "stdio", "console_device": "serial", "host_quirks": "auto",
-                  "acpi": true}
+                  "acpi": true,
+                  "devices": [{"device": "mypkg.ramdisk:RamDisk", "options": {"size": "1M"}}]}
     }
 
-``minivmm`` holds what Firecracker has no field for. Any other field, or a supported
+``minivmm`` holds what Firecracker has no field for. ``devices`` (``--device``: see
+minivmm.config.DeviceConfig) may also be a top-level field, but only in one of the two
+places. Any other field, or a supported
 object with an unsupported field (a rate limiter, ``cpu_template`` ...), is a UsageError
 whose ``field`` is the field's path (``drives[0].rate_limiter``).
 """
@@ -27,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any, Final
 
-from .config import DriveConfig, NetConfig, VmConfig, VsockConfig, format_mac
+from .config import DeviceConfig, DriveConfig, NetConfig, VmConfig, VsockConfig, format_mac
 from .errors import UsageError
 
 _MIB: Final = 1 << 20
@@ -39,7 +42,8 @@ _FIELDS: Final = {
     "network-interfaces": ("iface_id", "host_dev_name", "guest_mac"),
     "entropy": (),
     "vsock": ("guest_cid", "uds_path", "vsock_id"),
-    "minivmm": ("console", "console_device", "host_quirks", "acpi"),
+    "minivmm": ("console", "console_device", "host_quirks", "acpi", "devices"),
+    "devices": (),
 }
 #: minivmm's names for the fields, for messages about a value (see UsageError.field)
 FIELD_NAMES: Final = {
@@ -55,6 +59,7 @@ FIELD_NAMES: Final = {
     "host_quirks": "minivmm.host_quirks",
     "acpi": "minivmm.acpi",
     "vsock": "vsock",
+    "devices": "minivmm.devices",
 }
 
 
@@ -125,7 +130,20 @@ def fields_from_firecracker(doc: object) -> dict[str, Any]:
         v = _object(doc, "vsock")
         kw["vsock"] = _build(VsockConfig, "vsock", guest_cid=v.get("guest_cid"),
                              uds_path=v.get("uds_path"))
-    kw.update(_object(doc, "minivmm"))
+    own = _object(doc, "minivmm")
+    kw.update({k: v for k, v in own.items() if k != "devices"})
+    if "devices" in doc and "devices" in own:
+        raise UsageError("devices: give it at the top level or in minivmm, not both")
+    for where, devices in (("devices", doc.get("devices")), ("minivmm.devices",
+                                                              own.get("devices"))):
+        if devices is not None:
+            if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+                raise UsageError(f"{where}: expected a list of objects")
+            for i, d in enumerate(devices):
+                _known(d, f"{where}[{i}]", ("device", "options"))
+            kw["devices"] = tuple(_build(DeviceConfig, f"{where}[{i}]", device=d.get("device"),
+                                         options=d.get("options"))
+                                  for i, d in enumerate(devices))
     return kw
 
 
@@ -180,4 +198,6 @@ def to_firecracker(cfg: VmConfig) -> dict[str, Any]:
         doc["vsock"] = {"guest_cid": cfg.vsock.guest_cid, "uds_path": str(cfg.vsock.uds_path)}
     doc["minivmm"] = {"console": cfg.console, "console_device": cfg.console_device,
                       "host_quirks": cfg.host_quirks, "acpi": cfg.acpi}
+    if cfg.devices:
+        doc["minivmm"]["devices"] = [d.to_dict() for d in cfg.devices]
     return doc

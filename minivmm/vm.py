@@ -155,22 +155,14 @@ class Vm:
             self._stack.callback(dev.close)
             devices.append(dev)
 
-        for d in cfg.drives:
-            from .devices.blk import BlockDevice
+        specs = cfg.virtio_devices()
+        if specs:
+            from .devices import plugins
 
-            owned(BlockDevice(d.path, read_only=d.read_only, serial=d.serial))
-        for n in cfg.network_interfaces:
-            from .devices.net import NetDevice
-
-            owned(NetDevice(n.tap, mac=n.mac))
-        if cfg.rng:
-            from .devices.rng import RngDevice
-
-            owned(RngDevice())
-        if cfg.vsock is not None:
-            from .devices.vsock import VsockDevice
-
-            owned(VsockDevice(cfg.vsock.guest_cid, cfg.vsock.uds_path))
+            # One path for all: the built-in fields name built-in devices by their short
+            # names, --device names any (minivmm.devices.plugins).
+            for field_name, spec in specs:
+                owned(plugins.build(spec, field=field_name))
         if self.feeder is not None:
             from .devices.console import ConsoleDevice
 

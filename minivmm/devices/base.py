@@ -28,7 +28,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol, Self
 
 from ..ratelimit import RateLimitedLog
 from ..virtio.chain import DescriptorChain
@@ -91,11 +91,22 @@ class VirtioDevice(ABC):
     ``config``, ``process_queue`` and (optionally) ``on_activate``/``on_reset``."""
 
     device_type: ClassVar[int]
-    #: a name for logs and the command line
+    #: a name for logs and --stats (the built-ins' names are also their --device names)
     name: ClassVar[str] = "virtio"
-    #: the Linux kernel option for this device's driver (named when a Linux guest never
-    #: initialises the device)
+    #: the guest kernel option its driver needs, e.g. "CONFIG_VIRTIO_BLK": when a Linux
+    #: guest never initialises the device, minivmm names it (Vm.device_hints)
     kernel_option: ClassVar[str] = "the driver for it"
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> Self:
+        """Build the device from ``--device NAME,key=value...`` options (the config
+        file's ``devices`` list gives the same). The default passes each option as the
+        ``__init__`` keyword argument of the same name, converted by its annotation
+        (minivmm.devices.plugins lists the types); override it for options that need
+        more. Raise UsageError (one line) for a bad option."""
+        from .plugins import options_to_kwargs
+
+        return cls(**options_to_kwargs(cls, options))
 
     def __init__(self, avail_features: int, queue_sizes: Sequence[int]) -> None:
         self._avail_features = avail_features | bit(VIRTIO_F_VERSION_1)

@@ -26,7 +26,7 @@ import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, Self
 
 from ..errors import UsageError
 from ..virtio.chain import DescriptorChain, Reader
@@ -226,6 +226,14 @@ class BlockDevice(VirtioDevice):
             self.capacity, 0, SEG_MAX, 0, 0, 0, BLK_SIZE, 0, 0, 0, 0, 0, 0, 1,
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_SECTOR_ALIGNMENT,
             MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, 1, 0, 0, 0)
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> Self:
+        """``path=IMAGE[,ro][,serial=ID]`` (``ro`` is short for ``read_only``)."""
+        opts = dict(options)
+        if "ro" in opts:
+            opts["read_only"] = opts.pop("ro")
+        return super().from_options(opts)
 
     def config(self) -> bytes:
         return self._config

@@ -45,7 +45,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, Self
 
 from ..virtio.chain import DescriptorChain
 from ..virtio.errors import VirtQueueError
@@ -112,6 +112,16 @@ _HUP_ERR = select.EPOLLHUP | select.EPOLLERR
 class VsockDevice(HostSide, VirtioDevice):
     device_type = VIRTIO_ID_VSOCK
     name = "vsock"
+    kernel_option = "CONFIG_VIRTIO_VSOCKETS"
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> Self:
+        """``cid=N,uds=PATH`` (short for ``guest_cid``, ``uds_path``), as --vsock."""
+        opts = dict(options)
+        for short, full in (("cid", "guest_cid"), ("uds", "uds_path")):
+            if short in opts:
+                opts[full] = opts.pop(short)
+        return super().from_options(opts)
 
     def __init__(self, guest_cid: int, uds_path: Path, *,
                  buf_alloc: int = DEFAULT_BUF_ALLOC,
