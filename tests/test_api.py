@@ -105,11 +105,11 @@ class BuggyPort:
 
 def test_a_vmm_bug_in_an_exit_handler_is_an_internal_error(tmp_path: Path) -> None:
     """Defect 6: reported as minivmm's bug, not the guest's failure."""
-    elf = tiny_elf(tmp_path, "poke", "mov $0x600, %dx\nout %al, %dx\nhlt")
+    elf = tiny_elf(tmp_path, "poke", "mov $0x700, %dx\nout %al, %dx\nhlt")
     cfg = minivmm.VmConfig(kernel=elf, mem="32M", console="none")
 
     def hook(vm: minivmm.Vm) -> None:
-        vm.platform.pio_bus.register(0x600, 1, BuggyPort())
+        vm.platform.pio_bus.register(0x700, 1, BuggyPort())
 
     with minivmm.Vm(cfg, setup_hooks=[hook]) as vm:
         result = vm.run()
