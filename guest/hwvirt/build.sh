@@ -132,7 +132,7 @@ initramfs() {  # initramfs NAME INIT APPLETS MODULE...
 }
 initramfs initramfs-l1 "$here/init-l1" "sh mount umount insmod mkdir chroot poweroff sync stty cat" \
     virtio_pci virtio_console 9pnet_virtio 9p overlay kvm ccp kvm_amd=nested=1,npt=1 tun
-initramfs initramfs-stock "$here/init-stock" "sh mount insmod" \
+initramfs initramfs-stock "$here/init-stock" "sh mount insmod ip ping timeout" \
     virtio_mmio virtio_blk virtio_rng virtio_console virtio_net
 rm -rf "$tmp/pkg"
 echo "$package $version" >"$tmp/kernel-package"
