@@ -20,6 +20,7 @@ from .constants import (
     CAPABILITY_NAMES,
     KVM_API_VERSION,
     KVM_CAP_CHECK_EXTENSION_VM,
+    KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_MAX_VCPUS,
     KVM_CAP_NR_VCPUS,
     KVM_CAP_XSAVE2,
@@ -435,6 +436,10 @@ class Vcpu(_Fd):
         """Finish the instruction of the last exit (an I/O or MMIO read's data written
         back, RIP past it) without running the guest: KVM_RUN with immediate_exit set,
         as api.rst advises before saving state. Call it with the vCPU's thread stopped."""
+        if self.vm.system.check_extension(KVM_CAP_IMMEDIATE_EXIT) <= 0:
+            # without it KVM_RUN would run the guest, with nobody to handle its exits
+            raise HostError("this host's KVM lacks KVM_CAP_IMMEDIATE_EXIT, which saving "
+                            "a vCPU's state needs")
         run = self.run
         run.immediate_exit = 1
         try:

@@ -115,8 +115,8 @@ def platforms() -> Iterator[list[Platform]]:
         p.close()
 
 
-def new_platform(made: list[Platform]) -> Platform:
-    p = Platform(MEM)
+def new_platform(made: list[Platform], cpus: int = 1) -> Platform:
+    p = Platform(MEM, cpus=cpus)
     made.append(p)
     return p
 
@@ -167,6 +167,17 @@ def dirty_vcpu(p: Platform) -> None:
     raw = memoryview(lapic).cast("B")
     struct.pack_into("<I", raw, 0x80, 0x20)  # TPR
     v.set_lapic(lapic)
+    v.set_mp_state(s.kvm_mp_state(mp_state=c.KVM_MP_STATE_HALTED))
+    caps = vs.vcpu_caps(v)
+    if caps.vcpu_events:
+        ev = v.get_vcpu_events()
+        ev.nmi.masked = 1
+        v.set_vcpu_events(ev)
+    if caps.debugregs:
+        dr = v.get_debugregs()
+        dr.db[0] = 0x20_1000
+        dr.dr7 = 0x403  # DR0 enabled (SDM vol. 3 §18.2.4)
+        v.set_debugregs(dr)
 
 
 def dirty_vm(p: Platform) -> None:
@@ -181,27 +192,35 @@ def dirty_vm(p: Platform) -> None:
 
 @pytest.mark.kvm
 def test_state_round_trips_into_a_fresh_vm(platforms: list[Platform]) -> None:
-    a = new_platform(platforms)
+    a = new_platform(platforms, cpus=2)
     dirty_vcpu(a)
     dirty_vm(a)
-    vcpu_state = vs.save_vcpu(a.vcpus[0])
+    vcpu_state, ap_state = (vs.save_vcpu(v) for v in a.vcpus)
     vm_state = vs.save_vm(a.vm)
     # through the serialised form, as a snapshot would store it
     vcpu_state = vs.VcpuState.from_bytes(vcpu_state.to_bytes())
     vm_state = vs.VmState.from_bytes(vm_state.to_bytes())
 
-    b = new_platform(platforms)
+    b = new_platform(platforms, cpus=2)
     fresh = vs.save_vcpu(b.vcpus[0])
     vs.restore_vm(b.vm, vm_state)
     vs.restore_vcpu(b.vcpus[0], vcpu_state)
+    vs.restore_vcpu(b.vcpus[1], ap_state)
     again = vs.save_vcpu(b.vcpus[0])
     vm_again = vs.save_vm(b.vm)
+    # the application processor, never started, waits for INIT/SIPI in both VMs
+    ap_again = vs.save_vcpu(b.vcpus[1])
+    assert s.kvm_mp_state.from_buffer_copy(ap_again.pieces["mp_state"]).mp_state == (
+        c.KVM_MP_STATE_UNINITIALIZED)
+    for name, data in ap_state.pieces.items():
+        assert without_time(name, ap_again.pieces[name]) == without_time(name, data), name
 
     assert set(again.pieces) == set(vcpu_state.pieces)
     for name, data in vcpu_state.pieces.items():
         assert without_time(name, again.pieces[name]) == without_time(name, data), name
     # the dirtied values really were saved and restored, not equal by default
-    for name in ("regs", "msrs", "lapic"):
+    dirtied = ["regs", "msrs", "lapic", "mp_state", "vcpu_events", "debugregs"]
+    for name in dirtied[:4] + [n for n in dirtied[4:] if n in again.pieces]:
         assert fresh.pieces[name] != again.pieces[name], name
     xsave = again.pieces.get("xsave")
     if xsave is not None:
