@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
+import struct
 import threading
 from typing import Any, Final
 
@@ -94,6 +96,12 @@ _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl_int_fn = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, use_errno=True
 )(ctypes.cast(_libc.ioctl, ctypes.c_void_p).value or 0)
+
+
+@functools.cache
+def _msr_index_struct(n: int) -> struct.Struct:
+    """Packs ``n`` MSR indices into kvm_msr_entry slots (index; reserved and data zero)."""
+    return struct.Struct("<" + "I12x" * n)
 
 
 class KvmError(HostError, OSError):
@@ -382,6 +390,30 @@ class Vcpu(_Fd):
             buf.entries[i].index = index
         read = ioctl(self.fd, KVM_GET_MSRS, buf)
         return {int(buf.entries[i].index): int(buf.entries[i].data) for i in range(read)}
+
+    def get_msr_entries(self, indices: list[int]) -> bytes:
+        """KVM_GET_MSRS, answered as the raw array of struct kvm_msr_entry (16 bytes
+        each) for the MSRs KVM read: a prefix of ``indices``, as in :meth:`get_msrs`."""
+        n = len(indices)
+        buf = s.kvm_msrs_n(n)()
+        head = ctypes.sizeof(s.kvm_msrs)
+        buf.nmsrs = n
+        _msr_index_struct(n).pack_into(buf, head, *indices)
+        read = ioctl(self.fd, KVM_GET_MSRS, buf)
+        return ctypes.string_at(ctypes.addressof(buf) + head,
+                                read * ctypes.sizeof(s.kvm_msr_entry))
+
+    def set_msr_entries(self, entries: bytes) -> int:
+        """KVM_SET_MSRS from a raw kvm_msr_entry array; the number KVM wrote (it stops at
+        the first MSR it refuses)."""
+        size = ctypes.sizeof(s.kvm_msr_entry)
+        if len(entries) % size:
+            raise ValueError(f"{len(entries)} bytes is not a whole number of MSR entries")
+        buf = s.kvm_msrs_n(len(entries) // size)()
+        buf.nmsrs = len(entries) // size
+        ctypes.memmove(ctypes.addressof(buf) + ctypes.sizeof(s.kvm_msrs), entries,
+                       len(entries))
+        return ioctl(self.fd, KVM_SET_MSRS, buf)
 
     def get_mp_state(self) -> s.kvm_mp_state:
         st = s.kvm_mp_state()

@@ -253,12 +253,11 @@ def save_vcpu(vcpu: Vcpu) -> VcpuState:
         p["fpu"] = bytes(vcpu.get_fpu())
     if caps.xcrs:
         p["xcrs"] = bytes(vcpu.get_xcrs())
-    msrs = vcpu.get_msrs(list(caps.msrs))
-    if len(msrs) != len(caps.msrs):
-        refused = caps.msrs[len(msrs)]
+    p["msrs"] = msrs = vcpu.get_msr_entries(list(caps.msrs))
+    if len(msrs) != len(caps.msrs) * _MSR_ENTRY:
+        refused = caps.msrs[len(msrs) // _MSR_ENTRY]
         raise StateError(f"vCPU {vcpu.index}: KVM_GET_MSRS refused MSR 0x{refused:x}, "
                          "which it read before")
-    p["msrs"] = b"".join(struct.pack("<IIQ", i, 0, v) for i, v in msrs.items())
     p["lapic"] = bytes(vcpu.get_lapic())
     p["mp_state"] = bytes(vcpu.get_mp_state())
     if caps.vcpu_events:
@@ -316,8 +315,11 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
     xcrs = _piece(kind, p, "xcrs", s.kvm_xcrs) if "xcrs" in p else None
     events = _piece(kind, p, "vcpu_events", s.kvm_vcpu_events) if "vcpu_events" in p else None
     dregs = _piece(kind, p, "debugregs", s.kvm_debugregs) if "debugregs" in p else None
-    msrs = sorted(VcpuState(p).msrs.items(),
-                  key=lambda kv: _RESTORE_FIRST.get(kv[0], len(_RESTORE_FIRST)))
+    raw = p["msrs"]
+    entries = sorted((raw[i:i + _MSR_ENTRY] for i in range(0, len(raw), _MSR_ENTRY)),
+                     key=lambda e: _RESTORE_FIRST.get(int.from_bytes(e[:4], "little"),
+                                                      len(_RESTORE_FIRST)))
+    msrs = b"".join(entries)
     vcpu.set_regs(regs)
     if "xsave" in p:
         vcpu.set_xsave(s.kvm_xsave_n(len(p["xsave"])).from_buffer_copy(p["xsave"]))
@@ -327,10 +329,11 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
         vcpu.set_xcrs(xcrs)
     vcpu.set_sregs(sregs)
     vcpu.set_lapic(lapic)
-    try:
-        vcpu.set_msrs(dict(msrs))
-    except OSError as e:
-        raise StateError(f"vCPU {vcpu.index}: {e}") from None
+    written = vcpu.set_msr_entries(msrs)
+    if written != len(entries):
+        index = int.from_bytes(entries[written][:4], "little")
+        raise StateError(f"vCPU {vcpu.index}: KVM_SET_MSRS refused MSR 0x{index:x} "
+                         f"(value 0x{int.from_bytes(entries[written][8:], 'little'):x})")
     vcpu.set_mp_state(mp_state)
     if events is not None:
         vcpu.set_vcpu_events(events)

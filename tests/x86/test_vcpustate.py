@@ -358,3 +358,21 @@ def test_restore_refuses_wrong_sizes_and_unknown_pieces(platforms: list[Platform
         vs.restore_vm(p.vm, vs.VmState(swapped))
     # nothing was written by the refused restores
     assert vs.save_vcpu(p.vcpus[0]).pieces["regs"] == good.pieces["regs"]
+    # an MSR this KVM does not know (a snapshot from another kind of host) is named
+    bogus = good.pieces["msrs"] + struct.pack("<IIQ", 0xDEAD_BEEF, 0, 7)
+    with pytest.raises(vs.StateError, match="KVM_SET_MSRS refused MSR 0xdeadbeef"):
+        vs.restore_vcpu(p.vcpus[0], vs.VcpuState({**good.pieces, "msrs": bogus}))
+
+
+@pytest.mark.kvm
+def test_raw_msr_entries_agree_with_get_msrs(platforms: list[Platform]) -> None:
+    v = new_platform(platforms).vcpus[0]
+    v.set_msrs({c.MSR_LSTAR: 0x1234_5678_9ABC})
+    wanted = [c.MSR_STAR, c.MSR_LSTAR, 0xDEAD_BEEF, c.MSR_CSTAR]
+    raw = v.get_msr_entries(wanted)
+    assert list(struct.iter_unpack("<IIQ", raw)) == [
+        (i, 0, val) for i, val in v.get_msrs(wanted).items()]
+    assert len(raw) == 2 * 16 and raw[16:20] == struct.pack("<I", c.MSR_LSTAR)
+    assert v.set_msr_entries(struct.pack("<IIQ", c.MSR_LSTAR, 0, 42) * 2 +
+                             struct.pack("<IIQ", 0xDEAD_BEEF, 0, 1)) == 2
+    assert v.get_msrs([c.MSR_LSTAR]) == {c.MSR_LSTAR: 42}
