@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
+import struct
 import threading
 from typing import Any, Final
 
@@ -19,8 +21,11 @@ from . import structs as s
 from .constants import (
     CAPABILITY_NAMES,
     KVM_API_VERSION,
+    KVM_CAP_CHECK_EXTENSION_VM,
+    KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_MAX_VCPUS,
     KVM_CAP_NR_VCPUS,
+    KVM_CAP_XSAVE2,
     KVM_IOEVENTFD_FLAG_DATAMATCH,
     KVM_IOEVENTFD_FLAG_DEASSIGN,
     KVM_IOEVENTFD_FLAG_PIO,
@@ -33,6 +38,7 @@ KVMIO: Final = 0xAE
 
 KVM_GET_API_VERSION: Final = _IO(KVMIO, 0x00)
 KVM_CREATE_VM: Final = _IO(KVMIO, 0x01)
+KVM_GET_MSR_INDEX_LIST: Final = _IOWR(KVMIO, 0x02, s.kvm_msr_list)
 KVM_CHECK_EXTENSION: Final = _IO(KVMIO, 0x03)
 KVM_GET_VCPU_MMAP_SIZE: Final = _IO(KVMIO, 0x04)
 KVM_GET_SUPPORTED_CPUID: Final = _IOWR(KVMIO, 0x05, s.kvm_cpuid2)
@@ -42,14 +48,19 @@ KVM_SET_TSS_ADDR: Final = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR: Final = _IOW(KVMIO, 0x48, ctypes.c_uint64)
 KVM_CREATE_IRQCHIP: Final = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE: Final = _IOW(KVMIO, 0x61, s.kvm_irq_level)
+KVM_GET_IRQCHIP: Final = _IOWR(KVMIO, 0x62, s.kvm_irqchip)
+KVM_SET_IRQCHIP: Final = _IOR(KVMIO, 0x63, s.kvm_irqchip)  # _IOR: so encoded by the header
 KVM_IRQFD: Final = _IOW(KVMIO, 0x76, s.kvm_irqfd)
 KVM_CREATE_PIT2: Final = _IOW(KVMIO, 0x77, s.kvm_pit_config)
 KVM_IOEVENTFD: Final = _IOW(KVMIO, 0x79, s.kvm_ioeventfd)
+KVM_SET_CLOCK: Final = _IOW(KVMIO, 0x7B, s.kvm_clock_data)
+KVM_GET_CLOCK: Final = _IOR(KVMIO, 0x7C, s.kvm_clock_data)
 KVM_RUN: Final = _IO(KVMIO, 0x80)
 KVM_GET_REGS: Final = _IOR(KVMIO, 0x81, s.kvm_regs)
 KVM_SET_REGS: Final = _IOW(KVMIO, 0x82, s.kvm_regs)
 KVM_GET_SREGS: Final = _IOR(KVMIO, 0x83, s.kvm_sregs)
 KVM_SET_SREGS: Final = _IOW(KVMIO, 0x84, s.kvm_sregs)
+KVM_GET_MSRS: Final = _IOWR(KVMIO, 0x88, s.kvm_msrs)
 KVM_SET_MSRS: Final = _IOW(KVMIO, 0x89, s.kvm_msrs)
 KVM_SET_SIGNAL_MASK: Final = _IOW(KVMIO, 0x8B, s.kvm_signal_mask)
 KVM_GET_FPU: Final = _IOR(KVMIO, 0x8C, s.kvm_fpu)
@@ -57,7 +68,21 @@ KVM_SET_FPU: Final = _IOW(KVMIO, 0x8D, s.kvm_fpu)
 KVM_GET_LAPIC: Final = _IOR(KVMIO, 0x8E, s.kvm_lapic_state)
 KVM_SET_LAPIC: Final = _IOW(KVMIO, 0x8F, s.kvm_lapic_state)
 KVM_SET_CPUID2: Final = _IOW(KVMIO, 0x90, s.kvm_cpuid2)
+KVM_GET_MP_STATE: Final = _IOR(KVMIO, 0x98, s.kvm_mp_state)
+KVM_SET_MP_STATE: Final = _IOW(KVMIO, 0x99, s.kvm_mp_state)
+# VM ioctls and vCPU ioctls share these numbers; the argument sizes tell them apart.
+KVM_GET_PIT2: Final = _IOR(KVMIO, 0x9F, s.kvm_pit_state2)
+KVM_SET_PIT2: Final = _IOW(KVMIO, 0xA0, s.kvm_pit_state2)
+KVM_GET_VCPU_EVENTS: Final = _IOR(KVMIO, 0x9F, s.kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS: Final = _IOW(KVMIO, 0xA0, s.kvm_vcpu_events)
+KVM_GET_DEBUGREGS: Final = _IOR(KVMIO, 0xA1, s.kvm_debugregs)
+KVM_SET_DEBUGREGS: Final = _IOW(KVMIO, 0xA2, s.kvm_debugregs)
 KVM_GET_TSC_KHZ: Final = _IO(KVMIO, 0xA3)
+KVM_GET_XSAVE: Final = _IOR(KVMIO, 0xA4, s.kvm_xsave)
+KVM_SET_XSAVE: Final = _IOW(KVMIO, 0xA5, s.kvm_xsave)
+KVM_GET_XCRS: Final = _IOR(KVMIO, 0xA6, s.kvm_xcrs)
+KVM_SET_XCRS: Final = _IOW(KVMIO, 0xA7, s.kvm_xcrs)
+KVM_GET_XSAVE2: Final = _IOR(KVMIO, 0xCF, s.kvm_xsave)
 
 IOCTL_NAMES: Final = {
     v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and k != "KVMIO"
@@ -71,6 +96,12 @@ _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _ioctl_int_fn = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, use_errno=True
 )(ctypes.cast(_libc.ioctl, ctypes.c_void_p).value or 0)
+
+
+@functools.cache
+def _msr_index_struct(n: int) -> struct.Struct:
+    """Packs ``n`` MSR indices into kvm_msr_entry slots (index; reserved and data zero)."""
+    return struct.Struct("<" + "I12x" * n)
 
 
 class KvmError(HostError, OSError):
@@ -167,6 +198,23 @@ class System(_Fd):
                 raise
             return [buf.entries[i] for i in range(buf.nent)]
 
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU (api.rst
+        4.3). Not every one of them need be accepted by a given vCPU (see KVM_GET_MSRS)."""
+        n = 0
+        while True:
+            buf = s.kvm_msr_list_n(n)()
+            buf.nmsrs = n
+            try:
+                ioctl(self.fd, KVM_GET_MSR_INDEX_LIST, buf)
+            except KvmError as e:
+                # E2BIG: KVM wrote the count it needs into nmsrs
+                if e.errno == errno.E2BIG and n < buf.nmsrs <= 65536:
+                    n = int(buf.nmsrs)
+                    continue
+                raise
+            return [int(buf.indices[i]) for i in range(buf.nmsrs)]
+
     def create_vm(self) -> Vm:
         return Vm(self, ioctl(self.fd, KVM_CREATE_VM, 0))
 
@@ -224,6 +272,43 @@ class Vm(_Fd):
             flags |= KVM_IOEVENTFD_FLAG_DEASSIGN
         ioctl(self.fd, KVM_IOEVENTFD, s.kvm_ioeventfd(
             datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags))
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM (its answer may differ from the system's), or on
+        /dev/kvm where KVM cannot be asked per VM."""
+        if self.system.check_extension(KVM_CAP_CHECK_EXTENSION_VM) > 0:
+            return ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
+        return self.system.check_extension(cap)
+
+    def xsave_size(self) -> int:
+        """The bytes KVM_GET_XSAVE2 fills (KVM_CAP_XSAVE2), or 0 where KVM lacks it."""
+        return max(0, self.check_extension(KVM_CAP_XSAVE2))
+
+    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
+        """One in-kernel interrupt controller: KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC."""
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        ioctl(self.fd, KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: s.kvm_irqchip) -> None:
+        ioctl(self.fd, KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> s.kvm_pit_state2:
+        st = s.kvm_pit_state2()
+        ioctl(self.fd, KVM_GET_PIT2, st)
+        return st
+
+    def set_pit2(self, st: s.kvm_pit_state2) -> None:
+        ioctl(self.fd, KVM_SET_PIT2, st)
+
+    def get_clock(self) -> s.kvm_clock_data:
+        """KVM_GET_CLOCK: kvmclock's nanoseconds (and, where flagged, realtime/host TSC)."""
+        data = s.kvm_clock_data()
+        ioctl(self.fd, KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, data: s.kvm_clock_data) -> None:
+        ioctl(self.fd, KVM_SET_CLOCK, data)
 
     def create_vcpu(self, index: int) -> Vcpu:
         return Vcpu(self, index, ioctl(self.fd, KVM_CREATE_VCPU, index))
@@ -294,6 +379,110 @@ class Vcpu(_Fd):
             bad = list(msrs)[written]
             raise OSError(f"KVM_SET_MSRS accepted {written} of {len(msrs)} MSRs; "
                           f"MSR 0x{bad:x} was refused")
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: index -> value for the MSRs KVM read. KVM stops at the first MSR
+        it refuses, so the result holds a prefix of ``indices``: the next one was refused."""
+        n = len(indices)
+        buf = s.kvm_msrs_n(n)()
+        buf.nmsrs = n
+        for i, index in enumerate(indices):
+            buf.entries[i].index = index
+        read = ioctl(self.fd, KVM_GET_MSRS, buf)
+        return {int(buf.entries[i].index): int(buf.entries[i].data) for i in range(read)}
+
+    def get_msr_entries(self, indices: list[int]) -> bytes:
+        """KVM_GET_MSRS, answered as the raw array of struct kvm_msr_entry (16 bytes
+        each) for the MSRs KVM read: a prefix of ``indices``, as in :meth:`get_msrs`."""
+        n = len(indices)
+        buf = s.kvm_msrs_n(n)()
+        head = ctypes.sizeof(s.kvm_msrs)
+        buf.nmsrs = n
+        _msr_index_struct(n).pack_into(buf, head, *indices)
+        read = ioctl(self.fd, KVM_GET_MSRS, buf)
+        return ctypes.string_at(ctypes.addressof(buf) + head,
+                                read * ctypes.sizeof(s.kvm_msr_entry))
+
+    def set_msr_entries(self, entries: bytes) -> int:
+        """KVM_SET_MSRS from a raw kvm_msr_entry array; the number KVM wrote (it stops at
+        the first MSR it refuses)."""
+        size = ctypes.sizeof(s.kvm_msr_entry)
+        if len(entries) % size:
+            raise ValueError(f"{len(entries)} bytes is not a whole number of MSR entries")
+        buf = s.kvm_msrs_n(len(entries) // size)()
+        buf.nmsrs = len(entries) // size
+        ctypes.memmove(ctypes.addressof(buf) + ctypes.sizeof(s.kvm_msrs), entries,
+                       len(entries))
+        return ioctl(self.fd, KVM_SET_MSRS, buf)
+
+    def get_mp_state(self) -> s.kvm_mp_state:
+        st = s.kvm_mp_state()
+        ioctl(self.fd, KVM_GET_MP_STATE, st)
+        return st
+
+    def set_mp_state(self, st: s.kvm_mp_state) -> None:
+        ioctl(self.fd, KVM_SET_MP_STATE, st)
+
+    def get_xsave(self, size: int = 0) -> ctypes.Structure:
+        """The XSAVE area: KVM_GET_XSAVE (4096 bytes), or KVM_GET_XSAVE2 with ``size`` =
+        Vm.xsave_size() when that is non-zero."""
+        if size:
+            xs: ctypes.Structure = s.kvm_xsave_n(size)()
+            ioctl(self.fd, KVM_GET_XSAVE2, xs)
+        else:
+            xs = s.kvm_xsave()
+            ioctl(self.fd, KVM_GET_XSAVE, xs)
+        return xs
+
+    def set_xsave(self, xs: ctypes.Structure) -> None:
+        """KVM_SET_XSAVE (which reads as many bytes as KVM_GET_XSAVE2 wrote)."""
+        ioctl(self.fd, KVM_SET_XSAVE, xs)
+
+    def get_xcrs(self) -> s.kvm_xcrs:
+        xcrs = s.kvm_xcrs()
+        ioctl(self.fd, KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: s.kvm_xcrs) -> None:
+        ioctl(self.fd, KVM_SET_XCRS, xcrs)
+
+    def get_vcpu_events(self) -> s.kvm_vcpu_events:
+        """Pending and injected exceptions, interrupts, NMIs (KVM_CAP_VCPU_EVENTS)."""
+        ev = s.kvm_vcpu_events()
+        ioctl(self.fd, KVM_GET_VCPU_EVENTS, ev)
+        return ev
+
+    def set_vcpu_events(self, ev: s.kvm_vcpu_events) -> None:
+        ioctl(self.fd, KVM_SET_VCPU_EVENTS, ev)
+
+    def get_debugregs(self) -> s.kvm_debugregs:
+        """DR0-3, DR6, DR7 (KVM_CAP_DEBUGREGS)."""
+        dr = s.kvm_debugregs()
+        ioctl(self.fd, KVM_GET_DEBUGREGS, dr)
+        return dr
+
+    def set_debugregs(self, dr: s.kvm_debugregs) -> None:
+        ioctl(self.fd, KVM_SET_DEBUGREGS, dr)
+
+    def complete_pending_exit(self) -> None:
+        """Finish the instruction of the last exit (an I/O or MMIO read's data written
+        back, RIP past it) without running the guest: KVM_RUN with immediate_exit set,
+        as api.rst advises before saving state. Call it with the vCPU's thread stopped."""
+        if self.vm.system.check_extension(KVM_CAP_IMMEDIATE_EXIT) <= 0:
+            # without it KVM_RUN would run the guest, with nobody to handle its exits
+            raise HostError("this host's KVM lacks KVM_CAP_IMMEDIATE_EXIT, which saving "
+                            "a vCPU's state needs")
+        run = self.run
+        run.immediate_exit = 1
+        try:
+            ioctl(self.fd, KVM_RUN)
+        except KvmError as e:
+            if e.errno not in (errno.EINTR, errno.EAGAIN):
+                raise
+        else:
+            raise KvmError(KVM_RUN, errno.EINVAL)  # returned without honouring it
+        finally:
+            run.immediate_exit = 0
 
     def get_lapic(self) -> s.kvm_lapic_state:
         st = s.kvm_lapic_state()

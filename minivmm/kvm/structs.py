@@ -198,6 +198,171 @@ class kvm_lapic_state(ctypes.Structure):
     _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
 
 
+# --- machine state (snapshots) --------------------------------------------------------
+
+KVM_IOAPIC_NUM_PINS: Final = 24
+KVM_MAX_XCRS: Final = 16
+KVM_XSAVE_SIZE: Final = 4096  # struct kvm_xsave without its flexible tail
+
+
+class kvm_msr_list(ctypes.Structure):
+    """The fixed head; use :func:`kvm_msr_list_n` for a structure with indices."""
+
+    _fields_ = [("nmsrs", u32)]
+
+
+@cache
+def kvm_msr_list_n(n: int) -> type[ctypes.Structure]:
+    """kvm_msr_list followed by ``n`` MSR indices."""
+    return type(
+        f"kvm_msr_list_{n}",
+        (ctypes.Structure,),
+        {"_fields_": [("nmsrs", u32), ("indices", u32 * n)]},
+    )
+
+
+class kvm_mp_state(ctypes.Structure):
+    _fields_ = [("mp_state", u32)]
+
+
+class kvm_xsave(ctypes.Structure):
+    """The 4096-byte legacy size; KVM_GET_XSAVE2 may fill more (:func:`kvm_xsave_n`)."""
+
+    _fields_ = [("region", u32 * (KVM_XSAVE_SIZE // 4))]
+
+
+@cache
+def kvm_xsave_n(size: int) -> type[ctypes.Structure]:
+    """A kvm_xsave of ``size`` bytes (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM)."""
+    if size < KVM_XSAVE_SIZE or size % 4:
+        raise ValueError(f"XSAVE area of {size} bytes: KVM uses 4096 or more, in u32s")
+    return type(f"kvm_xsave_{size}", (ctypes.Structure,),
+                {"_fields_": [("region", u32 * (size // 4))]})
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [
+        ("nr_xcrs", u32),
+        ("flags", u32),
+        ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+        ("padding", u64 * 16),
+    ]
+
+
+class kvm_vcpu_events_exception(ctypes.Structure):
+    _fields_ = [("injected", u8), ("nr", u8), ("has_error_code", u8), ("pending", u8),
+                ("error_code", u32)]
+
+
+class kvm_vcpu_events_interrupt(ctypes.Structure):
+    _fields_ = [("injected", u8), ("nr", u8), ("soft", u8), ("shadow", u8)]
+
+
+class kvm_vcpu_events_nmi(ctypes.Structure):
+    _fields_ = [("injected", u8), ("pending", u8), ("masked", u8), ("pad", u8)]
+
+
+class kvm_vcpu_events_smi(ctypes.Structure):
+    _fields_ = [("smm", u8), ("pending", u8), ("smm_inside_nmi", u8), ("latched_init", u8)]
+
+
+class kvm_vcpu_events_triple_fault(ctypes.Structure):
+    _fields_ = [("pending", u8)]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    _fields_ = [
+        ("exception", kvm_vcpu_events_exception),
+        ("interrupt", kvm_vcpu_events_interrupt),
+        ("nmi", kvm_vcpu_events_nmi),
+        ("sipi_vector", u32),
+        ("flags", u32),
+        ("smi", kvm_vcpu_events_smi),
+        ("triple_fault", kvm_vcpu_events_triple_fault),
+        ("reserved", u8 * 26),
+        ("exception_has_payload", u8),
+        ("exception_payload", u64),
+    ]
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [
+        ("db", u64 * 4),
+        ("dr6", u64),
+        ("dr7", u64),
+        ("flags", u64),
+        ("reserved", u64 * 9),
+    ]
+
+
+class kvm_pic_state(ctypes.Structure):
+    _fields_ = [
+        (name, u8)
+        for name in (
+            "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select",
+            "poll", "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+            "special_fully_nested_mode", "init4", "elcr", "elcr_mask",
+        )
+    ]  # fmt: skip
+
+
+class kvm_ioapic_state(ctypes.Structure):
+    # redirtbl is the header's union {bits; fields}, represented by ``bits``.
+    _fields_ = [
+        ("base_address", u64),
+        ("ioregsel", u32),
+        ("id", u32),
+        ("irr", u32),
+        ("pad", u32),
+        ("redirtbl", u64 * KVM_IOAPIC_NUM_PINS),
+    ]
+
+
+class kvm_irqchip_chip(ctypes.Union):
+    _fields_ = [("dummy", u8 * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(ctypes.Structure):
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", kvm_irqchip_chip)]
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [
+        ("count", u32),
+        ("latched_count", u16),
+        ("count_latched", u8),
+        ("status_latched", u8),
+        ("status", u8),
+        ("read_state", u8),
+        ("write_state", u8),
+        ("write_latch", u8),
+        ("rw_mode", u8),
+        ("mode", u8),
+        ("bcd", u8),
+        ("gate", u8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32), ("reserved", u32 * 9)]
+
+
+class kvm_clock_data(ctypes.Structure):
+    _fields_ = [
+        ("clock", u64),
+        ("flags", u32),
+        ("pad0", u32),
+        ("realtime", u64),
+        ("host_tsc", u64),
+        ("pad", u32 * 4),
+    ]
+
+
 # --- struct kvm_run and the exit-specific parts of its union --------------------------
 
 

@@ -6,10 +6,12 @@ import ctypes
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from minivmm.kvm import api
+from minivmm.kvm import constants as c
 from minivmm.kvm import structs as s
 from minivmm.kvm.ioctl import _IO, _IOR, _IOW, _IOWR
 
@@ -36,6 +38,30 @@ STRUCTS: dict[str, tuple[type[ctypes.Structure], list[str]]] = {
     "kvm_pit_config": (s.kvm_pit_config, ["flags", "pad"]),
     "kvm_irq_level": (s.kvm_irq_level, ["irq", "level"]),
     "kvm_lapic_state": (s.kvm_lapic_state, ["regs"]),
+    "kvm_msr_list": (s.kvm_msr_list, ["nmsrs"]),
+    "kvm_mp_state": (s.kvm_mp_state, ["mp_state"]),
+    "kvm_xsave": (s.kvm_xsave, ["region"]),
+    "kvm_xcr": (s.kvm_xcr, ["xcr", "reserved", "value"]),
+    "kvm_xcrs": (s.kvm_xcrs, ["nr_xcrs", "flags", "xcrs", "padding"]),
+    "kvm_vcpu_events": (s.kvm_vcpu_events, ["exception", "interrupt", "nmi", "sipi_vector",
+                                            "flags", "smi", "triple_fault", "reserved",
+                                            "exception_has_payload", "exception_payload"]),
+    "kvm_debugregs": (s.kvm_debugregs, ["db", "dr6", "dr7", "flags", "reserved"]),
+    "kvm_pic_state": (s.kvm_pic_state, ["last_irr", "irr", "imr", "isr", "priority_add",
+                                        "irq_base", "read_reg_select", "poll",
+                                        "special_mask", "init_state", "auto_eoi",
+                                        "rotate_on_auto_eoi", "special_fully_nested_mode",
+                                        "init4", "elcr", "elcr_mask"]),
+    "kvm_ioapic_state": (s.kvm_ioapic_state, ["base_address", "ioregsel", "id", "irr",
+                                              "pad", "redirtbl"]),
+    "kvm_irqchip": (s.kvm_irqchip, ["chip_id", "pad", "chip"]),
+    "kvm_pit_channel_state": (s.kvm_pit_channel_state,
+                              ["count", "latched_count", "count_latched", "status_latched",
+                               "status", "read_state", "write_state", "write_latch",
+                               "rw_mode", "mode", "bcd", "gate", "count_load_time"]),
+    "kvm_pit_state2": (s.kvm_pit_state2, ["channels", "flags", "reserved"]),
+    "kvm_clock_data": (s.kvm_clock_data, ["clock", "flags", "pad0", "realtime", "host_tsc",
+                                          "pad"]),
     "kvm_run": (s.kvm_run, ["request_interrupt_window", "immediate_exit", "exit_reason",
                             "ready_for_interrupt_injection", "if_flag", "flags", "cr8",
                             "apic_base", "kvm_valid_regs", "kvm_dirty_regs", "s"]),
@@ -55,6 +81,28 @@ RUN_UNION = {
     "system_event.type": (s.kvm_run_system_event, "type"),
     "system_event.ndata": (s.kvm_run_system_event, "ndata"),
 }
+# Members of nested structures and unions: "struct.path in C" -> (outer ctypes struct,
+# the ctypes path)
+NESTED = {
+    "kvm_vcpu_events.exception.error_code": (s.kvm_vcpu_events, "exception.error_code"),
+    "kvm_vcpu_events.interrupt.shadow": (s.kvm_vcpu_events, "interrupt.shadow"),
+    "kvm_vcpu_events.nmi.masked": (s.kvm_vcpu_events, "nmi.masked"),
+    "kvm_vcpu_events.smi.latched_init": (s.kvm_vcpu_events, "smi.latched_init"),
+    "kvm_vcpu_events.triple_fault.pending": (s.kvm_vcpu_events, "triple_fault.pending"),
+    "kvm_irqchip.chip.pic.elcr_mask": (s.kvm_irqchip, "chip.pic.elcr_mask"),
+    "kvm_irqchip.chip.ioapic.redirtbl": (s.kvm_irqchip, "chip.ioapic.redirtbl"),
+    "kvm_irqchip.chip.ioapic.irr": (s.kvm_irqchip, "chip.ioapic.irr"),
+    "kvm_pit_state2.channels[1].count_load_time":
+        (s.kvm_pit_state2, "channels[1].count_load_time"),
+}
+# Sizes of whole members (arrays, unions): "struct.member" -> ctypes size
+MEMBER_SIZES = {
+    "kvm_irqchip.chip": ctypes.sizeof(s.kvm_irqchip_chip),
+    "kvm_ioapic_state.redirtbl": s.kvm_ioapic_state.redirtbl.size,
+    "kvm_xcrs.xcrs": ctypes.sizeof(s.kvm_xcr) * s.KVM_MAX_XCRS,
+    "kvm_vcpu_events.reserved": 26,
+    "kvm_debugregs.reserved": 72,
+}
 IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION",
           "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU",
           "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR",
@@ -62,7 +110,21 @@ IOCTLS = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION",
           "KVM_IOEVENTFD", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS",
           "KVM_SET_SREGS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU",
           "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_TSC_KHZ",
-          "KVM_SET_SIGNAL_MASK"]
+          "KVM_SET_SIGNAL_MASK", "KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSRS",
+          "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_GET_XSAVE", "KVM_SET_XSAVE",
+          "KVM_GET_XSAVE2", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_GET_VCPU_EVENTS",
+          "KVM_SET_VCPU_EVENTS", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
+          "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_GET_PIT2", "KVM_SET_PIT2",
+          "KVM_GET_CLOCK", "KVM_SET_CLOCK"]
+# Constants from the headers: name -> minivmm's value
+CONSTANTS = {name: getattr(c, name) for name in (
+    "KVM_CAP_MP_STATE", "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_VCPU_EVENTS", "KVM_CAP_DEBUGREGS",
+    "KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_CHECK_EXTENSION_VM", "KVM_CAP_XSAVE2",
+    "KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC",
+    "KVM_CLOCK_TSC_STABLE", "KVM_CLOCK_REALTIME", "KVM_CLOCK_HOST_TSC",
+    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_MP_STATE_INIT_RECEIVED",
+    "KVM_MP_STATE_HALTED", "KVM_MP_STATE_SIPI_RECEIVED",
+)} | {"KVM_IOAPIC_NUM_PINS": s.KVM_IOAPIC_NUM_PINS, "KVM_MAX_XCRS": s.KVM_MAX_XCRS}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +140,16 @@ def header_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
             lines.append(f'printf("offsetof {cname}.{f} %zu\\n", offsetof(struct {cname}, {f}));')
     for path in RUN_UNION:
         lines.append(f'printf("offsetof kvm_run.{path} %zu\\n", offsetof(struct kvm_run, {path}));')
+    for path in NESTED:
+        cname, member = path.split(".", 1)
+        lines.append(f'printf("offsetof {path} %zu\\n", offsetof(struct {cname}, {member}));')
+    for path in MEMBER_SIZES:
+        cname, member = path.split(".", 1)
+        lines.append(f'printf("sizeof {path} %zu\\n", sizeof(((struct {cname} *)0)->{member}));')
     for name in IOCTLS:
         lines.append(f'printf("ioctl {name} %lu\\n", (unsigned long){name});')
+    for name in CONSTANTS:
+        lines.append(f'printf("const {name} %ld\\n", (long){name});')
     lines.append("return 0; }")
     d = tmp_path_factory.mktemp("kvmh")
     (d / "facts.c").write_text("\n".join(lines))
@@ -106,6 +176,37 @@ def test_kvm_run_exit_union_offsets(path: str, header_facts: dict[str, int]) -> 
     cls, field = RUN_UNION[path]
     offset = s.kvm_run.u.offset + getattr(cls, field).offset
     assert offset == header_facts[f"offsetof kvm_run.{path}"]
+
+
+def _offset(cls: type[ctypes.Structure], path: str) -> int:
+    """The byte offset of a dotted path (with [i] array indices) inside ``cls``."""
+    offset = 0
+    t: Any = cls
+    for part in path.split("."):
+        name, _, index = part.partition("[")
+        member = getattr(t, name)
+        offset += member.offset
+        t = dict(t._fields_)[name]
+        if index:
+            t = t._type_
+            offset += int(index.rstrip("]")) * ctypes.sizeof(t)
+    return offset
+
+
+@pytest.mark.parametrize("path", list(NESTED))
+def test_nested_member_offsets(path: str, header_facts: dict[str, int]) -> None:
+    cls, ctypes_path = NESTED[path]
+    assert _offset(cls, ctypes_path) == header_facts[f"offsetof {path}"]
+
+
+@pytest.mark.parametrize("path", list(MEMBER_SIZES))
+def test_member_sizes(path: str, header_facts: dict[str, int]) -> None:
+    assert MEMBER_SIZES[path] == header_facts[f"sizeof {path}"]
+
+
+@pytest.mark.parametrize("name", list(CONSTANTS))
+def test_constants_match_header(name: str, header_facts: dict[str, int]) -> None:
+    assert CONSTANTS[name] == header_facts[f"const {name}"]
 
 
 @pytest.mark.parametrize("name", IOCTLS)
