@@ -9,13 +9,17 @@ The public API (see README, "Python API")::
         vm.start()
         result = vm.wait(timeout=30)
 
-Two stacks, joined by minivmm.vm (each module imports only from its own stack, below
-itself; tests/test_layers.py checks it):
+Two stacks, joined by minivmm.vm and minivmm.transport.placement (each module imports
+only from its own stack, below itself, and the shared leaves: errors, config, ratelimit,
+hostinfo, irq, eventloop; tests/test_layers.py checks it):
 
     platform   kvm (ctypes ioctls) -> memory -> x86 (loaders, vCPU set-up, tables)
                -> bus, devices/legacy -> platform, vcpu, stop
     virtio     virtio (the virtqueue engine: ring -> queue -> chain, mem, util, testing)
                -> devices (VirtioDevice and its implementations) -> transport (mmio)
+
+The command line (cli), the Firecracker-style file (firecracker) and the console front end
+(console) sit on top.
 
 Names are imported lazily, so ``import minivmm`` (and the command line's start-up) pays
 only for what is used.
