@@ -218,7 +218,6 @@ def _item(kind: Callable[..., Any], field: str, text: str, **kw: Any) -> Any:
 
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     """The VmConfig of a command line: the --config file, then the options over it."""
-    from .config import VmConfig
     from .errors import UsageError
 
     fields: dict[str, Any] = {}
@@ -243,6 +242,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     if "kernel" not in fields:
         raise UsageError("no kernel: give --kernel PATH (or a --config file that names "
                          "one)")
+    from .config import VmConfig
+
     try:
         return VmConfig(**fields)
     except UsageError as e:
@@ -282,13 +283,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     global _on_signal
+    cfg = config_from_args(args)  # a usage error before the machine is imported
+    _check_signal()
+    _setup_logging(args.debug)
     from . import hostinfo
     from .console import attach_stdin
     from .vm import Timeline, Vm
 
-    _setup_logging(args.debug)
-    cfg = config_from_args(args)
-    _check_signal()
     if hostinfo.looks_like_linux(cfg.kernel) and hostinfo.kvm_emulates_guest_kernel():
         print(f"minivmm: note: {hostinfo.EMULATED_HOST_HINT}", file=sys.stderr)
     timeline = Timeline()
