@@ -106,7 +106,7 @@ class BuggyPort:
 def test_a_vmm_bug_in_an_exit_handler_is_an_internal_error(tmp_path: Path) -> None:
     """Defect 6: reported as minivmm's bug, not the guest's failure."""
     elf = tiny_elf(tmp_path, "poke", "mov $0x600, %dx\nout %al, %dx\nhlt")
-    cfg = minivmm.VmConfig(kernel=elf, mem="32M", console="none")
+    cfg = minivmm.VmConfig(kernel=elf, mem="32M", console="none", acpi=False)  # 0x600: ACPI PM
 
     def hook(vm: minivmm.Vm) -> None:
         vm.platform.pio_bus.register(0x600, 1, BuggyPort())
