@@ -28,11 +28,13 @@ only for what is used.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .config import DeviceConfig, DriveConfig, NetConfig, VmConfig
     from .devices.base import VirtioDevice
     from .errors import GuestError, HostError, InternalError, MinivmmError, UsageError

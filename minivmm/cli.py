@@ -5,7 +5,9 @@ debug-exit port; 1 for a guest, host or internal failure; 2 for bad usage; 128+N
 stopped by signal N (SIGINT, SIGTERM), from the first instruction of ``main`` on.
 
 This module imports little at the top, so that ``minivmm --help`` and a usage error are
-quick and a signal during start-up finds the handler already in place.
+quick and a signal during start-up finds the handler already in place: no typing, pathlib
+or logging, and nothing of minivmm but its errors until a command runs
+(tests/test_startup.py keeps it so).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
-    from .config import DriveConfig, NetConfig, VmConfig, VsockConfig
+    from pathlib import Path
+    from typing import Any, NoReturn
+
+    from .config import DeviceConfig, DriveConfig, NetConfig, VmConfig, VsockConfig
     from .vm import Vm
 
 #: configuration field -> the option that sets it (for UsageError.field)
@@ -74,13 +78,26 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _path(text: str) -> Path:
+    from pathlib import Path
+
+    return Path(text)
+
+
+def _setup_logging(debug: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="minivmm: %(levelname)s: %(message)s")
+
+
 def _add_vm_options(r: argparse.ArgumentParser) -> None:
     # Defaults are None: a value given here overrides the --config file's.
-    r.add_argument("--config", type=Path, metavar="FILE",
+    r.add_argument("--config", type=_path, metavar="FILE",
                    help="a Firecracker-style JSON configuration (options given here win)")
-    r.add_argument("--kernel", type=Path,
+    r.add_argument("--kernel", type=_path,
                    help="bzImage, or ELF vmlinux (PVH entry used when the kernel has one)")
-    r.add_argument("--initrd", type=Path, help="initramfs / initrd image")
+    r.add_argument("--initrd", type=_path, help="initramfs / initrd image")
     r.add_argument("--cmdline", help="kernel command line (default: console=ttyS0 reboot=t "
                                      "panic=-1 i8042.noaux i8042.nomux i8042.nopnp "
                                      "i8042.dumbkbd)")
@@ -203,13 +220,22 @@ def _item(kind: Callable[..., Any], field: str, text: str, **kw: Any) -> Any:
         raise UsageError(f"{text!r}: {e.message}", field=field) from None
 
 
+def parse_devices(texts: list[str]) -> tuple[DeviceConfig, ...]:
+    """``--device NAME|MODULE:CLASS[,key=value...]``, each"""
+    from .config import DeviceConfig
+
+    return tuple(DeviceConfig.parse(t) for t in texts)
+
+
 def config_from_args(args: argparse.Namespace) -> VmConfig:
     """The VmConfig of a command line: the --config file, then the options over it."""
-    from . import firecracker
-    from .config import DeviceConfig, VmConfig
     from .errors import UsageError
 
-    fields: dict[str, Any] = firecracker.load(args.config) if args.config else {}
+    fields: dict[str, Any] = {}
+    if args.config:
+        from . import firecracker
+
+        fields = firecracker.load(args.config)
     given: dict[str, Any] = {
         "kernel": args.kernel, "initrd": args.initrd, "cmdline": args.cmdline,
         "mem": args.mem, "cpus": args.cpus, "console": args.console,
@@ -220,8 +246,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
         "network_interfaces": None if args.net is None else tuple(
             parse_net(n) for n in args.net),
         "vsock": None if args.vsock is None else parse_vsock(args.vsock),
-        "devices": None if args.device is None else tuple(
-            DeviceConfig.parse(d) for d in args.device),
+        "devices": None if args.device is None else parse_devices(args.device),
     }
     given = {k: v for k, v in given.items() if v is not None}
     from_file = set(fields) - set(given)
@@ -229,11 +254,15 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
     if "kernel" not in fields:
         raise UsageError("no kernel: give --kernel PATH (or a --config file that names "
                          "one)")
+    from .config import VmConfig
+
     try:
         return VmConfig(**fields)
     except UsageError as e:
         top = (e.field or "").split(".")[0].split("[")[0]
         if top in from_file:  # name the file's field, not an option nobody typed
+            from . import firecracker
+
             name = firecracker.FIELD_NAMES.get(top, top)
             raise UsageError(f"{args.config}: {name}: {e.message}", field="config") from None
         raise
@@ -242,7 +271,8 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
 def _process_start_monotonic() -> float:
     """When this process started, on the monotonic clock (10 ms resolution)."""
     try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
         start_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
         offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
         return start_boot - offset
@@ -258,18 +288,20 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     from . import firecracker
 
+    _setup_logging(args.debug)
     print(json.dumps(firecracker.to_firecracker(config_from_args(args)), indent=2))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     global _on_signal
+    cfg = config_from_args(args)  # a usage error before the machine is imported
+    _check_signal()
+    _setup_logging(args.debug)
     from . import hostinfo
     from .console import attach_stdin
     from .vm import Timeline, Vm
 
-    cfg = config_from_args(args)
-    _check_signal()
     if hostinfo.looks_like_linux(cfg.kernel) and hostinfo.kvm_emulates_guest_kernel():
         print(f"minivmm: note: {hostinfo.EMULATED_HOST_HINT}", file=sys.stderr)
     timeline = Timeline()
@@ -322,12 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        import logging
-
         from .errors import InternalError, MinivmmError, UsageError
 
-        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                            format="minivmm: %(levelname)s: %(message)s")
         _check_signal()
     except _Stopped as e:
         print(f"minivmm: {e}", file=sys.stderr)
@@ -351,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"minivmm: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # a bug in minivmm: the traceback goes to the log
+        import logging
+
+        _setup_logging(debug)
         logging.getLogger("minivmm").error("internal error", exc_info=True)
         print(f"minivmm: internal error: {type(e).__name__}: {e} ({InternalError.REPORT})",
               file=sys.stderr)

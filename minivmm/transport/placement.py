@@ -14,15 +14,18 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..bus import Bus
-from ..devices.base import VirtioDevice
 from ..errors import UsageError
-from ..eventloop import EventLoop
-from ..kvm import Vm
-from ..virtio.mem import GuestMemoryLike
 from ..x86 import layout
-from .mmio import DRIVER_OK, NOTIFY_OFFSET, MmioTransport
+
+if TYPE_CHECKING:
+    from ..bus import Bus
+    from ..devices.base import VirtioDevice
+    from ..eventloop import EventLoop
+    from ..kvm import Vm
+    from ..virtio.mem import GuestMemoryLike
+    from .mmio import MmioTransport
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ class VirtioMmioDevices:
         self._fds: list[int] = []
 
     def add(self, device: VirtioDevice) -> Slot:
+        # The transport and the virtqueue engine are imported with the first device: a
+        # VM without virtio devices (the probe's CPU checks) does without them.
+        from .mmio import NOTIFY_OFFSET, MmioTransport
+
         i = len(self.transports)
         if i >= layout.VIRTIO_MMIO_MAX_DEVICES:
             raise UsageError(f"too many virtio devices: at most "
@@ -105,6 +112,10 @@ class VirtioMmioDevices:
 
     def never_initialised(self) -> list[tuple[Slot, VirtioDevice]]:
         """Devices the guest's driver never brought to DRIVER_OK."""
+        if not self.transports:
+            return []
+        from .mmio import DRIVER_OK
+
         return [(slot, t.device) for slot, t in self.transports
                 if not t.ever_driver_ok and not t.status & DRIVER_OK]
 

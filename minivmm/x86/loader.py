@@ -19,10 +19,6 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Final, Literal
 
-from elftools.common.exceptions import ELFError
-from elftools.construct import ConstructError
-from elftools.elf.elffile import ELFFile
-
 from ..errors import UsageError
 from ..memory import GuestMemory
 from . import bootparams as bp
@@ -40,7 +36,8 @@ ELF_MAGIC: Final = b"\x7fELF"
 ELF_BOOT_PROTOCOL: Final = 0x20C
 ELF_KERNEL_ALIGNMENT: Final = 0x100_0000
 ELF_INITRD_ADDR_MAX: Final = 0x7FFF_FFFF  # what x86-64 kernels put in initrd_addr_max
-_PARSE_ERRORS: Final = (ELFError, ConstructError, struct.error, ValueError, IndexError, KeyError)
+# The errors pyelftools raises on a malformed file, besides its own two (added on import).
+_PARSE_ERRORS: Final = (struct.error, ValueError, IndexError, KeyError)
 
 
 @dataclass(frozen=True)
@@ -239,6 +236,11 @@ def _load_elf(
     prefer_pvh: bool,
     rsdp_addr: int | None,
 ) -> BootInfo:
+    # pyelftools (10-40 ms to import) is imported only when the kernel is an ELF file.
+    from elftools.common.exceptions import ELFError
+    from elftools.construct import ConstructError
+    from elftools.elf.elffile import ELFFile
+
     try:
         elf = ELFFile(f)
         if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64" or not elf.little_endian:
@@ -278,7 +280,7 @@ def _load_elf(
                 if sec["sh_type"] == "SHT_NOTE" and sec["sh_offset"] + sec["sh_size"] <= size:
                     f.seek(sec["sh_offset"])
                     notes += f.read(sec["sh_size"])
-    except _PARSE_ERRORS as e:
+    except (ELFError, ConstructError, *_PARSE_ERRORS) as e:
         raise _corrupt(path, e) from None
     if not loads:
         raise UsageError(f"{path}: ELF file without loadable segments; pass a vmlinux",

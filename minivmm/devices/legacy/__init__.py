@@ -15,10 +15,34 @@ none of these devices raises from ``read`` or ``write``. The callbacks they invo
 access and may raise to unwind the run loop.
 """
 
-from minivmm.devices.legacy.acpi_pm import AcpiPm
-from minivmm.devices.legacy.debug_exit import DebugExit
-from minivmm.devices.legacy.i8042 import I8042
-from minivmm.devices.legacy.rtc import Rtc
-from minivmm.devices.legacy.serial import Serial, Sink
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .acpi_pm import AcpiPm
+    from .debug_exit import DebugExit
+    from .i8042 import I8042
+    from .rtc import Rtc
+    from .serial import Serial, Sink
 
 __all__ = ["I8042", "AcpiPm", "DebugExit", "Rtc", "Serial", "Sink"]
+
+# Imported on first use, so that a VM pays only for the devices it has (acpi_pm brings
+# the ACPI tables with it, and a VM with --acpi off has none).
+_WHERE = {"AcpiPm": "acpi_pm", "DebugExit": "debug_exit", "I8042": "i8042", "Rtc": "rtc",
+          "Serial": "serial", "Sink": "serial"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
