@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Final, Literal
 
-from ..errors import UsageError
+from ..errors import HostError, UsageError
 from ..memory import GuestMemory
 from . import bootparams as bp
 from . import layout, pvh
@@ -237,9 +237,13 @@ def _load_elf(
     rsdp_addr: int | None,
 ) -> BootInfo:
     # pyelftools (10-40 ms to import) is imported only when the kernel is an ELF file.
-    from elftools.common.exceptions import ELFError
-    from elftools.construct import ConstructError
-    from elftools.elf.elffile import ELFFile
+    try:
+        from elftools.common.exceptions import ELFError
+        from elftools.construct import ConstructError
+        from elftools.elf.elffile import ELFFile
+    except ImportError:
+        raise HostError(f"{path} is an ELF kernel, and reading one needs pyelftools, which "
+                        "is not installed: pip install pyelftools") from None
 
     try:
         elf = ELFFile(f)
