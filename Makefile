@@ -3,7 +3,7 @@
 # keyed by a hash of their inputs; guest/out/ only holds symlinks into it.
 #
 #   make guest            bzImage, vmlinux, initramfs.cpio, initramfs-vsock.cpio,
-#                         probe.elf, and on
+#                         probe.elf, minivmm-agent, and on
 #                         hosts whose KVM emulates guest kernel code (kvm_pvm)
 #                         also vmlinux-emulated and initramfs-check.cpio
 #   make guest-emulated   vmlinux-emulated and initramfs-check.cpio, always
@@ -26,7 +26,7 @@ PYTHON ?= python3
 
 all: guest
 
-guest: guest-linux guest-initramfs guest-initramfs-check guest-initramfs-vsock guest-probe
+guest: guest-linux guest-initramfs guest-initramfs-check guest-initramfs-vsock guest-probe guest-agent
 	@if guest/kvm-emulates-kernel.sh -v; then $(MAKE) --no-print-directory guest-emulated; fi
 
 guest-linux:
@@ -48,7 +48,11 @@ guest-initramfs-check:
 guest-initramfs-vsock:
 	guest/build-initramfs.sh vsock $(OUT)
 
-.PHONY: guest-initramfs-check guest-initramfs-vsock
+.PHONY: guest-initramfs-check guest-initramfs-vsock guest-agent
+
+# The guest agent of `minivmm exec` (guest/agent/README.md).
+guest-agent:
+	guest/agent/build.sh $(OUT)
 
 test:
 	$(PYTHON) -m pytest

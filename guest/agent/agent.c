@@ -1,0 +1,506 @@
+/*
+ * minivmm-agent: runs commands for the host over virtio-vsock
+ * (protocol: guest/agent/README.md).
+ *
+ * As PID 1 (minivmm exec puts it at /init) it first mounts /proc, /sys,
+ * /dev (devtmpfs) and /tmp and sets PATH; started by another init it only
+ * serves. It listens on vsock port 52 (or the port given as its one
+ * argument) and forks one handler per connection, so a bad request ends
+ * that handler only. PID 1 ignores SIGCHLD, so the kernel reaps its
+ * children and every orphan re-parented to it.
+ *
+ * Build: gcc -static -O2 agent.c -o agent
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+
+#define DEFAULT_PORT 52
+#define HDR_LEN 8
+#define MAX_FRAME (1u << 20)  /* any request frame */
+#define MAX_REQUEST (4u << 20) /* ARG + ENV + CWD bytes together */
+#define MAX_ITEMS 4096        /* ARG + ENV frames */
+#define CHUNK 32768           /* STDOUT/STDERR frame payload at most */
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+enum {
+	T_ARG = 'A', T_ENV = 'E', T_CWD = 'D', T_EXEC = 'X', T_STDIN = 'I', T_KILL = 'K',
+	T_STARTED = 'S', T_STDOUT = 'O', T_STDERR = 'R', T_EXITED = 'W', T_SIGNALED = 'G',
+	T_FAILED = 'F',
+};
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	int n = snprintf(line, sizeof(line), "minivmm-agent: ");
+	va_start(ap, fmt);
+	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+	va_end(ap);
+	if (n > (int)sizeof(line) - 2)
+		n = (int)sizeof(line) - 2;
+	line[n++] = '\n';
+	if (write(2, line, (size_t)n) < 0) { /* nowhere else to say it */ }
+}
+
+/* -- frames ----------------------------------------------------------------- */
+
+static int write_all(int fd, const void *buf, size_t n)
+{
+	const char *p = buf;
+	while (n > 0) {
+		ssize_t k = write(fd, p, n);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			return -1;
+		p += k;
+		n -= (size_t)k;
+	}
+	return 0;
+}
+
+/* 1: all n bytes; 0: end of stream before the first byte; -1: error or short. */
+static int read_full(int fd, void *buf, size_t n)
+{
+	char *p = buf;
+	size_t got = 0;
+	while (got < n) {
+		ssize_t k = read(fd, p + got, n - got);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0)
+			return -1;
+		if (k == 0)
+			return got == 0 ? 0 : -1;
+		got += (size_t)k;
+	}
+	return 1;
+}
+
+static int send_frame(int fd, int type, const void *data, uint32_t len)
+{
+	unsigned char hdr[HDR_LEN] = { (unsigned char)type, 0, 0, 0,
+		(unsigned char)len, (unsigned char)(len >> 8),
+		(unsigned char)(len >> 16), (unsigned char)(len >> 24) };
+	if (write_all(fd, hdr, HDR_LEN) < 0)
+		return -1;
+	return len ? write_all(fd, data, len) : 0;
+}
+
+static int send_u32(int fd, int type, uint32_t v)
+{
+	unsigned char b[4] = { (unsigned char)v, (unsigned char)(v >> 8),
+		(unsigned char)(v >> 16), (unsigned char)(v >> 24) };
+	return send_frame(fd, type, b, 4);
+}
+
+/* FAILED: u32 errno (0 when none applies), then a message; then the handler ends. */
+static void fail(int fd, int err, const char *fmt, ...) __attribute__((noreturn, format(printf, 3, 4)));
+static void fail(int fd, int err, const char *fmt, ...)
+{
+	char msg[4 + 400];
+	va_list ap;
+	uint32_t e = (uint32_t)err;
+	memcpy(msg, (unsigned char[4]){ (unsigned char)e, (unsigned char)(e >> 8),
+		(unsigned char)(e >> 16), (unsigned char)(e >> 24) }, 4);
+	va_start(ap, fmt);
+	int n = vsnprintf(msg + 4, sizeof(msg) - 4, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if (n > (int)sizeof(msg) - 5)
+		n = (int)sizeof(msg) - 5;
+	send_frame(fd, T_FAILED, msg, (uint32_t)(4 + n));
+	_exit(1);
+}
+
+struct frame {
+	int type;
+	uint32_t len;
+	char *data; /* malloc'd, NUL-terminated, or NULL when len == 0 */
+};
+
+/* 1: a frame; 0: the host closed the connection; the handler ends on errors. */
+static int recv_frame(int fd, struct frame *f, uint32_t max)
+{
+	unsigned char hdr[HDR_LEN];
+	int r = read_full(fd, hdr, HDR_LEN);
+	if (r <= 0) {
+		if (r < 0)
+			_exit(1);
+		return 0;
+	}
+	f->type = hdr[0];
+	f->len = hdr[4] | (uint32_t)hdr[5] << 8 | (uint32_t)hdr[6] << 16 | (uint32_t)hdr[7] << 24;
+	if (hdr[1] | hdr[2] | hdr[3])
+		fail(fd, EINVAL, "frame header: reserved bytes not zero");
+	if (f->len > max)
+		fail(fd, E2BIG, "frame '%c': %u bytes, at most %u", f->type, f->len, max);
+	f->data = malloc((size_t)f->len + 1);
+	if (!f->data)
+		fail(fd, ENOMEM, "out of memory");
+	if (f->len && read_full(fd, f->data, f->len) <= 0)
+		_exit(1);
+	f->data[f->len] = 0;
+	return 1;
+}
+
+/* -- one request ------------------------------------------------------------ */
+
+struct request {
+	char **argv, **envp, *cwd;
+	size_t argc, envc, bytes;
+};
+
+static void add_item(int fd, char ***list, size_t *n, char *s)
+{
+	char **l = realloc(*list, (*n + 2) * sizeof(char *));
+	if (!l)
+		fail(fd, ENOMEM, "out of memory");
+	l[(*n)++] = s;
+	l[*n] = NULL;
+	*list = l;
+}
+
+static int env_has(char **envp, size_t envc, const char *kv)
+{
+	size_t k = strcspn(kv, "=");
+	for (size_t i = 0; i < envc; i++)
+		if (strncmp(envp[i], kv, k) == 0 && envp[i][k] == '=')
+			return 1;
+	return 0;
+}
+
+static void read_request(int fd, struct request *rq)
+{
+	struct frame f;
+	memset(rq, 0, sizeof(*rq));
+	for (;;) {
+		if (!recv_frame(fd, &f, MAX_FRAME))
+			_exit(0);
+		rq->bytes += f.len;
+		if (rq->bytes > MAX_REQUEST || rq->argc + rq->envc >= MAX_ITEMS)
+			fail(fd, E2BIG, "request larger than %u bytes or %u items", MAX_REQUEST, MAX_ITEMS);
+		if ((f.type == T_ARG || f.type == T_ENV || f.type == T_CWD) &&
+		    memchr(f.data, 0, f.len))
+			fail(fd, EINVAL, "frame '%c' holds a NUL byte", f.type);
+		switch (f.type) {
+		case T_ARG:
+			add_item(fd, &rq->argv, &rq->argc, f.data);
+			break;
+		case T_ENV:
+			if (!strchr(f.data, '=') || f.data[0] == '=')
+				fail(fd, EINVAL, "ENV frame without NAME=: %.60s", f.data);
+			add_item(fd, &rq->envp, &rq->envc, f.data);
+			break;
+		case T_CWD:
+			free(rq->cwd);
+			rq->cwd = f.data;
+			break;
+		case T_EXEC:
+			free(f.data);
+			if (rq->argc == 0 || rq->argv[0][0] == 0)
+				fail(fd, EINVAL, "EXEC without a command (no ARG frame)");
+			return;
+		default:
+			fail(fd, EINVAL, "unexpected frame type 0x%02x before EXEC", f.type);
+		}
+	}
+}
+
+static void defaults(int fd, struct request *rq)
+{
+	static char *const dflt[] = { "PATH=" DEFAULT_PATH, "HOME=/root", "TERM=dumb", NULL };
+	size_t user = rq->envc;
+	for (char *const *d = dflt; *d; d++)
+		if (!env_has(rq->envp, user, *d))
+			add_item(fd, &rq->envp, &rq->envc, *d);
+	if (!rq->cwd)
+		rq->cwd = "/";
+}
+
+static void child(struct request *rq, int in, int out, int err, int errpipe)
+{
+	extern char **environ;
+	sigset_t none;
+	int e;
+
+	setsid();
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	signal(SIGPIPE, SIG_DFL);
+	signal(SIGCHLD, SIG_DFL);
+	if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
+		goto out;
+	if (in > 2) close(in);
+	if (out > 2) close(out);
+	if (err > 2) close(err);
+	if (chdir(rq->cwd) < 0) {
+		e = errno;
+		if (write(errpipe, "C", 1) < 0 || write(errpipe, &e, sizeof(e)) < 0) {}
+		_exit(127);
+	}
+	environ = rq->envp; /* execvp searches the command's PATH */
+	execvp(rq->argv[0], rq->argv);
+out:
+	e = errno;
+	if (write(errpipe, "E", 1) < 0 || write(errpipe, &e, sizeof(e)) < 0) {}
+	_exit(127);
+}
+
+static void send_output(int fd, int type, int *pipefd, char *buf)
+{
+	ssize_t n = read(*pipefd, buf, CHUNK);
+	if (n < 0 && (errno == EINTR || errno == EAGAIN))
+		return;
+	if (n <= 0) {
+		close(*pipefd);
+		*pipefd = -1;
+		return;
+	}
+	if (send_frame(fd, type, buf, (uint32_t)n) < 0)
+		_exit(1);
+}
+
+static void serve(int fd)
+{
+	static char buf[CHUNK];
+	struct request rq;
+	int in[2], out[2], err[2], ep[2];
+	char *pending = NULL; /* stdin not yet written to the command */
+	uint32_t pending_len = 0, pending_off = 0;
+	int sock_open = 1, exited = 0, status = 0;
+
+	signal(SIGCHLD, SIG_DFL);
+	signal(SIGPIPE, SIG_IGN);
+	read_request(fd, &rq);
+	defaults(fd, &rq);
+	if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) ||
+	    pipe2(ep, O_CLOEXEC))
+		fail(fd, errno, "pipe: %s", strerror(errno));
+	pid_t pid = fork();
+	if (pid < 0)
+		fail(fd, errno, "fork: %s", strerror(errno));
+	if (pid == 0)
+		child(&rq, in[0], out[1], err[1], ep[1]);
+	close(in[0]);
+	close(out[1]);
+	close(err[1]);
+	close(ep[1]);
+	char what;
+	int e;
+	if (read_full(ep[0], &what, 1) == 1 && read_full(ep[0], &e, sizeof(e)) == 1) {
+		waitpid(pid, NULL, 0);
+		if (what == 'C')
+			fail(fd, e, "cd %s: %s", rq.cwd, strerror(e));
+		fail(fd, e, "%s: %s", rq.argv[0], strerror(e));
+	}
+	close(ep[0]);
+	int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	if (pidfd < 0)
+		fail(fd, errno, "pidfd_open: %s", strerror(errno));
+	fcntl(in[1], F_SETFL, O_NONBLOCK);
+	if (send_u32(fd, T_STARTED, (uint32_t)pid) < 0)
+		goto gone;
+	int sin = in[1], sout = out[0], serr = err[0];
+	while (!exited) {
+		struct pollfd p[5];
+		int n = 0, i_sock = -1, i_in = -1, i_out = -1, i_err = -1;
+		if (sock_open && !pending) { i_sock = n; p[n++] = (struct pollfd){ fd, POLLIN, 0 }; }
+		if (pending) { i_in = n; p[n++] = (struct pollfd){ sin, POLLOUT, 0 }; }
+		if (sout >= 0) { i_out = n; p[n++] = (struct pollfd){ sout, POLLIN, 0 }; }
+		if (serr >= 0) { i_err = n; p[n++] = (struct pollfd){ serr, POLLIN, 0 }; }
+		int i_pid = n;
+		p[n++] = (struct pollfd){ pidfd, POLLIN, 0 };
+		if (poll(p, (nfds_t)n, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			fail(fd, errno, "poll: %s", strerror(errno));
+		}
+		if (i_out >= 0 && p[i_out].revents)
+			send_output(fd, T_STDOUT, &sout, buf);
+		if (i_err >= 0 && p[i_err].revents)
+			send_output(fd, T_STDERR, &serr, buf);
+		if (i_in >= 0 && p[i_in].revents) {
+			ssize_t k = write(sin, pending + pending_off, pending_len - pending_off);
+			if (k < 0 && errno != EAGAIN && errno != EINTR) {
+				/* the command closed its stdin: drop what it will never read */
+				pending_off = pending_len;
+			} else if (k > 0) {
+				pending_off += (uint32_t)k;
+			}
+			if (pending_off == pending_len) {
+				free(pending);
+				pending = NULL;
+			}
+		}
+		if (i_sock >= 0 && p[i_sock].revents) {
+			struct frame f;
+			if (!recv_frame(fd, &f, MAX_FRAME))
+				goto gone;
+			if (f.type == T_STDIN && f.len == 0) {
+				free(f.data);
+				if (sin >= 0) { close(sin); sin = -1; }
+			} else if (f.type == T_STDIN) {
+				if (sin >= 0) {
+					pending = f.data;
+					pending_len = f.len;
+					pending_off = 0;
+				} else {
+					free(f.data);
+				}
+			} else if (f.type == T_KILL && f.len == 4) {
+				uint32_t sig = (unsigned char)f.data[0] | (uint32_t)(unsigned char)f.data[1] << 8;
+				if (sig > 0 && sig < 65 && f.data[2] == 0 && f.data[3] == 0)
+					kill(-pid, (int)sig);
+				free(f.data);
+			} else {
+				free(f.data); /* unknown once running: ignored */
+			}
+		}
+		if (p[i_pid].revents && waitpid(pid, &status, WNOHANG) == pid)
+			exited = 1;
+	}
+	/* The command ended: hand on what its pipes still hold (not what a
+	 * background process it left may write later), then its status. */
+	for (int *pf = &sout; pf; pf = pf == &sout ? &serr : NULL) {
+		fcntl(*pf, F_SETFL, O_NONBLOCK);
+		while (*pf >= 0) {
+			ssize_t k = read(*pf, buf, CHUNK);
+			if (k <= 0)
+				break;
+			if (send_frame(fd, pf == &sout ? T_STDOUT : T_STDERR, buf, (uint32_t)k) < 0)
+				_exit(1);
+		}
+	}
+	if (WIFSIGNALED(status))
+		send_u32(fd, T_SIGNALED, (uint32_t)WTERMSIG(status));
+	else
+		send_u32(fd, T_EXITED, (uint32_t)WEXITSTATUS(status));
+	shutdown(fd, SHUT_WR);
+	_exit(0);
+gone: /* the host went away: so does the command */
+	kill(-pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	_exit(1);
+}
+
+/* -- PID 1 and the listener ------------------------------------------------- */
+
+static void mount_one(const char *src, const char *dir, const char *type, unsigned long fl,
+		      const char *opts)
+{
+	mkdir(dir, 0755);
+	if (mount(src, dir, type, fl, opts) < 0 && errno != EBUSY)
+		say("mount %s on %s: %s", type, dir, strerror(errno));
+}
+
+static void as_init(void)
+{
+	mount_one("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount_one("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount_one("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	mount_one("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	setenv("PATH", DEFAULT_PATH, 1);
+	setenv("HOME", "/root", 1);
+	signal(SIGCHLD, SIG_IGN); /* the kernel reaps children and orphans */
+}
+
+/* A listening socket: vsock PORT, or (for tests on the host) a Unix socket PATH. */
+static int listen_on(const char *where, unsigned long port)
+{
+	int fd;
+	if (where) {
+		struct sockaddr_un u = { .sun_family = AF_UNIX };
+		if (strlen(where) >= sizeof(u.sun_path)) {
+			errno = ENAMETOOLONG;
+			return -1;
+		}
+		strcpy(u.sun_path, where);
+		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0 && bind(fd, (struct sockaddr *)&u, sizeof(u)) == 0 && listen(fd, 16) == 0)
+			return fd;
+	} else {
+		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_port = (unsigned)port,
+					 .svm_cid = VMADDR_CID_ANY };
+		fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 && listen(fd, 16) == 0)
+			return fd;
+	}
+	int e = errno;
+	if (fd >= 0)
+		close(fd);
+	errno = e;
+	return -1;
+}
+
+int main(int argc, char **argv)
+{
+	unsigned long port = DEFAULT_PORT;
+	const char *unix_path = NULL;
+	if (argc > 2) {
+		say("usage: %s [VSOCK-PORT | /UNIX-SOCKET-PATH]", argv[0]);
+		return 2;
+	}
+	if (argc == 2 && argv[1][0] == '/') {
+		unix_path = argv[1];
+	} else if (argc == 2) {
+		char *end;
+		port = strtoul(argv[1], &end, 10);
+		if (*end || port == 0 || port > 0xffffffffUL) {
+			say("usage: %s [VSOCK-PORT | /UNIX-SOCKET-PATH]", argv[0]);
+			return 2;
+		}
+	}
+	if (getpid() == 1)
+		as_init();
+	else
+		signal(SIGCHLD, SIG_IGN);
+	signal(SIGPIPE, SIG_IGN);
+	int lfd;
+	while ((lfd = listen_on(unix_path, port)) < 0) {
+		if (unix_path) {
+			say("%s: %s", unix_path, strerror(errno));
+			return 1;
+		}
+		say("vsock port %lu: %s (no virtio-vsock yet?); retrying", port, strerror(errno));
+		sleep(1);
+	}
+	if (unix_path)
+		say("listening on %s", unix_path);
+	else
+		say("listening on vsock port %lu", port);
+	for (;;) {
+		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (errno != EINTR)
+				usleep(10000);
+			continue;
+		}
+		pid_t pid = fork();
+		if (pid == 0) {
+			close(lfd);
+			serve(fd);
+		}
+		if (pid < 0)
+			say("fork: %s", strerror(errno));
+		close(fd);
+	}
+}
