@@ -36,6 +36,13 @@ class AgentError(Exception):
 
 
 @dataclass(frozen=True)
+class Started:
+    """The command runs (its pid in the guest)."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
 class Output:
     fd: int  # 1 (stdout) or 2 (stderr)
     data: bytes
@@ -59,10 +66,11 @@ class Failed:
     message: str
 
 
-Event = Output | Exited | Signaled | Failed
+Event = Started | Output | Exited | Signaled | Failed
 
 
-def connect(uds_path: str | Path, port: int = AGENT_PORT, timeout: float = 5.0) -> socket.socket:
+def connect(uds_path: str | Path, port: int = AGENT_PORT,
+            timeout: float = 5.0) -> socket.socket:
     """One attempt: connect to the vsock device's Unix socket and ask for ``port``.
     Raises OSError (nothing listens at ``uds_path``) or AgentError (the guest refused)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -143,18 +151,14 @@ class Exec:
         self._send(T_KILL, struct.pack("<I", signum))
 
     def next_event(self, timeout: float | None) -> Event | None:
-        """The next STARTED-free event, or None when ``timeout`` seconds pass first.
-        STARTED sets :attr:`pid` and is not returned. AgentError when the connection
-        ends without a status or the agent breaks the protocol."""
+        """The next event, or None when ``timeout`` seconds pass first. AgentError when
+        the connection ends without a status or the agent breaks the protocol."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             frame = self._parse()
             if frame is not None:
                 type_, payload = frame
-                event = self._event(type_, payload)
-                if event is not None:
-                    return event
-                continue
+                return self._event(type_, payload)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
@@ -181,14 +185,14 @@ class Exec:
         del self._buf[:HEADER.size + length]
         return type_, payload
 
-    def _event(self, type_: int, payload: bytes) -> Event | None:
+    def _event(self, type_: int, payload: bytes) -> Event:
         if type_ in (T_STDOUT, T_STDERR):
             return Output(1 if type_ == T_STDOUT else 2, payload)
         if type_ in (T_STARTED, T_EXITED, T_SIGNALED) and len(payload) == 4:
             (value,) = struct.unpack("<I", payload)
             if type_ == T_STARTED:
                 self.pid = value
-                return None
+                return Started(value)
             return Exited(value) if type_ == T_EXITED else Signaled(value)
         if type_ == T_FAILED and len(payload) >= 4:
             (err,) = struct.unpack_from("<I", payload)

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that `minivmm run` with these options would use.")
     _add_vm_options(c)
     c.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    from .exec import add_parser as add_exec_parser
+
+    add_exec_parser(sub)
     return p
 
 
@@ -326,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("no command given: try 'minivmm run --kernel PATH'")
+        if args.command == "exec":
+            from .exec import cmd_exec
+
+            return cmd_exec(args)
         return cmd_config(args) if args.command == "config" else cmd_run(args)
     except _Stopped as e:
         print(f"minivmm: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@
  * As PID 1 (minivmm exec puts it at /init) it first mounts /proc, /sys,
  * /dev (devtmpfs) and /tmp and sets PATH; started by another init it only
  * serves. It listens on vsock port 52 (or the port given as its one
- * argument) and forks one handler per connection, so a bad request ends
+ * argument; as PID 1, by minivmm_agent_port=N on the kernel command line) and forks one handler per connection, so a bad request ends
  * that handler only. PID 1 ignores SIGCHLD, so the kernel reaps its
  * children and every orphan re-parented to it.
  *
@@ -455,18 +455,23 @@ int main(int argc, char **argv)
 {
 	unsigned long port = DEFAULT_PORT;
 	const char *unix_path = NULL;
-	if (argc > 2) {
+	/* As PID 1 the arguments are the kernel's (its command line's unknown words):
+	 * the port comes from minivmm_agent_port=N there (an environment variable). */
+	const char *arg = getpid() == 1 ? getenv("minivmm_agent_port") : argc == 2 ? argv[1] : NULL;
+	if (getpid() != 1 && argc > 2) {
 		say("usage: %s [VSOCK-PORT | /UNIX-SOCKET-PATH]", argv[0]);
 		return 2;
 	}
-	if (argc == 2 && argv[1][0] == '/') {
-		unix_path = argv[1];
-	} else if (argc == 2) {
+	if (arg && arg[0] == '/') {
+		unix_path = arg;
+	} else if (arg) {
 		char *end;
-		port = strtoul(argv[1], &end, 10);
+		port = strtoul(arg, &end, 10);
 		if (*end || port == 0 || port > 0xffffffffUL) {
-			say("usage: %s [VSOCK-PORT | /UNIX-SOCKET-PATH]", argv[0]);
-			return 2;
+			say("bad port %s; using %d", arg, DEFAULT_PORT);
+			if (getpid() != 1)
+				return 2;
+			port = DEFAULT_PORT;
 		}
 	}
 	if (getpid() == 1)
