@@ -128,6 +128,15 @@ static void fail(int fd, int err, const char *fmt, ...)
 	if (n > (int)sizeof(msg) - 5)
 		n = (int)sizeof(msg) - 5;
 	send_frame(fd, T_FAILED, msg, (uint32_t)(4 + n));
+	/* Closing with unread input would reset the connection, and the host might lose
+	 * the FAILED frame: read what the host still sends (bounded) first. */
+	shutdown(fd, SHUT_WR);
+	static char sink[65536];
+	for (int left = 64; left > 0; left--) {
+		struct pollfd p = { fd, POLLIN, 0 };
+		if (poll(&p, 1, 1000) <= 0 || read(fd, sink, sizeof(sink)) <= 0)
+			break;
+	}
 	_exit(1);
 }
 
