@@ -110,6 +110,41 @@ def wait_for_agent(uds_path: str | Path, deadline: float, alive: Callable[[], bo
     raise AgentError(f"the agent never answered on vsock port {port} ({last})")
 
 
+class ReadyListener:
+    """Where the agent says it listens: after its listen() it connects once to the host's
+    vsock port :data:`AGENT_PORT`, which the vsock device hands to the Unix socket
+    ``<uds_path>_<port>``. Waiting for that connection spares polling the guest with
+    CONNECTs it must refuse while it boots."""
+
+    def __init__(self, uds_path: str | Path, port: int = AGENT_PORT) -> None:
+        self.path = Path(f"{uds_path}_{port}")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.bind(str(self.path))
+            self.sock.listen(4)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def wait(self, deadline: float, alive: Callable[[], bool]) -> bool:
+        """True once the agent said it listens; False when ``alive()`` turns false or
+        the monotonic ``deadline`` passes."""
+        while alive() and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.sock], [], [], min(left, 0.25))
+            if ready:
+                conn, _ = self.sock.accept()
+                conn.close()
+                return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
 class Exec:
     """One command run by the agent over ``sock`` (which this object owns)."""
 

@@ -28,6 +28,7 @@ from typing import Any
 from .errors import UsageError
 
 DEFAULT_BOOT_TIMEOUT = 300.0  # seconds from start until the agent answers
+AGENT_CONNECT_TIMEOUT = 30.0  # seconds from the agent's "listening" to its answer
 CONSOLE_TAIL = 20
 #: console lines that mean the guest kernel is in trouble (the first one found is named)
 CRASH_PATTERN = re.compile(r"Kernel panic|BUG:|Oops|WARNING: CPU:|general protection fault")
@@ -192,6 +193,7 @@ def _run(cfg: Any, uds: Path, argv: list[str], env: list[str],
         Exited,
         Failed,
         Output,
+        ReadyListener,
         Signaled,
         Started,
         failed_status,
@@ -221,12 +223,20 @@ def _run(cfg: Any, uds: Path, argv: list[str], env: list[str],
                 return _Outcome(125, f"the guest ended {while_} ({result.reason}: "
                                      f"{result.detail})")
 
+            listener = ReadyListener(uds)
             try:
-                sock = wait_for_agent(uds, time.monotonic() + args.boot_timeout, alive)
+                if not listener.wait(time.monotonic() + args.boot_timeout, alive):
+                    if not alive():
+                        return ended("before the command ran")
+                    return _Outcome(125, f"the guest never ran the command: the agent did "
+                                         f"not start in {args.boot_timeout:g} s")
+                sock = wait_for_agent(uds, time.monotonic() + AGENT_CONNECT_TIMEOUT, alive)
             except AgentError as e:
                 if not alive():
                     return ended("before the command ran")
                 return _Outcome(125, f"the guest never ran the command: {e}")
+            finally:
+                listener.close()
             ex = Exec(sock)
             try:
                 ex.start(argv, env, args.cwd)

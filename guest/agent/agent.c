@@ -432,6 +432,19 @@ static void as_init(void)
 	signal(SIGCHLD, SIG_IGN); /* the kernel reaps children and orphans */
 }
 
+/* Tell the host we listen: one connection to its (CID 2) same port, closed at once.
+ * minivmm exec listens there (its vsock UDS_PORT); refused when nobody does. */
+static void ready(unsigned long port)
+{
+	struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_port = (unsigned)port,
+				 .svm_cid = VMADDR_CID_HOST };
+	int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0)
+		shutdown(fd, SHUT_RDWR);
+	if (fd >= 0)
+		close(fd);
+}
+
 /* A listening socket: vsock PORT, or (for tests on the host) a Unix socket PATH. */
 static int listen_on(const char *where, unsigned long port)
 {
@@ -497,10 +510,12 @@ int main(int argc, char **argv)
 		say("vsock port %lu: %s (no virtio-vsock yet?); retrying", port, strerror(errno));
 		sleep(1);
 	}
-	if (unix_path)
+	if (unix_path) {
 		say("listening on %s", unix_path);
-	else
+	} else {
 		say("listening on vsock port %lu", port);
+		ready(port);
+	}
 	for (;;) {
 		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
 		if (fd < 0) {
