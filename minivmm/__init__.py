@@ -32,15 +32,16 @@ if TYPE_CHECKING:
     from .config import DriveConfig, NetConfig, VmConfig
     from .devices.base import VirtioDevice
     from .errors import GuestError, HostError, InternalError, MinivmmError, UsageError
+    from .guest import Guest
     from .stop import RunResult
     from .transport.testing import DeviceHarness
     from .virtio.testing import FakeDriver
     from .vm import Vm
 
 __all__ = [
-    "DeviceHarness", "DriveConfig", "FakeDriver", "GuestError", "HostError", "InternalError",
-    "MinivmmError", "NetConfig", "RunResult", "UsageError", "VirtioDevice", "Vm", "VmConfig",
-    "__version__",
+    "DeviceHarness", "DriveConfig", "FakeDriver", "Guest", "GuestError", "HostError",
+    "InternalError", "MinivmmError", "NetConfig", "RunResult", "UsageError", "VirtioDevice",
+    "Vm", "VmConfig", "__version__",
 ]
 
 _WHERE = {
@@ -48,7 +49,7 @@ _WHERE = {
     "Vm": "vm", "RunResult": "stop", "VirtioDevice": "devices.base",
     "DeviceHarness": "transport.testing", "FakeDriver": "virtio.testing",
     "MinivmmError": "errors", "UsageError": "errors", "GuestError": "errors",
-    "HostError": "errors", "InternalError": "errors",
+    "HostError": "errors", "InternalError": "errors", "Guest": "guest",
 }
 
 

@@ -21,11 +21,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .config import VmConfig
 
 DEFAULT_BOOT_TIMEOUT = 300.0  # seconds from start until the agent answers
 AGENT_CONNECT_TIMEOUT = 30.0  # seconds from the agent's "listening" to its answer
@@ -35,17 +39,16 @@ CRASH_PATTERN = re.compile(r"Kernel panic|BUG:|Oops|WARNING: CPU:|general protec
 AGENT_ENV = "MINIVMM_AGENT"
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``exec`` on the subcommand parsers of :func:`minivmm.cli.build_parser`."""
-    from .cli import _add_vm_options
-
+def add_parser(sub: Any, add_vm_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register ``exec`` on the command line's subcommand parsers (``sub``), with the
+    options of ``minivmm run`` (``add_vm_options``)."""
     e = sub.add_parser(
         "exec", help="boot a guest and run one command in it",
         description="Boot the guest with the guest agent as its /init, run CMD in it as "
                     "root, stream its stdout and stderr to ours, forward our stdin, and "
                     "exit with its status (124: --timeout; 125: the guest never ran CMD "
                     "or died under it).")
-    _add_vm_options(e)
+    add_vm_options(e)
     e.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="stop CMD and exit 124 after this long (from CMD's start)")
     e.add_argument("--env", action="append", default=[], metavar="K=V",
@@ -140,10 +143,42 @@ def _pump_stdin(ex: Any) -> None:
         pass
 
 
-def cmd_exec(args: argparse.Namespace) -> int:
-    from . import cli
+def prepare(cfg: VmConfig, tmp: Path, agent: Path, *,
+            keep_console: bool = False) -> tuple[VmConfig, Path | None]:
+    """``cfg`` made ready for the agent, with its files in the directory ``tmp``: the
+    initramfs with the agent's archive appended, a vsock device if it has none, ``quiet``
+    on a default command line, and (unless ``keep_console``) the console in a file.
+    Returns the new config and that console file (None when kept)."""
     from .config import VsockConfig
+    from .cpio import append_to
 
+    changes: dict[str, Any] = {}
+    console_log = None
+    if not keep_console:
+        console_log = tmp / "console.log"
+        changes["console"] = f"file:{console_log}"
+    if cfg.vsock is None:
+        changes["vsock"] = VsockConfig(guest_cid=3, uds_path=tmp / "vsock")
+    if cfg.cmdline is None:  # the console is a file nobody watches: keep it short
+        changes["cmdline"] = cfg.base_cmdline() + " quiet"
+    initrd = tmp / "initrd"
+    append_to(initrd, cfg.initrd, agent_archive(agent))
+    changes["initrd"] = initrd
+    return cfg.replace(**changes), console_log
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the command line gives ``exec`` (this module does not import minivmm.cli):
+    the config of its options, a check that raises if a signal arrived, and a setter for
+    the function a signal calls (None: just remember the signal)."""
+
+    config_from_args: Callable[[argparse.Namespace], VmConfig]
+    check_signal: Callable[[], None]
+    on_signal: Callable[[Callable[[int], None] | None], None]
+
+
+def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
     argv = list(args.argv)
     if argv[:1] == ["--"]:
         argv = argv[1:]
@@ -153,40 +188,27 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError("--timeout: give a number of seconds > 0")
     agent = find_agent(args.agent)
-    cfg = cli.config_from_args(args)
-    cli._check_signal()
+    cfg = hooks.config_from_args(args)
+    hooks.check_signal()
     with tempfile.TemporaryDirectory(prefix="minivmm-exec-") as tmp:
-        changes: dict[str, Any] = {}
         console_log: Path | None = None
-        if args.console is None:
-            console_log = Path(tmp, "console.log")
-            changes["console"] = f"file:{console_log}"
-        elif cfg.console.startswith("file:"):
+        if args.console is not None and cfg.console.startswith("file:"):
             console_log = Path(cfg.console.removeprefix("file:"))
-        if cfg.vsock is None:
-            changes["vsock"] = VsockConfig(guest_cid=3, uds_path=Path(tmp, "vsock"))
-        if cfg.cmdline is None:  # the console is a file nobody watches: keep it short
-            changes["cmdline"] = cfg.base_cmdline() + " quiet"
-        from .cpio import append_to
-
-        initrd = Path(tmp, "initrd")
-        append_to(initrd, cfg.initrd, agent_archive(agent))
-        changes["initrd"] = initrd
-        cfg = cfg.replace(**changes)
+        cfg, own_log = prepare(cfg, Path(tmp), agent, keep_console=args.console is not None)
+        console_log = own_log or console_log
         assert cfg.vsock is not None
-        outcome = _run(cfg, cfg.vsock.uds_path, argv, env, args)
+        outcome = _run(cfg, cfg.vsock.uds_path, argv, env, args, hooks)
         if outcome.why:
             _report(outcome.why, console_log)
         return outcome.status
 
 
-def _run(cfg: Any, uds: Path, argv: list[str], env: list[str],
-         args: argparse.Namespace) -> _Outcome:
+def _run(cfg: VmConfig, uds: Path, argv: list[str], env: list[str],
+         args: argparse.Namespace, hooks: Hooks) -> _Outcome:
     """Boot, run the command, stop the VM; the VM is closed (its console flushed) when
     this returns."""
     import signal
 
-    from . import cli
     from .agent import (
         AgentError,
         Exec,
@@ -206,9 +228,9 @@ def _run(cfg: Any, uds: Path, argv: list[str], env: list[str],
         def stop_on(signum: int) -> None:
             vm.request_stop(128 + signum, "signal", f"stopped by {signal.Signals(signum).name}")
 
-        cli._on_signal = stop_on
+        hooks.on_signal(stop_on)
         try:
-            cli._check_signal()
+            hooks.check_signal()
             vm.start()
 
             def alive() -> bool:
@@ -275,7 +297,7 @@ def _run(cfg: Any, uds: Path, argv: list[str], env: list[str],
             finally:
                 ex.close()
         finally:
-            cli._on_signal = None
+            hooks.on_signal(None)
             vm.stop()
 
 
