@@ -6,8 +6,9 @@
  * /dev (devtmpfs) and /tmp and sets PATH; started by another init it only
  * serves. It listens on vsock port 52 (or the port given as its one
  * argument; as PID 1, by minivmm_agent_port=N on the kernel command line),
- * tells the host so (one connection to the host's port 52), and forks one
- * handler per connection, so a bad request ends that handler only; the
+ * tells the host so (one connection to the host's port 52), and serves each
+ * connection in a handler process forked in advance (a spare waits in
+ * accept()), so a bad request ends that handler only; the
  * handler starts the command with posix_spawnp in a session of its own.
  * PID 1 ignores SIGCHLD, so the kernel reaps its children and every orphan
  * re-parented to it.
@@ -500,20 +501,35 @@ int main(int argc, char **argv)
 		say("listening on vsock port %lu", port);
 		ready(port);
 	}
+	/* A spare handler waits in accept(): forking the next one happens while the
+	 * previous request runs, not on its path. */
 	for (;;) {
-		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-		if (fd < 0) {
-			if (errno != EINTR)
-				usleep(10000);
+		int sync[2];
+		char c;
+		if (pipe2(sync, O_CLOEXEC) < 0) {
+			say("pipe: %s", strerror(errno));
+			sleep(1);
 			continue;
 		}
 		pid_t pid = fork();
 		if (pid == 0) {
+			int fd;
+			close(sync[0]);
+			while ((fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) < 0)
+				if (errno != EINTR)
+					usleep(10000);
 			close(lfd);
+			if (write(sync[1], "a", 1) < 0) { /* the parent forks the next one anyway */ }
+			close(sync[1]);
 			serve(fd);
 		}
-		if (pid < 0)
+		close(sync[1]);
+		if (pid < 0) {
 			say("fork: %s", strerror(errno));
-		close(fd);
+			sleep(1);
+		} else if (read(sync[0], &c, 1) != 1) {
+			usleep(100000); /* the spare died before accepting: don't spin */
+		}
+		close(sync[0]);
 	}
 }
