@@ -241,7 +241,8 @@ def _run(cfg: VmConfig, uds: Path, argv: list[str], env: list[str],
                 if result is None:
                     return _Outcome(125, f"the agent's connection ended {while_}")
                 if result.reason == "signal":
-                    return _Outcome(result.status, result.detail)
+                    print(f"minivmm: {result.detail}", file=sys.stderr)
+                    return _Outcome(result.status)
                 return _Outcome(125, f"the guest ended {while_} ({result.reason}: "
                                      f"{result.detail})")
 
