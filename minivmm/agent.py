@@ -26,7 +26,7 @@ MAX_FRAME = 1 << 20  # the agent's limit for a request frame; also ours for its 
 STDIN_CHUNK = 65536
 
 # host -> agent
-T_ARG, T_ENV, T_CWD, T_EXEC, T_STDIN, T_KILL = (ord(c) for c in "AEDXIK")
+T_ARG, T_ENV, T_CWD, T_EXEC, T_STDIN, T_KILL, T_PUT, T_GET = (ord(c) for c in "AEDXIKPQ")
 # agent -> host
 T_STARTED, T_STDOUT, T_STDERR, T_EXITED, T_SIGNALED, T_FAILED = (ord(c) for c in "SORWGF")
 
@@ -184,6 +184,40 @@ class Exec:
     def kill(self, signum: int) -> None:
         """Send ``signum`` to the command's process group."""
         self._send(T_KILL, struct.pack("<I", signum))
+
+    def put(self, path: str, data: bytes, mode: int = 0o644, timeout: float = 60.0) -> None:
+        """Write ``data`` to the guest file ``path`` (created with ``mode`` & 0o7777, or
+        truncated). OSError with the guest's errno when it cannot; AgentError when the
+        agent breaks the protocol or goes away."""
+        self._send(T_PUT, struct.pack("<I", mode & 0o7777) + path.encode())
+        try:
+            self.send_stdin(data)
+            self.close_stdin()
+        except OSError:
+            pass  # the agent stopped reading: its FAILED frame says why
+        self._file_result(path, timeout, [])
+
+    def get(self, path: str, timeout: float = 60.0) -> bytes:
+        """The content of the guest file ``path`` (OSError/AgentError as :meth:`put`)."""
+        self._send(T_GET, path.encode())
+        chunks: list[bytes] = []
+        self._file_result(path, timeout, chunks)
+        return b"".join(chunks)
+
+    def _file_result(self, path: str, timeout: float, chunks: list[bytes]) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.next_event(max(0.0, deadline - time.monotonic()))
+            if event is None:
+                raise AgentError(f"{path}: no answer from the agent in {timeout:g} s")
+            if isinstance(event, Output) and event.fd == 1:
+                chunks.append(event.data)
+            elif isinstance(event, Failed):
+                raise OSError(event.errno, event.message)
+            elif event == Exited(0):
+                return
+            else:
+                raise AgentError(f"{path}: unexpected answer from the agent: {event}")
 
     def next_event(self, timeout: float | None) -> Event | None:
         """The next event, or None when ``timeout`` seconds pass first. AgentError when

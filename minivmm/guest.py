@@ -18,12 +18,16 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import VmConfig
 from .errors import GuestError
+
+if TYPE_CHECKING:
+    from .agent import Exec
 
 AGENT_CONNECT_TIMEOUT = 30.0
 
@@ -156,6 +160,41 @@ class Guest:
         finally:
             ex.close()
         raise OSError(failed.errno, failed.message)  # FileNotFoundError for ENOENT
+
+    def put(self, src: str | os.PathLike[str] | bytes, dest: str, *,
+            mode: int | None = None) -> None:
+        """Copy the host file ``src`` (or these bytes) to the guest file ``dest``; ``mode``
+        defaults to the host file's permission bits (0o644 for bytes)."""
+        if isinstance(src, bytes):
+            data, perm = src, 0o644
+        else:
+            data, perm = Path(src).read_bytes(), Path(src).stat().st_mode & 0o7777
+        self._file_op(lambda ex: ex.put(dest, data, perm if mode is None else mode), dest)
+
+    def get(self, path: str) -> bytes:
+        """The content of the guest file ``path``."""
+        out: list[bytes] = []
+        self._file_op(lambda ex: out.append(ex.get(path)), path)
+        return out[0]
+
+    def _file_op(self, op: Callable[[Exec], None], path: str) -> None:
+        from .agent import AgentError, Exec, wait_for_agent
+
+        if not self._alive():
+            raise self._error("the guest is not running")
+        try:
+            ex = Exec(wait_for_agent(self._uds, time.monotonic() + AGENT_CONNECT_TIMEOUT,
+                                     self._alive))
+        except AgentError as e:
+            raise self._error(str(e)) from None
+        try:
+            op(ex)
+        except AgentError as e:
+            if not self._alive():
+                raise self._error(f"{path}: the guest died") from None
+            raise GuestRunError(f"{path}: the agent failed: {e}") from None
+        finally:
+            ex.close()
 
     def console_log(self) -> str:
         """Everything the guest printed on its console so far."""

@@ -249,3 +249,34 @@ def test_crash_line() -> None:
                "BUG: later\n")
     assert crash_line(console) == "Kernel panic - not syncing: Attempted to kill init!"
     assert crash_line("all fine\nminivmm-agent: listening\n") is None
+
+
+def test_put_and_get(agent: Path, tmp_path: Path) -> None:
+    blob = os.urandom((1 << 20) + 12345)
+    target = tmp_path / "put.bin"
+    open_exec(agent).put(str(target), blob, mode=0o600)
+    assert target.read_bytes() == blob and target.stat().st_mode & 0o777 == 0o600
+    assert open_exec(agent).get(str(target)) == blob
+    open_exec(agent).put(str(target), b"")  # truncates
+    assert open_exec(agent).get(str(target)) == b""
+
+
+def test_put_and_get_errors(agent: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no/such/dir/x"):
+        open_exec(agent).put(str(tmp_path / "no/such/dir/x"), b"data")
+    with pytest.raises(FileNotFoundError):
+        open_exec(agent).get(str(tmp_path / "missing"))
+    with pytest.raises(IsADirectoryError):
+        open_exec(agent).get(str(tmp_path))
+    # A PUT must come first, and its content only in STDIN frames.
+    path = str(tmp_path / "y").encode()
+    for bad in (HEADER.pack(ord("A"), 4) + b"true" + HEADER.pack(ord("Q"), 4) + b"/etc",
+                HEADER.pack(ord("P"), 4) + b"\0\0\0\0",
+                HEADER.pack(ord("P"), 4 + len(path)) + b"\xa4\1\0\0" + path
+                + HEADER.pack(ord("O"), 0)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(agent))
+            s.settimeout(30)
+            s.sendall(bad)
+            assert s.recv(1) == b"F"
+    assert run(agent, ["true"])[-1] == Exited(0)

@@ -6,9 +6,11 @@ About 40 s to boot on a host whose KVM emulates guest kernel code
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from guests import guest_artifact
@@ -56,6 +58,20 @@ def test_timeout_then_still_usable(guest: minivmm.Guest) -> None:
         guest.run(["sh", "-c", "echo partial; exec sleep 1000"], timeout=2)
     assert e.value.output == b"partial\n"
     assert guest.run(["true"], timeout=60).returncode == 0
+
+
+def test_put_and_get(guest: minivmm.Guest, tmp_path: Path) -> None:
+    local = tmp_path / "local.bin"
+    local.write_bytes(os.urandom(200_000))
+    local.chmod(0o750)
+    guest.put(local, "/tmp/x")
+    assert guest.get("/tmp/x") == local.read_bytes()
+    r = guest.run(["stat", "-c", "%a %s", "/tmp/x"], timeout=60)
+    assert r.stdout == b"750 200000\n"
+    guest.put(b"from bytes\n", "/tmp/y")
+    assert guest.run(["cat", "/tmp/y"], timeout=60).stdout == b"from bytes\n"
+    with pytest.raises(FileNotFoundError):
+        guest.get("/no/such/file")
 
 
 def test_console_log_and_no_crash(guest: minivmm.Guest) -> None:

@@ -46,7 +46,7 @@
 enum {
 	T_ARG = 'A', T_ENV = 'E', T_CWD = 'D', T_EXEC = 'X', T_STDIN = 'I', T_KILL = 'K',
 	T_STARTED = 'S', T_STDOUT = 'O', T_STDERR = 'R', T_EXITED = 'W', T_SIGNALED = 'G',
-	T_FAILED = 'F',
+	T_FAILED = 'F', T_PUT = 'P', T_GET = 'Q',
 };
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -202,6 +202,72 @@ static int env_has(char **envp, size_t envc, const char *kv)
 	return 0;
 }
 
+/* -- files ------------------------------------------------------------------ */
+
+static void send_ok(int fd)
+{
+	send_u32(fd, T_EXITED, 0);
+	shutdown(fd, SHUT_WR);
+	_exit(0);
+}
+
+/* PUT: u32 mode, then the path; the content follows in STDIN frames, an empty one
+ * ends it. The file is created or truncated (mode & 07777 when created). */
+static void put_file(int fd, struct frame *f)
+{
+	static char path[4096];
+	uint32_t mode;
+	if (f->len < 5 || f->len - 4 >= sizeof(path) || memchr(f->data + 4, 0, f->len - 4))
+		fail(fd, EINVAL, "PUT: expected a mode and a path without NUL bytes");
+	memcpy(&mode, f->data, 4);
+	memcpy(path, f->data + 4, f->len - 4);
+	path[f->len - 4] = 0;
+	int out = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, (mode_t)(mode & 07777));
+	if (out < 0)
+		fail(fd, errno, "%s: %s", path, strerror(errno));
+	for (;;) {
+		struct frame d;
+		if (!recv_frame(fd, &d, MAX_FRAME))
+			_exit(1); /* the host went away: a partial file stays */
+		if (d.type != T_STDIN)
+			fail(fd, EINVAL, "PUT: unexpected frame type 0x%02x", d.type);
+		if (d.len == 0)
+			break;
+		if (write_all(out, d.data, d.len) < 0)
+			fail(fd, errno, "%s: %s", path, strerror(errno));
+		free(d.data);
+	}
+	if (close(out) < 0)
+		fail(fd, errno, "%s: %s", path, strerror(errno));
+	send_ok(fd);
+}
+
+/* GET: the path; the content comes back in STDOUT frames, then EXITED 0. */
+static void get_file(int fd, struct frame *f)
+{
+	static char buf[CHUNK];
+	struct stat st;
+	if (f->len == 0 || memchr(f->data, 0, f->len))
+		fail(fd, EINVAL, "GET: expected a path without NUL bytes");
+	int in = open(f->data, O_RDONLY | O_CLOEXEC);
+	if (in < 0)
+		fail(fd, errno, "%s: %s", f->data, strerror(errno));
+	if (fstat(in, &st) == 0 && S_ISDIR(st.st_mode))
+		fail(fd, EISDIR, "%s: %s", f->data, strerror(EISDIR));
+	for (;;) {
+		ssize_t n = read(in, buf, sizeof(buf));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			fail(fd, errno, "%s: %s", f->data, strerror(errno));
+		if (n == 0)
+			break;
+		if (send_frame(fd, T_STDOUT, buf, (uint32_t)n) < 0)
+			_exit(1);
+	}
+	send_ok(fd);
+}
+
 static void read_request(int fd, struct request *rq)
 {
 	struct frame f;
@@ -227,6 +293,14 @@ static void read_request(int fd, struct request *rq)
 		case T_CWD:
 			free(rq->cwd);
 			rq->cwd = f.data;
+			break;
+		case T_PUT:
+		case T_GET:
+			if (rq->argc || rq->envc || rq->cwd)
+				fail(fd, EINVAL, "'%c' must be a request's first frame", f.type);
+			if (f.type == T_PUT)
+				put_file(fd, &f);
+			get_file(fd, &f);
 			break;
 		case T_EXEC:
 			free(f.data);
