@@ -8,6 +8,7 @@ earlier ones: :func:`append_to` relies on that.
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -43,6 +44,30 @@ class Archive:
 
     def char_device(self, name: str, perm: int, major: int, minor: int) -> None:
         self._entry(name, stat.S_IFCHR | perm, rdev=(major, minor))
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    @property
+    def size(self) -> int:
+        """Bytes so far (without the trailer)."""
+        return sum(len(p) for p in self._parts)
+
+    def add_host_path(self, host: Path, name: str) -> None:
+        """The host file, directory (recursively) or symlink ``host`` as ``name``:
+        permission bits kept, symlinks stored as symlinks (never followed), owner root.
+        ValueError for anything else (a device, a FIFO, a socket)."""
+        st = host.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            self.symlink(name, os.readlink(host))
+        elif stat.S_ISREG(st.st_mode):
+            self.file(name, host.read_bytes(), stat.S_IMODE(st.st_mode))
+        elif stat.S_ISDIR(st.st_mode):
+            self.directory(name, stat.S_IMODE(st.st_mode))
+            for child in sorted(host.iterdir()):
+                self.add_host_path(child, f"{name.rstrip('/')}/{child.name}")
+        else:
+            raise ValueError(f"{host}: not a regular file, directory or symlink")
 
     def to_bytes(self) -> bytes:
         parts = [*self._parts]

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,9 @@ def add_parser(sub: Any, add_vm_options: Callable[[argparse.ArgumentParser], Non
     e.add_argument("--env", action="append", default=[], metavar="K=V",
                    help="an environment variable for CMD (repeatable)")
     e.add_argument("--cwd", metavar="DIR", help="CMD's working directory (default /)")
+    e.add_argument("--add", action="append", default=[], metavar="HOSTPATH[:GUESTPATH]",
+                   help="put a host file or directory into the guest (repeatable; default "
+                        "GUESTPATH /NAME; at most half the guest memory in all)")
     e.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT,
                    metavar="SECONDS",
                    help=f"give up (125) if the agent has not answered after this long "
@@ -78,9 +81,27 @@ def find_agent(given: Path | None) -> Path:
     return given
 
 
-def agent_archive(agent: Path) -> bytes:
-    """The cpio archive appended to the initramfs: the agent as /init, and what it needs
-    when there is no other initramfs (a /dev/console for the kernel to open)."""
+def parse_add(text: str) -> tuple[Path, str]:
+    """``HOSTPATH[:GUESTPATH]``; GUESTPATH defaults to /<name of HOSTPATH>."""
+    host, _, guest = text.partition(":")
+    if not host:
+        raise UsageError(f"--add {text!r}: expected HOSTPATH[:GUESTPATH]")
+    guest = guest or "/" + Path(host).name
+    parts = [p for p in guest.split("/") if p]
+    if not guest.startswith("/") or not parts or ".." in parts or "." in parts:
+        raise UsageError(f"--add {text!r}: GUESTPATH must be an absolute path below /, "
+                         "without . or ..")
+    if not os.path.lexists(host):
+        raise UsageError(f"--add {text!r}: {host}: no such file or directory")
+    return Path(host), "/".join(parts)
+
+
+def agent_archive(agent: Path, adds: Sequence[tuple[Path, str]] = (),
+                  limit: int | None = None) -> bytes:
+    """The cpio archive appended to the initramfs: the agent as /init, what it needs when
+    there is no other initramfs (a /dev/console for the kernel to open), and the
+    ``adds`` (host path, guest path without the leading /). UsageError when the added
+    files pass ``limit`` bytes."""
     from .cpio import Archive
 
     a = Archive()
@@ -88,6 +109,22 @@ def agent_archive(agent: Path) -> bytes:
         a.directory(d, 0o1777 if d == "tmp" else 0o755)
     a.char_device("dev/console", 0o600, 5, 1)
     a.file("init", agent.read_bytes(), 0o755)
+    made = {"dev", "proc", "sys", "tmp", "root"}
+    start = a.size
+    for host, guest in adds:
+        parents = guest.split("/")[:-1]
+        for i in range(len(parents)):  # the unpacker makes no missing parent itself
+            d = "/".join(parents[:i + 1])
+            if d not in made:
+                a.directory(d, 0o755)
+                made.add(d)
+        try:
+            a.add_host_path(host, guest)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--add {host}: {e}") from None
+        if limit is not None and a.size - start > limit:
+            raise UsageError(f"--add: more than {limit >> 20} MiB to add (the limit is "
+                             "half the guest's memory, see --mem)")
     return a.to_bytes()
 
 
@@ -143,12 +180,13 @@ def _pump_stdin(ex: Any) -> None:
         pass
 
 
-def prepare(cfg: VmConfig, tmp: Path, agent: Path, *,
-            keep_console: bool = False) -> tuple[VmConfig, Path | None]:
+def prepare(cfg: VmConfig, tmp: Path, agent: Path, *, keep_console: bool = False,
+            adds: Sequence[tuple[Path, str]] = ()) -> tuple[VmConfig, Path | None]:
     """``cfg`` made ready for the agent, with its files in the directory ``tmp``: the
     initramfs with the agent's archive appended, a vsock device if it has none, ``quiet``
     on a default command line, and (unless ``keep_console``) the console in a file.
-    Returns the new config and that console file (None when kept)."""
+    ``adds`` go into the archive too. Returns the new config and that console file (None
+    when kept)."""
     from .config import VsockConfig
     from .cpio import append_to
 
@@ -162,7 +200,7 @@ def prepare(cfg: VmConfig, tmp: Path, agent: Path, *,
     if cfg.cmdline is None:  # the console is a file nobody watches: keep it short
         changes["cmdline"] = cfg.base_cmdline() + " quiet"
     initrd = tmp / "initrd"
-    append_to(initrd, cfg.initrd, agent_archive(agent))
+    append_to(initrd, cfg.initrd, agent_archive(agent, adds, limit=cfg.mem // 2))
     changes["initrd"] = initrd
     return cfg.replace(**changes), console_log
 
@@ -187,6 +225,7 @@ def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
     env = _parse_env(args.env)
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError("--timeout: give a number of seconds > 0")
+    adds = [parse_add(a) for a in args.add]
     agent = find_agent(args.agent)
     cfg = hooks.config_from_args(args)
     hooks.check_signal()
@@ -194,7 +233,8 @@ def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
         console_log: Path | None = None
         if args.console is not None and cfg.console.startswith("file:"):
             console_log = Path(cfg.console.removeprefix("file:"))
-        cfg, own_log = prepare(cfg, Path(tmp), agent, keep_console=args.console is not None)
+        cfg, own_log = prepare(cfg, Path(tmp), agent, keep_console=args.console is not None,
+                               adds=adds)
         console_log = own_log or console_log
         assert cfg.vsock is not None
         outcome = _run(cfg, cfg.vsock.uds_path, argv, env, args, hooks)

@@ -32,7 +32,8 @@ from minivmm.agent import (
     Started,
     failed_status,
 )
-from minivmm.exec import agent_archive, crash_line
+from minivmm.errors import UsageError
+from minivmm.exec import agent_archive, crash_line, parse_add
 
 
 @pytest.fixture(scope="module")
@@ -213,35 +214,64 @@ def test_host_client_rejects_a_bad_frame() -> None:
             ex.next_event(5)
 
 
-def test_agent_archive_is_newc_with_init(tmp_path: Path) -> None:
-    agent = tmp_path / "agent"
-    agent.write_bytes(b"\x7fELF-not-really")
-    data = agent_archive(agent)
+def read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """name -> (mode, data) of a newc archive, checking its layout."""
     assert len(data) % 4 == 0 and data.startswith(cpio.MAGIC)
-    names = []
+    entries: dict[str, tuple[int, bytes]] = {}
     pos = 0
     while True:
         head = data[pos:pos + 110]
+        assert head.startswith(cpio.MAGIC)
         fields = [int(head[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
         size, namesize = fields[6], fields[11]
         name = data[pos + 110:pos + 110 + namesize - 1].decode()
         pos += 110 + namesize
         pos += -pos % 4
-        if name == "init":
-            assert data[pos:pos + size] == agent.read_bytes()
-            assert fields[1] == 0o100755
-        names.append(name)
-        pos += size + (-size % 4)
         if name == cpio.TRAILER:
             break
-    assert {"init", "dev/console", "proc", "sys", "tmp"} <= set(names)
+        entries[name] = (fields[1], data[pos:pos + size])
+        pos += size + (-size % 4)
     assert pos == len(data)
+    return entries
+
+
+def test_agent_archive_is_newc_with_init(tmp_path: Path) -> None:
+    agent = tmp_path / "agent"
+    agent.write_bytes(b"\x7fELF-not-really")
+    data = agent_archive(agent)
+    entries = read_newc(data)
+    assert entries["init"] == (0o100755, agent.read_bytes())
+    assert {"init", "dev/console", "proc", "sys", "tmp"} <= set(entries)
 
     user = tmp_path / "user.cpio"
     user.write_bytes(b"abcde")
     out = tmp_path / "initrd"
     cpio.append_to(out, user, data)
     assert out.read_bytes() == b"abcde\0\0\0" + data
+
+
+def test_added_files(tmp_path: Path) -> None:
+    agent = tmp_path / "agent"
+    agent.write_bytes(b"x")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_bytes(b"content")
+    (tree / "sub" / "f").chmod(0o640)
+    (tree / "link").symlink_to("/etc/passwd")
+    entries = read_newc(agent_archive(agent, [parse_add(f"{tree}:/opt/w/tree")]))
+    assert entries["opt"][0] == 0o40755 and entries["opt/w"][0] == 0o40755
+    assert entries["opt/w/tree/sub/f"] == (0o100640, b"content")
+    assert entries["opt/w/tree/link"] == (0o120777, b"/etc/passwd")  # not followed
+    entries = read_newc(agent_archive(agent, [parse_add(str(tree / "sub" / "f"))]))
+    assert entries["f"] == (0o100640, b"content")
+    with pytest.raises(UsageError, match="more than 0 MiB"):
+        agent_archive(agent, [parse_add(str(tree))], limit=3)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(UsageError, match="not a regular file"):
+        agent_archive(agent, [parse_add(str(tmp_path / "fifo"))])
+    for bad in (f"{tree}:relative", f"{tree}:/a/../b", f"{tree}:/", ":/x", "/no/such:/x"):
+        with pytest.raises(UsageError):
+            parse_add(bad)
 
 
 def test_crash_line() -> None:

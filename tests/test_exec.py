@@ -12,6 +12,7 @@ import selectors
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from guests import ROOT, guest_artifact, run_minivmm
@@ -76,11 +77,14 @@ def test_output_streams_as_produced_and_stdin_is_forwarded() -> None:
     assert err == b"got hello\n"
 
 
-def test_timeout_is_124() -> None:
-    r = run_minivmm("exec", *guest_options(), "--timeout", "2", "--", "sh", "-c",
-                    "echo started; exec sleep 1000", timeout=HARD_TIMEOUT)
+def test_timeout_is_124_and_added_files(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "hello.txt").write_text("hello from the host\n")
+    (tmp_path / "link").symlink_to("sub/hello.txt")
+    r = run_minivmm("exec", *guest_options(), "--add", f"{tmp_path}:/w", "--timeout", "2",
+                    "--", "sh", "-c", "cat /w/link; exec sleep 1000", timeout=HARD_TIMEOUT)
     assert r.returncode == 124, r.stderr
-    assert r.stdout == "started\n"
+    assert r.stdout == "hello from the host\n"
     assert "minivmm: sh: timed out after 2 s" in r.stderr
 
 

@@ -14,6 +14,8 @@ from guests import guest_artifact, run_minivmm
     (["--kernel", "k", "--timeout", "0", "--", "true"], "--timeout: give a number of seconds"),
     (["--kernel", "k", "--agent", "/no/such/agent", "--", "true"], "/no/such/agent: no such file"),
     (["--", "true"], "no kernel"),
+    (["--kernel", "k", "--add", "/no/such/file", "--", "true"], "/no/such/file: no such"),
+    (["--kernel", "k", "--add", "/etc:/a/../b", "--", "true"], "without . or .."),
 ])
 def test_usage_errors(args: list[str], message: str) -> None:
     r = run_minivmm("exec", *args)
