@@ -57,6 +57,9 @@ def add_parser(sub: Any, add_vm_options: Callable[[argparse.ArgumentParser], Non
     e.add_argument("--add", action="append", default=[], metavar="HOSTPATH[:GUESTPATH]",
                    help="put a host file or directory into the guest (repeatable; default "
                         "GUESTPATH /NAME; at most half the guest memory in all)")
+    e.add_argument("--collect", action="append", default=[], metavar="GUESTPATH:HOSTPATH",
+                   help="copy a guest file to HOSTPATH after CMD ends (repeatable; a failed "
+                        "copy turns status 0 into 1)")
     e.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT,
                    metavar="SECONDS",
                    help=f"give up (125) if the agent has not answered after this long "
@@ -94,6 +97,38 @@ def parse_add(text: str) -> tuple[Path, str]:
     if not os.path.lexists(host):
         raise UsageError(f"--add {text!r}: {host}: no such file or directory")
     return Path(host), "/".join(parts)
+
+
+def parse_collect(text: str) -> tuple[str, Path]:
+    """``GUESTPATH:HOSTPATH``: a guest file copied to exactly HOSTPATH afterwards."""
+    guest, _, host = text.rpartition(":")
+    if not guest.startswith("/") or not host:
+        raise UsageError(f"--collect {text!r}: expected /GUESTPATH:HOSTPATH")
+    if Path(host).is_dir():
+        raise UsageError(f"--collect {text!r}: {host} is a directory; name the file to "
+                         "write")
+    return guest, Path(host)
+
+
+def _collect(uds: Path, collects: Sequence[tuple[str, Path]],
+             alive: Callable[[], bool]) -> bool:
+    """Copy each guest file to its host path (nothing from the guest names a host path:
+    only the one the user gave is written). False if one failed (said on stderr)."""
+    from .agent import AgentError, Exec, wait_for_agent
+
+    ok = True
+    for guest, host in collects:
+        try:
+            ex = Exec(wait_for_agent(uds, time.monotonic() + 30, alive))
+            try:
+                data = ex.get(guest)
+            finally:
+                ex.close()
+            host.write_bytes(data)
+        except (AgentError, OSError) as e:
+            print(f"minivmm: --collect {guest}:{host}: {e}", file=sys.stderr)
+            ok = False
+    return ok
 
 
 def agent_archive(agent: Path, adds: Sequence[tuple[Path, str]] = (),
@@ -226,6 +261,7 @@ def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError("--timeout: give a number of seconds > 0")
     adds = [parse_add(a) for a in args.add]
+    collects = [parse_collect(c) for c in args.collect]
     agent = find_agent(args.agent)
     cfg = hooks.config_from_args(args)
     hooks.check_signal()
@@ -237,14 +273,15 @@ def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
                                adds=adds)
         console_log = own_log or console_log
         assert cfg.vsock is not None
-        outcome = _run(cfg, cfg.vsock.uds_path, argv, env, args, hooks)
+        outcome = _run(cfg, cfg.vsock.uds_path, argv, env, args, hooks, collects)
         if outcome.why:
             _report(outcome.why, console_log)
         return outcome.status
 
 
 def _run(cfg: VmConfig, uds: Path, argv: list[str], env: list[str],
-         args: argparse.Namespace, hooks: Hooks) -> _Outcome:
+         args: argparse.Namespace, hooks: Hooks,
+         collects: Sequence[tuple[str, Path]] = ()) -> _Outcome:
     """Boot, run the command, stop the VM; the VM is closed (its console flushed) when
     this returns."""
     import signal
@@ -322,10 +359,12 @@ def _run(cfg: VmConfig, uds: Path, argv: list[str], env: list[str],
                             deadline = time.monotonic() + args.timeout
                         threading.Thread(target=_pump_stdin, args=(ex,), daemon=True,
                                          name="minivmm-stdin").start()
-                    elif isinstance(event, Exited):
-                        return _Outcome(event.code)
-                    elif isinstance(event, Signaled):
-                        return _Outcome(128 + event.signal)
+                    elif isinstance(event, Exited | Signaled):
+                        status = (event.code if isinstance(event, Exited)
+                                  else 128 + event.signal)
+                        if not _collect(uds, collects, alive) and status == 0:
+                            status = 1
+                        return _Outcome(status)
                     elif isinstance(event, Failed):
                         print(f"minivmm: cannot run {argv[0]!r} in the guest: "
                               f"{event.message}", file=sys.stderr)

@@ -52,11 +52,15 @@ def read_until(proc: subprocess.Popen[bytes], want: bytes, timeout: float) -> by
     return got
 
 
-def test_output_streams_as_produced_and_stdin_is_forwarded() -> None:
+def test_output_streams_as_produced_and_stdin_is_forwarded(tmp_path: Path) -> None:
     # CMD prints, then waits for a line that is only written once its first line has
     # reached us: output held back until CMD ends would make this hang, not pass.
-    cmd = [sys.executable, "-m", "minivmm", "exec", *guest_options(), "--", "sh", "-c",
-           'echo first; read x; echo "got $x" >&2; echo last; exit 3']
+    # It also leaves a file that --collect brings back.
+    got = tmp_path / "got.txt"
+    cmd = [sys.executable, "-m", "minivmm", "exec", *guest_options(),
+           "--collect", f"/tmp/result.txt:{got}", "--", "sh", "-c",
+           'echo first; read x; echo "got $x" >&2; echo "$x" > /tmp/result.txt; '
+           "echo last; exit 3"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
@@ -75,6 +79,7 @@ def test_output_streams_as_produced_and_stdin_is_forwarded() -> None:
             proc.wait()
     assert first + rest == b"first\nlast\n"
     assert err == b"got hello\n"
+    assert got.read_bytes() == b"hello\n"
 
 
 def test_timeout_is_124_and_added_files(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from guests import guest_artifact, run_minivmm
     (["--", "true"], "no kernel"),
     (["--kernel", "k", "--add", "/no/such/file", "--", "true"], "/no/such/file: no such"),
     (["--kernel", "k", "--add", "/etc:/a/../b", "--", "true"], "without . or .."),
+    (["--kernel", "k", "--collect", "relative:x", "--", "true"], "expected /GUESTPATH:HOSTPATH"),
+    (["--kernel", "k", "--collect", "/x:/tmp", "--", "true"], "/tmp is a directory"),
 ])
 def test_usage_errors(args: list[str], message: str) -> None:
     r = run_minivmm("exec", *args)
