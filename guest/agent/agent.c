@@ -13,168 +13,9 @@
  * PID 1 ignores SIGCHLD, so the kernel reaps its children and every orphan
  * re-parented to it.
  *
- * Build: guest/agent/build.sh OUTDIR (gcc -static -O2 agent.c)
+ * Build: guest/agent/build.sh OUTDIR (gcc -static -O2 agent.c proto.c)
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
-#include <spawn.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mount.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
-#include <sys/un.h>
-#include <sys/wait.h>
-#include <unistd.h>
-#include <linux/vm_sockets.h>
-
-#define DEFAULT_PORT 52
-#define HDR_LEN 8
-#define MAX_FRAME (1u << 20)  /* any request frame */
-#define MAX_REQUEST (4u << 20) /* ARG + ENV + CWD bytes together */
-#define MAX_ITEMS 4096        /* ARG + ENV frames */
-#define CHUNK 32768           /* STDOUT/STDERR frame payload at most */
-#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-enum {
-	T_ARG = 'A', T_ENV = 'E', T_CWD = 'D', T_EXEC = 'X', T_STDIN = 'I', T_KILL = 'K',
-	T_STARTED = 'S', T_STDOUT = 'O', T_STDERR = 'R', T_EXITED = 'W', T_SIGNALED = 'G',
-	T_FAILED = 'F', T_PUT = 'P', T_GET = 'Q',
-};
-
-static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void say(const char *fmt, ...)
-{
-	char line[512];
-	va_list ap;
-	int n = snprintf(line, sizeof(line), "minivmm-agent: ");
-	va_start(ap, fmt);
-	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
-	va_end(ap);
-	if (n > (int)sizeof(line) - 2)
-		n = (int)sizeof(line) - 2;
-	line[n++] = '\n';
-	if (write(2, line, (size_t)n) < 0) { /* nowhere else to say it */ }
-}
-
-/* -- frames ----------------------------------------------------------------- */
-
-static int write_all(int fd, const void *buf, size_t n)
-{
-	const char *p = buf;
-	while (n > 0) {
-		ssize_t k = write(fd, p, n);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k <= 0)
-			return -1;
-		p += k;
-		n -= (size_t)k;
-	}
-	return 0;
-}
-
-/* 1: all n bytes; 0: end of stream before the first byte; -1: error or short. */
-static int read_full(int fd, void *buf, size_t n)
-{
-	char *p = buf;
-	size_t got = 0;
-	while (got < n) {
-		ssize_t k = read(fd, p + got, n - got);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k < 0)
-			return -1;
-		if (k == 0)
-			return got == 0 ? 0 : -1;
-		got += (size_t)k;
-	}
-	return 1;
-}
-
-static int send_frame(int fd, int type, const void *data, uint32_t len)
-{
-	unsigned char hdr[HDR_LEN] = { (unsigned char)type, 0, 0, 0,
-		(unsigned char)len, (unsigned char)(len >> 8),
-		(unsigned char)(len >> 16), (unsigned char)(len >> 24) };
-	if (write_all(fd, hdr, HDR_LEN) < 0)
-		return -1;
-	return len ? write_all(fd, data, len) : 0;
-}
-
-static int send_u32(int fd, int type, uint32_t v)
-{
-	unsigned char b[4] = { (unsigned char)v, (unsigned char)(v >> 8),
-		(unsigned char)(v >> 16), (unsigned char)(v >> 24) };
-	return send_frame(fd, type, b, 4);
-}
-
-/* FAILED: u32 errno (0 when none applies), then a message; then the handler ends. */
-static void fail(int fd, int err, const char *fmt, ...) __attribute__((noreturn, format(printf, 3, 4)));
-static void fail(int fd, int err, const char *fmt, ...)
-{
-	char msg[4 + 400];
-	va_list ap;
-	uint32_t e = (uint32_t)err;
-	memcpy(msg, (unsigned char[4]){ (unsigned char)e, (unsigned char)(e >> 8),
-		(unsigned char)(e >> 16), (unsigned char)(e >> 24) }, 4);
-	va_start(ap, fmt);
-	int n = vsnprintf(msg + 4, sizeof(msg) - 4, fmt, ap);
-	va_end(ap);
-	if (n < 0)
-		n = 0;
-	if (n > (int)sizeof(msg) - 5)
-		n = (int)sizeof(msg) - 5;
-	send_frame(fd, T_FAILED, msg, (uint32_t)(4 + n));
-	/* Closing with unread input would reset the connection, and the host might lose
-	 * the FAILED frame: read what the host still sends (bounded) first. */
-	shutdown(fd, SHUT_WR);
-	static char sink[65536];
-	for (int left = 64; left > 0; left--) {
-		struct pollfd p = { fd, POLLIN, 0 };
-		if (poll(&p, 1, 1000) <= 0 || read(fd, sink, sizeof(sink)) <= 0)
-			break;
-	}
-	_exit(1);
-}
-
-struct frame {
-	int type;
-	uint32_t len;
-	char *data; /* malloc'd, NUL-terminated, or NULL when len == 0 */
-};
-
-/* 1: a frame; 0: the host closed the connection; the handler ends on errors. */
-static int recv_frame(int fd, struct frame *f, uint32_t max)
-{
-	unsigned char hdr[HDR_LEN];
-	int r = read_full(fd, hdr, HDR_LEN);
-	if (r <= 0) {
-		if (r < 0)
-			_exit(1);
-		return 0;
-	}
-	f->type = hdr[0];
-	f->len = hdr[4] | (uint32_t)hdr[5] << 8 | (uint32_t)hdr[6] << 16 | (uint32_t)hdr[7] << 24;
-	if (hdr[1] | hdr[2] | hdr[3])
-		fail(fd, EINVAL, "frame header: reserved bytes not zero");
-	if (f->len > max)
-		fail(fd, E2BIG, "frame '%c': %u bytes, at most %u", f->type, f->len, max);
-	f->data = malloc((size_t)f->len + 1);
-	if (!f->data)
-		fail(fd, ENOMEM, "out of memory");
-	if (f->len && read_full(fd, f->data, f->len) <= 0)
-		_exit(1);
-	f->data[f->len] = 0;
-	return 1;
-}
+#include "agent.h"
 
 /* -- one request ------------------------------------------------------------ */
 
@@ -219,7 +60,7 @@ static void put_file(int fd, struct frame *f)
 	uint32_t mode;
 	if (f->len < 5 || f->len - 4 >= sizeof(path) || memchr(f->data + 4, 0, f->len - 4))
 		fail(fd, EINVAL, "PUT: expected a mode and a path without NUL bytes");
-	memcpy(&mode, f->data, 4);
+	mode = get_le32(f->data);
 	memcpy(path, f->data + 4, f->len - 4);
 	path[f->len - 4] = 0;
 	int out = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, (mode_t)(mode & 07777));
@@ -435,8 +276,8 @@ static void serve(int fd)
 					free(f.data);
 				}
 			} else if (f.type == T_KILL && f.len == 4) {
-				uint32_t sig = (unsigned char)f.data[0] | (uint32_t)(unsigned char)f.data[1] << 8;
-				if (sig > 0 && sig < 65 && f.data[2] == 0 && f.data[3] == 0)
+				uint32_t sig = get_le32(f.data);
+				if (sig > 0 && sig < 65)
 					kill(-pid, (int)sig);
 				free(f.data);
 			} else {
