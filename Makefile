@@ -3,7 +3,7 @@
 # keyed by a hash of their inputs; guest/out/ only holds symlinks into it.
 #
 #   make guest            bzImage, vmlinux, initramfs.cpio, initramfs-vsock.cpio,
-#                         probe.elf, and on
+#                         probe.elf, minivmm-agent, and on
 #                         hosts whose KVM emulates guest kernel code (kvm_pvm)
 #                         also vmlinux-emulated and initramfs-check.cpio
 #   make guest-emulated   vmlinux-emulated and initramfs-check.cpio, always
@@ -27,7 +27,7 @@ PYTHON ?= python3
 
 all: guest
 
-guest: guest-linux guest-initramfs guest-initramfs-check guest-initramfs-vsock guest-probe
+guest: guest-linux guest-initramfs guest-initramfs-check guest-initramfs-vsock guest-probe guest-agent
 	@if guest/kvm-emulates-kernel.sh -v; then $(MAKE) --no-print-directory guest-emulated; fi
 	$(MAKE) --no-print-directory guest-acpi
 
@@ -53,7 +53,11 @@ guest-initramfs-vsock:
 guest-acpi:
 	guest/build-kernel.sh acpi $(OUT)
 
-.PHONY: guest-initramfs-check guest-initramfs-vsock guest-acpi
+.PHONY: guest-initramfs-check guest-initramfs-vsock guest-acpi guest-agent
+
+# The guest agent of `minivmm exec` (guest/agent/README.md).
+guest-agent:
+	guest/agent/build.sh $(OUT)
 
 test:
 	$(PYTHON) -m pytest

@@ -38,16 +38,16 @@ if TYPE_CHECKING:
     from .config import DeviceConfig, DriveConfig, NetConfig, VmConfig
     from .devices.base import VirtioDevice
     from .errors import GuestError, HostError, InternalError, MinivmmError, UsageError
+    from .guest import Guest
     from .stop import RunResult
     from .transport.testing import DeviceHarness
     from .virtio.testing import FakeDriver
     from .vm import Vm
 
 __all__ = [
-    "DeviceConfig", "DeviceHarness", "DriveConfig", "FakeDriver", "GuestError", "HostError",
-    "InternalError", "MinivmmError", "NetConfig", "RunResult", "UsageError", "VirtioDevice",
-    "Vm", "VmConfig",
-    "__version__",
+    "DeviceConfig", "DeviceHarness", "DriveConfig", "FakeDriver", "Guest", "GuestError",
+    "HostError", "InternalError", "MinivmmError", "NetConfig", "RunResult", "UsageError",
+    "VirtioDevice", "Vm", "VmConfig", "__version__",
 ]
 
 _WHERE = {
@@ -55,7 +55,7 @@ _WHERE = {
     "Vm": "vm", "RunResult": "stop", "VirtioDevice": "devices.base",
     "DeviceHarness": "transport.testing", "FakeDriver": "virtio.testing",
     "MinivmmError": "errors", "UsageError": "errors", "GuestError": "errors",
-    "HostError": "errors", "InternalError": "errors",
+    "HostError": "errors", "InternalError": "errors", "Guest": "guest",
 }
 
 

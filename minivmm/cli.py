@@ -57,6 +57,11 @@ def install_signal_handlers() -> None:
         signal.signal(sig, _handler)
 
 
+def _set_on_signal(f: Callable[[int], None] | None) -> None:
+    global _on_signal
+    _on_signal = f
+
+
 class _Stopped(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} before the guest started")
@@ -147,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that `minivmm run` with these options would use.")
     _add_vm_options(c)
     c.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    from .exec import add_parser as add_exec_parser
+
+    add_exec_parser(sub, _add_vm_options)
     return p
 
 
@@ -364,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("no command given: try 'minivmm run --kernel PATH'")
+        if args.command == "exec":
+            from .exec import Hooks, cmd_exec
+
+            return cmd_exec(args, Hooks(config_from_args, _check_signal, _set_on_signal))
         return cmd_config(args) if args.command == "config" else cmd_run(args)
     except _Stopped as e:
         print(f"minivmm: {e}", file=sys.stderr)

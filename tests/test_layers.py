@@ -55,7 +55,8 @@ VIRTIO = ("engine", "devices", "transport")
 
 LAYERS = (
     _layer(LEAVES, ["minivmm.errors", "minivmm.ratelimit", "minivmm.hostinfo", "minivmm.irq",
-                    "minivmm.config", "minivmm.eventloop"], [],
+                    "minivmm.config", "minivmm.eventloop", "minivmm.agent", "minivmm.cpio"],
+           [],
            "helpers anybody may use; they use only each other"),
     # The platform stack, bottom up.
     _layer("kvm", ["minivmm.kvm.*"], [LEAVES], "the KVM ioctl layer (ctypes)"),
@@ -82,7 +83,8 @@ LAYERS = (
     # platform (MMIO windows from x86.layout, on the MMIO bus, with KVM ioeventfds/irqfds).
     _layer("join", ["minivmm.vm", "minivmm.transport.placement"],
            [LEAVES, *PLATFORM, *VIRTIO, "console"], "what joins the two stacks"),
-    _layer("front-ends", ["minivmm", "minivmm.cli", "minivmm.__main__", "minivmm.firecracker"],
+    _layer("front-ends", ["minivmm", "minivmm.cli", "minivmm.__main__", "minivmm.firecracker",
+                          "minivmm.exec", "minivmm.guest"],
            [LEAVES, *PLATFORM, *VIRTIO, "console", "join", "shared-package"],
            "the public API package, the command line, the Firecracker config reader"),
 )

@@ -1,0 +1,234 @@
+"""``minivmm.Guest``: boot a Linux guest once, run many commands in it through the agent.
+
+::
+
+    with minivmm.Guest(minivmm.VmConfig(kernel="bzImage", initrd="initramfs.cpio")) as g:
+        r = g.run(["uname", "-r"], timeout=10)   # returncode, stdout, stderr (bytes)
+        g.console_log()                          # everything the guest printed so far
+
+The guest is prepared as for ``minivmm exec`` (:func:`minivmm.exec.prepare`): the agent
+is appended to its initramfs as /init, a vsock device is added if the config has none,
+and its console goes to a file (console_log()) unless the config names a ``file:``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import VmConfig
+from .errors import GuestError
+
+if TYPE_CHECKING:
+    from .agent import Exec
+
+AGENT_CONNECT_TIMEOUT = 30.0
+
+
+class GuestRunError(GuestError):
+    """The guest never ran the agent, or died, or the agent failed. ``crash`` is the
+    console line that says the guest kernel crashed, if one did."""
+
+    def __init__(self, message: str, crash: str | None = None) -> None:
+        super().__init__(message + (f" ({crash})" if crash else ""))
+        self.crash = crash
+
+
+@dataclass(frozen=True)
+class CompletedProcess:
+    """Like :class:`subprocess.CompletedProcess`; ``returncode`` is -N when signal N
+    killed the command (as subprocess has it)."""
+
+    args: list[str]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    def check_returncode(self) -> None:
+        if self.returncode:
+            raise subprocess.CalledProcessError(self.returncode, self.args, self.stdout,
+                                                self.stderr)
+
+
+class Guest:
+    """A booted guest (the constructor returns once its agent listens)."""
+
+    def __init__(self, config: VmConfig, *, agent: str | os.PathLike[str] | None = None,
+                 boot_timeout: float = 300.0) -> None:
+        from .agent import ReadyListener
+        from .exec import find_agent, prepare
+        from .vm import Vm
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="minivmm-guest-")
+        self.vm: Vm | None = None
+        try:
+            keep = config.console.startswith("file:")
+            cfg, log = prepare(config, Path(self._tmp.name), find_agent(
+                None if agent is None else Path(agent)), keep_console=keep)
+            self._console = log or Path(cfg.console.removeprefix("file:"))
+            assert cfg.vsock is not None
+            self._uds = cfg.vsock.uds_path
+            listener = ReadyListener(self._uds)
+            try:
+                self.vm = Vm(cfg)
+                self.vm.start()
+                if not listener.wait(time.monotonic() + boot_timeout, self._alive):
+                    raise self._error(f"the agent did not start in {boot_timeout:g} s")
+            finally:
+                listener.close()
+        except BaseException:
+            self.close()
+            raise
+
+    def _alive(self) -> bool:
+        return self.vm is not None and self.vm.stopper.result is None
+
+    def _error(self, what: str) -> GuestRunError:
+        from .exec import crash_line
+
+        result = None if self.vm is None else self.vm.stopper.wait(2)
+        if result is not None:
+            what = f"{what}; the guest ended ({result.reason}: {result.detail})"
+        return GuestRunError(what, crash_line(self.console_log()))
+
+    def run(self, argv: Sequence[str], *, timeout: float | None = None, input: bytes = b"",
+            env: Mapping[str, str] | None = None, cwd: str | None = None,
+            check: bool = False) -> CompletedProcess:
+        """Run ``argv`` as root and wait for it. ``timeout`` (seconds from its start):
+        :class:`subprocess.TimeoutExpired` after the command's process group is killed.
+        A command that cannot be executed raises OSError (FileNotFoundError for ENOENT);
+        a guest that dies raises :class:`GuestRunError`."""
+        from .agent import (
+            AgentError,
+            Exec,
+            Exited,
+            Failed,
+            Output,
+            Signaled,
+            Started,
+            wait_for_agent,
+        )
+
+        if not self._alive():
+            raise self._error("the guest is not running")
+        args = list(argv)
+        out: dict[int, list[bytes]] = {1: [], 2: []}
+        try:
+            ex = Exec(wait_for_agent(self._uds, time.monotonic() + AGENT_CONNECT_TIMEOUT,
+                                     self._alive))
+        except AgentError as e:
+            raise self._error(str(e)) from None
+        try:
+            ex.start(args, env or {}, cwd)
+            deadline: float | None = None
+            while True:
+                event = ex.next_event(0.25)
+                if not self._alive():
+                    raise self._error(f"{args[0]}: the guest died under the command")
+                if event is None:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        ex.kill(9)
+                        raise subprocess.TimeoutExpired(args, timeout or 0.0,
+                                                        b"".join(out[1]), b"".join(out[2]))
+                elif isinstance(event, Output):
+                    out[event.fd].append(event.data)
+                elif isinstance(event, Started):
+                    if timeout is not None:
+                        deadline = time.monotonic() + timeout
+                    threading.Thread(target=_feed, args=(ex, input), daemon=True).start()
+                elif isinstance(event, Failed):
+                    failed = event
+                    break
+                else:
+                    code = event.code if isinstance(event, Exited) else -event.signal
+                    assert isinstance(event, Exited | Signaled)
+                    done = CompletedProcess(args, code, b"".join(out[1]), b"".join(out[2]))
+                    if check:
+                        done.check_returncode()
+                    return done
+        except (AgentError, OSError) as e:
+            if not self._alive():
+                raise self._error(f"{args[0]}: the guest died under the command") from None
+            raise GuestRunError(f"{args[0]}: the agent failed: {e}") from None
+        finally:
+            ex.close()
+        raise OSError(failed.errno, failed.message)  # FileNotFoundError for ENOENT
+
+    def put(self, src: str | os.PathLike[str] | bytes, dest: str, *,
+            mode: int | None = None) -> None:
+        """Copy the host file ``src`` (or these bytes) to the guest file ``dest``; ``mode``
+        defaults to the host file's permission bits (0o644 for bytes)."""
+        if isinstance(src, bytes):
+            data, perm = src, 0o644
+        else:
+            data, perm = Path(src).read_bytes(), Path(src).stat().st_mode & 0o7777
+        self._file_op(lambda ex: ex.put(dest, data, perm if mode is None else mode), dest)
+
+    def get(self, path: str) -> bytes:
+        """The content of the guest file ``path``."""
+        out: list[bytes] = []
+        self._file_op(lambda ex: out.append(ex.get(path)), path)
+        return out[0]
+
+    def _file_op(self, op: Callable[[Exec], None], path: str) -> None:
+        from .agent import AgentError, Exec, wait_for_agent
+
+        if not self._alive():
+            raise self._error("the guest is not running")
+        try:
+            ex = Exec(wait_for_agent(self._uds, time.monotonic() + AGENT_CONNECT_TIMEOUT,
+                                     self._alive))
+        except AgentError as e:
+            raise self._error(str(e)) from None
+        try:
+            op(ex)
+        except AgentError as e:
+            if not self._alive():
+                raise self._error(f"{path}: the guest died") from None
+            raise GuestRunError(f"{path}: the agent failed: {e}") from None
+        finally:
+            ex.close()
+
+    def console_log(self) -> str:
+        """Everything the guest printed on its console so far."""
+        try:
+            return self._console.read_bytes().decode(errors="replace").replace("\r", "")
+        except (OSError, AttributeError):
+            return ""
+
+    def crash(self) -> str | None:
+        """The console line that says the guest kernel crashed or warned, if any."""
+        from .exec import crash_line
+
+        return crash_line(self.console_log())
+
+    def close(self) -> None:
+        """Stop the guest and remove its files (idempotent)."""
+        if self.vm is not None:
+            self.vm.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _feed(ex: object, data: bytes) -> None:
+    from .agent import Exec
+
+    assert isinstance(ex, Exec)
+    try:
+        if data:
+            ex.send_stdin(data)
+        ex.close_stdin()
+    except OSError:
+        pass
