@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that `minivmm run` with these options would use.")
     _add_vm_options(c)
     c.add_argument("--debug", action="store_true", help="tracebacks on errors")
-    from .exec import add_parser as add_exec_parser
+    from .exec_options import add_parser as add_exec_parser
 
     add_exec_parser(sub, _add_vm_options)
     return p

@@ -31,44 +31,12 @@ from .errors import UsageError
 if TYPE_CHECKING:
     from .config import VmConfig
 
-DEFAULT_BOOT_TIMEOUT = 300.0  # seconds from start until the agent answers
+from .exec_options import AGENT_ENV
+
 AGENT_CONNECT_TIMEOUT = 30.0  # seconds from the agent's "listening" to its answer
 CONSOLE_TAIL = 20
 #: console lines that mean the guest kernel is in trouble (the first one found is named)
 CRASH_PATTERN = re.compile(r"Kernel panic|BUG:|Oops|WARNING: CPU:|general protection fault")
-AGENT_ENV = "MINIVMM_AGENT"
-
-
-def add_parser(sub: Any, add_vm_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Register ``exec`` on the command line's subcommand parsers (``sub``), with the
-    options of ``minivmm run`` (``add_vm_options``)."""
-    e = sub.add_parser(
-        "exec", help="boot a guest and run one command in it",
-        description="Boot the guest with the guest agent as its /init, run CMD in it as "
-                    "root, stream its stdout and stderr to ours, forward our stdin, and "
-                    "exit with its status (124: --timeout; 125: the guest never ran CMD "
-                    "or died under it).")
-    add_vm_options(e)
-    e.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="stop CMD and exit 124 after this long (from CMD's start)")
-    e.add_argument("--env", action="append", default=[], metavar="K=V",
-                   help="an environment variable for CMD (repeatable)")
-    e.add_argument("--cwd", metavar="DIR", help="CMD's working directory (default /)")
-    e.add_argument("--add", action="append", default=[], metavar="HOSTPATH[:GUESTPATH]",
-                   help="put a host file or directory into the guest (repeatable; default "
-                        "GUESTPATH /NAME; at most half the guest memory in all)")
-    e.add_argument("--collect", action="append", default=[], metavar="GUESTPATH:HOSTPATH",
-                   help="copy a guest file to HOSTPATH after CMD ends (repeatable; a failed "
-                        "copy turns status 0 into 1)")
-    e.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT,
-                   metavar="SECONDS",
-                   help=f"give up (125) if the agent has not answered after this long "
-                        f"(default {DEFAULT_BOOT_TIMEOUT:.0f})")
-    e.add_argument("--agent", type=Path, metavar="PATH",
-                   help=f"the guest agent binary (default: ${AGENT_ENV}, else "
-                        "guest/out/minivmm-agent of this source tree)")
-    e.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
-    e.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
 
 def find_agent(given: Path | None) -> Path:
@@ -262,7 +230,7 @@ def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
         raise UsageError("--timeout: give a number of seconds > 0")
     adds = [parse_add(a) for a in args.add]
     collects = [parse_collect(c) for c in args.collect]
-    agent = find_agent(args.agent)
+    agent = find_agent(None if args.agent is None else Path(args.agent))
     cfg = hooks.config_from_args(args)
     hooks.check_signal()
     with tempfile.TemporaryDirectory(prefix="minivmm-exec-") as tmp:

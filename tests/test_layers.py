@@ -84,7 +84,7 @@ LAYERS = (
     _layer("join", ["minivmm.vm", "minivmm.transport.placement"],
            [LEAVES, *PLATFORM, *VIRTIO, "console"], "what joins the two stacks"),
     _layer("front-ends", ["minivmm", "minivmm.cli", "minivmm.__main__", "minivmm.firecracker",
-                          "minivmm.exec", "minivmm.guest"],
+                          "minivmm.exec", "minivmm.exec_options", "minivmm.guest"],
            [LEAVES, *PLATFORM, *VIRTIO, "console", "join", "shared-package"],
            "the public API package, the command line, the Firecracker config reader"),
 )
