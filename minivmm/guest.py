@@ -107,24 +107,16 @@ class Guest:
         a guest that dies raises :class:`GuestRunError`."""
         from .agent import (
             AgentError,
-            Exec,
             Exited,
             Failed,
             Output,
             Signaled,
             Started,
-            wait_for_agent,
         )
 
-        if not self._alive():
-            raise self._error("the guest is not running")
         args = list(argv)
         out: dict[int, list[bytes]] = {1: [], 2: []}
-        try:
-            ex = Exec(wait_for_agent(self._uds, time.monotonic() + AGENT_CONNECT_TIMEOUT,
-                                     self._alive))
-        except AgentError as e:
-            raise self._error(str(e)) from None
+        ex = self._connect()
         try:
             ex.start(args, env or {}, cwd)
             deadline: float | None = None
@@ -177,16 +169,22 @@ class Guest:
         self._file_op(lambda ex: out.append(ex.get(path)), path)
         return out[0]
 
-    def _file_op(self, op: Callable[[Exec], None], path: str) -> None:
+    def _connect(self) -> Exec:
+        """A fresh connection to the agent (one per request), or GuestRunError."""
         from .agent import AgentError, Exec, wait_for_agent
 
         if not self._alive():
             raise self._error("the guest is not running")
         try:
-            ex = Exec(wait_for_agent(self._uds, time.monotonic() + AGENT_CONNECT_TIMEOUT,
-                                     self._alive))
+            return Exec(wait_for_agent(self._uds, time.monotonic() + AGENT_CONNECT_TIMEOUT,
+                                       self._alive))
         except AgentError as e:
             raise self._error(str(e)) from None
+
+    def _file_op(self, op: Callable[[Exec], None], path: str) -> None:
+        from .agent import AgentError
+
+        ex = self._connect()
         try:
             op(ex)
         except AgentError as e:
