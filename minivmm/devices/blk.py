@@ -10,34 +10,34 @@ rate-limited log line naming what the guest did, and the device keeps working. H
 errors (EIO, ENOSPC, ...) are answered the same way; the VMM keeps running. Broken
 chains (the engine's VirtQueueError) still set DEVICE_NEEDS_RESET, as for every device.
 
-Data moves with ``preadv``/``pwritev`` between the image and the chain's guest
-memoryviews (no bounce buffer), looping over short transfers. FLUSH is ``fdatasync`` of
-the image before the status is written. DISCARD punches holes; WRITE_ZEROES uses
-``fallocate`` ZERO_RANGE (PUNCH_HOLE when the driver allows unmapping) and writes zeros
-where the filesystem cannot (EOPNOTSUPP).
+The files behind the disk are minivmm.devices.blkimage's: a raw image read and written in
+place, or (``cow``) the image read-only under a private copy-on-write overlay. Data
+moves with ``preadv``/``pwritev`` between those files and the chain's guest memoryviews
+(no bounce buffer), looping over short transfers. FLUSH is ``fdatasync`` of the file the
+writes go to (the image, or the overlay) before the status is written. DISCARD punches
+holes; WRITE_ZEROES uses ``fallocate`` ZERO_RANGE (PUNCH_HOLE when the driver allows
+unmapping) and writes zeros where the filesystem cannot (EOPNOTSUPP).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Self
 
 from ..errors import UsageError
 from ..virtio.chain import DescriptorChain, Reader
 from .base import (
-    IOV_MAX,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_ID_BLOCK,
     VirtioDevice,
     bit,
 )
+from .blkimage import SECTOR_SIZE, CowImage, DiskImage, RawImage
 
 # Feature bits (§5.2.3)
 VIRTIO_BLK_F_SIZE_MAX: Final = 1
@@ -75,7 +75,6 @@ REQ_HEADER: Final = struct.Struct("<IIQ")
 DWZ_SEGMENT: Final = struct.Struct("<QII")
 assert BLK_CONFIG.size == 72 and REQ_HEADER.size == 16 and DWZ_SEGMENT.size == 16
 
-SECTOR_SIZE: Final = 512
 QUEUE_SIZE: Final = 256
 SEG_MAX: Final = QUEUE_SIZE - 2  # a chain holds the header and the status besides data
 BLK_SIZE: Final = 512
@@ -85,32 +84,10 @@ DISCARD_SECTOR_ALIGNMENT: Final = 8  # 4 KiB, the page-cache granularity of hole
 MAX_WRITE_ZEROES_SECTORS: Final = 1 << 23
 MAX_WRITE_ZEROES_SEG: Final = 32
 
-FALLOC_FL_KEEP_SIZE: Final = 0x01
-FALLOC_FL_PUNCH_HOLE: Final = 0x02
-FALLOC_FL_ZERO_RANGE: Final = 0x10
 _KNOWN_TYPES: Final = frozenset((VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH,
                                  VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
                                  VIRTIO_BLK_T_WRITE_ZEROES))
 _STATUS: Final = (b"\x00", b"\x01", b"\x02")
-_ZEROS: Final = memoryview(bytes(64 << 10))
-
-
-def _libc_fallocate() -> Callable[[int, int, int, int], None]:
-    fn = ctypes.CDLL(None, use_errno=True).fallocate64
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    fn.restype = ctypes.c_int
-
-    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-        if fn(fd, mode, offset, length) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-
-    return fallocate
-
-
-#: fallocate(2) with a mode (os has only posix_fallocate)
-fallocate: Callable[[int, int, int, int], None] = getattr(os, "fallocate", None) or (
-    _libc_fallocate())
 
 
 # -- one error class per way a guest can get a request wrong ---------------------------
@@ -198,7 +175,8 @@ class BlockDevice(VirtioDevice):
     kernel_option = "CONFIG_VIRTIO_BLK"
 
     def __init__(self, path: Path, *, read_only: bool = False,
-                 serial: str | None = None) -> None:
+                 serial: str | None = None, cow: bool = False,
+                 cow_dir: Path | None = None) -> None:
         opt = str(path)
         ident = (serial or "").encode()
         if len(ident) > VIRTIO_BLK_ID_BYTES:
@@ -206,13 +184,27 @@ class BlockDevice(VirtioDevice):
                              f"use at most {VIRTIO_BLK_ID_BYTES}", field="drives")
         self.path = path
         self.read_only = read_only
-        self._fd = _open_image(path, read_only, opt)
+        #: writes go to a private overlay, the image is never written (a read-only disk
+        #: needs none: it is never written either)
+        self.cow = cow and not read_only
+        fd = _open_image(path, read_only or self.cow, opt)
         try:
-            size = os.lseek(self._fd, 0, os.SEEK_END)
+            size = os.lseek(fd, 0, os.SEEK_END)
         except OSError as e:
-            os.close(self._fd)
+            os.close(fd)
             raise UsageError(f"{opt}: cannot find its size ({e.strerror})",
                              field="drives") from None
+        if self.cow:
+            try:
+                self.image: DiskImage = CowImage(fd, size, cow_dir)
+            except OSError as e:
+                os.close(fd)
+                where = cow_dir or "the temporary directory"
+                raise UsageError(f"{opt}: cannot make its copy-on-write overlay in {where} "
+                                 f"({e.strerror}); set TMPDIR or cow_dir=",
+                                 field="drives") from None
+        else:
+            self.image = RawImage(fd, size)
         #: the disk size in 512-byte sectors (a partial last sector is not addressable)
         self.capacity = size // SECTOR_SIZE
         self._id = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")  # §5.2.6: NUL padded
@@ -229,7 +221,8 @@ class BlockDevice(VirtioDevice):
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> Self:
-        """``path=IMAGE[,ro][,serial=ID]`` (``ro`` is short for ``read_only``)."""
+        """``path=IMAGE[,ro][,serial=ID][,cow][,cow_dir=DIR]`` (``ro`` is short for
+        ``read_only``)."""
         opts = dict(options)
         if "ro" in opts:
             opts["read_only"] = opts.pop("ro")
@@ -240,9 +233,7 @@ class BlockDevice(VirtioDevice):
 
     def close(self) -> None:
         super().close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.image.close()
 
     # -- the request queue ----------------------------------------------------------
 
@@ -277,10 +268,9 @@ class BlockDevice(VirtioDevice):
             self._no_data(kind, r)
             self._check_range(kind, sector, w.remaining - 1)
             offset = sector * SECTOR_SIZE
+            readv = self.image.readv
             while w.remaining > 1:
-                views = w.views(w.remaining - 1)
-                got = os.preadv(self._fd, views if len(views) <= IOV_MAX else views[:IOV_MAX],
-                                offset)
+                got = readv(w.views(w.remaining - 1), offset)
                 if got == 0:
                     raise ImageEnded(offset)
                 w.advance(got)
@@ -297,17 +287,16 @@ class BlockDevice(VirtioDevice):
                 raise ReadOnlyDisk(kind)
             self._check_range(kind, sector, r.remaining)
             offset = sector * SECTOR_SIZE
+            writev = self.image.writev
             while r.remaining:
-                views = r.views()
-                put = os.pwritev(self._fd, views if len(views) <= IOV_MAX else views[:IOV_MAX],
-                                 offset)
+                put = writev(r.views(), offset)
                 if put == 0:
                     raise OSError(errno.EIO, "the image took no bytes")
                 r.consume(put)
                 offset += put
         elif kind == VIRTIO_BLK_T_FLUSH:
             self._no_data(kind, r)
-            os.fdatasync(self._fd)
+            self.image.flush()
         else:
             self._discard_or_zero(kind, r)
         return VIRTIO_BLK_S_OK
@@ -346,34 +335,10 @@ class BlockDevice(VirtioDevice):
             if size == 0:
                 continue
             if discard:
-                self._discard(offset, size)
+                self.image.discard(offset, size)
             else:
-                self._write_zeroes(offset, size, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
-
-    def _discard(self, offset: int, size: int) -> None:
-        try:
-            fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size)
-        except OSError as e:
-            if e.errno != errno.EOPNOTSUPP:
-                raise
-            # discard is a hint (§5.2.6.2): a filesystem without holes keeps the data
-
-    def _write_zeroes(self, offset: int, size: int, unmap: bool) -> None:
-        modes = (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) if unmap else (
-            FALLOC_FL_ZERO_RANGE,)
-        for mode in modes:
-            try:
-                fallocate(self._fd, mode | FALLOC_FL_KEEP_SIZE, offset, size)
-                return
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-        end = offset + size
-        while offset < end:  # the filesystem refused both: write zeros
-            put = os.pwrite(self._fd, _ZEROS[: min(len(_ZEROS), end - offset)], offset)
-            if put == 0:
-                raise OSError(errno.EIO, "the image took no bytes")
-            offset += put
+                self.image.write_zeroes(offset, size,
+                                        bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
 
 
 def _open_image(path: Path, read_only: bool, opt: str) -> int:

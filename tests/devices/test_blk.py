@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minivmm.devices import blk
+from minivmm.devices import blk, blkimage
 from minivmm.devices.blk import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -194,11 +194,11 @@ def test_write_zeroes_falls_back_to_writing(disk: Attached, image: Path,
         modes.append(mode)
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
-    monkeypatch.setattr(blk, "fallocate", refuse)
+    monkeypatch.setattr(blkimage, "fallocate", refuse)
     used = submit(disk, [header(VIRTIO_BLK_T_WRITE_ZEROES), segment(0, 200 - 72, 1)], [1])
     assert status(used) == VIRTIO_BLK_S_OK
     assert image.read_bytes() == bytes(SECTORS * 512)
-    assert modes == [blk.FALLOC_FL_PUNCH_HOLE | 1, blk.FALLOC_FL_ZERO_RANGE | 1]
+    assert modes == [blkimage.FALLOC_FL_PUNCH_HOLE | 1, blkimage.FALLOC_FL_ZERO_RANGE | 1]
 
 
 @pytest.mark.parametrize(
