@@ -25,6 +25,7 @@ import errno
 import os
 import stat
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Self
 
@@ -37,7 +38,14 @@ from .base import (
     VirtioDevice,
     bit,
 )
-from .blkimage import SECTOR_SIZE, CowImage, DiskImage, RawImage
+from .blkimage import (
+    SECTOR_SIZE,
+    CowImage,
+    DiskImage,
+    RawImage,
+    check_image,
+    decode_overlay,
+)
 
 # Feature bits (§5.2.3)
 VIRTIO_BLK_F_SIZE_MAX: Final = 1
@@ -230,6 +238,47 @@ class BlockDevice(VirtioDevice):
 
     def config(self) -> bytes:
         return self._config
+
+    # -- snapshots (see VirtioDevice.quiesce; every request completes inside its kick,
+    # so nothing is in flight to finish) -------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The image by path, size and modification time (a restore refuses another
+        one), and for a cow disk what its overlay holds: the guest's memory (its page
+        cache) may already know those writes, so they are part of the disk it saw."""
+        st = os.fstat(self.image.image_fd)
+        state: dict[str, object] = {"path": os.path.abspath(self.path), "size": st.st_size,
+                                    "mtime_ns": st.st_mtime_ns}
+        if isinstance(self.image, CowImage) and self.image.map.starts:
+            import base64
+            import zlib
+
+            ranges, data = self.image.overlay_data()
+            state["overlay"] = {"ranges": [list(r) for r in ranges],
+                                "zlib": base64.b64encode(zlib.compress(data, 1)).decode()}
+        return state
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """Check the image is the one saved, then put a saved overlay's writes back: into
+        this disk's own overlay (cow), or into the image itself when the disk is not cow.
+        ValueError (one line) for a changed image or a malformed state."""
+        check_image(self.path, self.image.image_fd, state)
+        overlay = state.get("overlay")
+        if overlay is None:
+            return
+        ranges, data = decode_overlay(overlay, self.capacity)
+        if self.read_only:
+            raise ValueError(f"{self.path}: the snapshot's disk has writes over the image; "
+                             "restore it writable (cow or not), not read-only")
+        view = memoryview(data)
+        for start, end in ranges:
+            offset, stop = start * SECTOR_SIZE, end * SECTOR_SIZE
+            while offset < stop:
+                put = self.image.writev([view[: stop - offset]], offset)
+                if put == 0:
+                    raise OSError(errno.EIO, "the disk took no bytes")
+                view = view[put:]
+                offset += put
 
     def close(self) -> None:
         super().close()

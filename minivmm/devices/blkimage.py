@@ -31,7 +31,7 @@ import errno
 import os
 import tempfile
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -72,6 +72,10 @@ class DiskImage(Protocol):
     @property
     def size(self) -> int:
         """The disk's size in bytes."""
+
+    @property
+    def image_fd(self) -> int:
+        """The image file's descriptor (read-only for a cow disk)."""
 
     def readv(self, views: Sequence[memoryview], offset: int) -> int: ...
     def writev(self, views: Sequence[memoryview], offset: int) -> int: ...
@@ -134,6 +138,10 @@ class RawImage:
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def image_fd(self) -> int:
+        return self.fd
 
     def readv(self, views: Sequence[memoryview], offset: int) -> int:
         return os.preadv(self.fd, views if len(views) <= IOV_MAX else views[:IOV_MAX], offset)
@@ -226,7 +234,7 @@ class CowImage:
     module docstring). ``image_fd`` is open read-only; the overlay is made here."""
 
     def __init__(self, image_fd: int, size: int, overlay_dir: Path | None = None) -> None:
-        self.image_fd = image_fd
+        self._image_fd = image_fd
         self._size = size
         self.overlay_fd = make_overlay(size, overlay_dir)
         #: the sectors whose data is the overlay's
@@ -236,13 +244,17 @@ class CowImage:
     def size(self) -> int:
         return self._size
 
+    @property
+    def image_fd(self) -> int:
+        return self._image_fd
+
     def _piece(self, offset: int, length: int) -> Piece:
         """The first piece of [offset, offset+length): which file, up to where."""
         sector = offset // SECTOR_SIZE
         last = -(-(offset + length) // SECTOR_SIZE)
         inside, end = self.map.run(sector, last)
         n = min(end * SECTOR_SIZE, offset + length) - offset
-        return (self.overlay_fd if inside else self.image_fd), offset, n
+        return (self.overlay_fd if inside else self._image_fd), offset, n
 
     def readv(self, views: Sequence[memoryview], offset: int) -> int:
         total = sum(len(v) for v in views)
@@ -288,9 +300,76 @@ class CowImage:
         _zero(self.overlay_fd, offset, length, unmap)
         self._map(offset, length)
 
+    def overlay_data(self) -> tuple[list[tuple[int, int]], bytes]:
+        """What the overlay holds: its sector ranges and their bytes, in order (for a
+        snapshot)."""
+        ranges = self.map.ranges()
+        parts = []
+        for start, end in ranges:
+            want, offset = (end - start) * SECTOR_SIZE, start * SECTOR_SIZE
+            data = os.pread(self.overlay_fd, want, offset)
+            while len(data) < want:  # pread may be short: go on where it stopped
+                more = os.pread(self.overlay_fd, want - len(data), offset + len(data))
+                if not more:
+                    raise OSError(errno.EIO, "the overlay ended early")
+                data += more
+            parts.append(data)
+        return ranges, b"".join(parts)
+
     def close(self) -> None:
-        for name in ("image_fd", "overlay_fd"):
+        for name in ("_image_fd", "overlay_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+
+
+# -- snapshots: checking a saved disk state (untrusted input: a snapshot file) ----------
+
+
+def check_image(path: Path, fd: int, state: Mapping[str, object]) -> None:
+    """ValueError (one line naming the image) unless the file open as ``fd`` has the
+    size and modification time a snapshot saved for it."""
+    size, mtime = state.get("size"), state.get("mtime_ns")
+    if not (isinstance(state.get("path"), str) and _is_int(size) and _is_int(mtime)):
+        raise ValueError(f"{path}: the snapshot's disk state is malformed")
+    st = os.fstat(fd)
+    if st.st_size != size:
+        raise ValueError(f"{path}: the image is {st.st_size} bytes, the snapshot's was "
+                         f"{size}; restore needs the image the snapshot was taken with")
+    if st.st_mtime_ns != mtime:
+        raise ValueError(f"{path}: the image was modified after the snapshot was taken; "
+                         "restore needs it unchanged (a copy keeps its time with cp -p)")
+
+
+def decode_overlay(obj: object, capacity: int) -> tuple[list[tuple[int, int]], bytes]:
+    """A saved overlay's sector ranges and bytes; ValueError if malformed."""
+    import base64
+    import binascii
+    import zlib
+
+    bad = ValueError("the snapshot's copy-on-write overlay is malformed")
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("zlib"), str) or not (
+            isinstance(obj.get("ranges"), list)):
+        raise bad
+    ranges: list[tuple[int, int]] = []
+    prev = 0
+    for r in obj["ranges"]:
+        if not (isinstance(r, list) and len(r) == 2 and all(_is_int(x) for x in r)
+                and prev <= r[0] < r[1] <= capacity):
+            raise bad
+        ranges.append((r[0], r[1]))
+        prev = r[1]
+    total = sum(e - s for s, e in ranges) * SECTOR_SIZE
+    try:
+        z = zlib.decompressobj()
+        data = z.decompress(base64.b64decode(obj["zlib"], validate=True), total + 1)
+    except (binascii.Error, zlib.error):
+        raise bad from None
+    if len(data) != total or z.unconsumed_tail or not z.eof:
+        raise bad
+    return ranges, data
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
