@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from .test_net import ip
+from .vsockkit import Vsock
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +24,13 @@ def netns() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], timeout=30)
+
+
+@pytest.fixture
+def v(tmp_path: Path) -> Iterator[Vsock]:
+    """A vsock device behind the transport, initialised, its socket in tmp_path."""
+    vs = Vsock.make(tmp_path / "v.sock")
+    try:
+        yield vs
+    finally:
+        vs.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from minivmm.devices.blk import (
 from minivmm.errors import UsageError
 from minivmm.virtio.testing import UsedElem
 
-from . import Attached, attach
+from . import Attached, attach, small_tmpfs
 
 SECTORS = 128
 
@@ -340,13 +339,7 @@ def test_failing_fd_gives_ioerr(disk: Attached, image: Path, tmp_path: Path) -> 
 
 
 def test_full_filesystem_gives_ioerr(tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs for ENOSPC: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "64k") as mnt:
         img = mnt / "sparse.img"
         with img.open("wb") as f:
             f.truncate(1 << 20)  # 1 MiB of holes on a 64 KiB filesystem
@@ -359,8 +352,6 @@ def test_full_filesystem_gives_ioerr(tmp_path: Path) -> None:
         assert status(used) == VIRTIO_BLK_S_OK and used.written[:512] == bytes(512)
         assert att.resets == []
         dev.close()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 # -- user errors ------------------------------------------------------------------------

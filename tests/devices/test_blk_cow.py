@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -28,6 +27,8 @@ from minivmm.devices.blk import (
 from minivmm.devices.blkimage import CowImage, SectorMap
 from minivmm.transport.testing import DeviceHarness
 from minivmm.virtio.testing import UsedElem
+
+from . import small_tmpfs
 
 SECTORS = 128
 S = 512
@@ -192,13 +193,7 @@ def test_two_cow_disks_of_one_image_see_only_their_own_writes(image: Path) -> No
 
 
 def test_full_overlay_fails_that_request_only(image: Path, tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs for ENOSPC: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "32k") as mnt:
         disk = Disk(image, cow_dir=mnt)
         assert disk.write(0, pattern(8 * S, 3)) == VIRTIO_BLK_S_OK  # 4 KiB: fits
         assert disk.write(16, pattern(64 * S, 4)) == VIRTIO_BLK_S_IOERR  # 32 KiB: ENOSPC
@@ -208,8 +203,6 @@ def test_full_overlay_fails_that_request_only(image: Path, tmp_path: Path) -> No
         assert disk.status([header(VIRTIO_BLK_T_FLUSH)]) == VIRTIO_BLK_S_OK
         assert disk.read(0, 8) == pattern(8 * S, 5)
         disk.close()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
     assert image.read_bytes() == ORIGINAL
 
 

@@ -24,6 +24,7 @@ from minivmm.devices.vsock import VsockDevice
 from minivmm.devices.vsock_conn import HDR_SIZE as VSOCK_HDR
 from minivmm.transport.mmio import DEVICE_NEEDS_RESET, MmioTransport
 from minivmm.transport.testing import DeviceHarness
+from minivmm.virtio.testing import FakeDriver
 
 from .test_net import ETH_TEST, frame, inside, ip
 from .vsockkit import CID, Vsock, hdr
@@ -201,6 +202,14 @@ class Tap:
         ip("-n", ns, "link", "set", self.name, "up")
         self.peer.bind((self.name, ETH_TEST))
 
+    def running(self, buffers: int) -> tuple[DeviceHarness, FakeDriver, list[int]]:
+        """The device initialised, with ``buffers`` receive buffers posted: the harness,
+        the receive queue's driver and the buffers' heads."""
+        h = DeviceHarness(self.dev, event_idx=True)
+        h.initialise()
+        rx = h.drivers[0]
+        return h, rx, [rx.publish(writable=[1500]) for _ in range(buffers)]
+
     def deliver(self, data: bytes) -> None:
         """The host sends a frame; the device thread reads it."""
         import select
@@ -230,10 +239,7 @@ def test_net_held_receive_buffers_go_back_to_the_ring(taps: tuple[Tap, Tap]) -> 
     gives back those not yet used, and the restored device (on another tap, with the MAC
     the guest knows) fills the same buffers, in ring order."""
     a, b = taps
-    h = DeviceHarness(a.dev, event_idx=True)
-    h.initialise()
-    rx = h.drivers[0]
-    heads = [rx.publish(writable=[1500]) for _ in range(4)]
+    h, rx, heads = a.running(4)
     a.deliver(frame(100, 1))
     assert [u.id for u in rx.used()] == heads[:1] and a.dev.rx_held == 3
     state, queues, features = snapshot(a.dev)
@@ -251,10 +257,7 @@ def test_net_held_receive_buffers_go_back_to_the_ring(taps: tuple[Tap, Tap]) -> 
 
 def test_net_source_device_carries_on_after_quiesce(taps: tuple[Tap, Tap]) -> None:
     a, _ = taps
-    h = DeviceHarness(a.dev, event_idx=True)
-    h.initialise()
-    rx = h.drivers[0]
-    heads = [rx.publish(writable=[1500]) for _ in range(3)]
+    _, rx, heads = a.running(3)
     a.deliver(frame(100, 1))
     a.dev.quiesce()
     a.deliver(frame(120, 2))
@@ -266,10 +269,7 @@ def test_net_held_buffers_around_a_bad_chain_return_empty(taps: tuple[Tap, Tap])
     """A chain the device could not use (returned at once) among the held ones: a rewind
     would pop it twice, so the held chains are returned empty instead."""
     a, _ = taps
-    h = DeviceHarness(a.dev, event_idx=True)
-    h.initialise()
-    rx = h.drivers[0]
-    good0, good1 = rx.publish(writable=[1500]), rx.publish(writable=[1500])
+    _, rx, (good0, good1) = a.running(2)
     bad = rx.publish(readable=[b"x"], writable=[1500])
     good3 = rx.publish(writable=[1500])
     a.deliver(frame(100, 1))
@@ -290,20 +290,10 @@ def test_net_bad_state(taps: tuple[Tap, Tap]) -> None:
 # -- vsock ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def vsock(tmp_path: Path) -> Iterator[Vsock]:
-    v = Vsock.make(tmp_path / "v.sock")
-    try:
-        yield v
-    finally:
-        v.close()
-
-
-def test_vsock_restore_resets_the_transport(vsock: Vsock, tmp_path: Path) -> None:
+def test_vsock_restore_resets_the_transport(v: Vsock, tmp_path: Path) -> None:
     """The guest's connections have no host sockets in the restored VM: the guest gets
     VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (§5.10.6.6) and re-reads its CID; the source VM's
     connections carry on."""
-    v = vsock
     s = v.host_connect(b"CONNECT 1234\n")
     v.post_rx(4)
     v.pump(timeout=5)
@@ -328,8 +318,7 @@ def test_vsock_restore_resets_the_transport(vsock: Vsock, tmp_path: Path) -> Non
     s.close()
 
 
-def test_vsock_held_receive_chain_goes_back(vsock: Vsock) -> None:
-    v = vsock
+def test_vsock_held_receive_chain_goes_back(v: Vsock) -> None:
     v.post_rx(3)
     rx = v.h.drivers[0]
     with v.dev.lock:
@@ -342,11 +331,11 @@ def test_vsock_held_receive_chain_goes_back(vsock: Vsock) -> None:
     assert used.id == 0 and len(used.written) == VSOCK_HDR
 
 
-def test_vsock_bad_state(vsock: Vsock) -> None:
+def test_vsock_bad_state(v: Vsock) -> None:
     for state in ({}, {"guest_cid": "3"}, {"guest_cid": True}, {"guest_cid": 3, "x": 1}):
         with pytest.raises(ValueError, match=r"^vsock: "):
-            vsock.dev.restore_state(state)
-    assert vsock.dev.counters.transport_resets == 0
+            v.dev.restore_state(state)
+    assert v.dev.counters.transport_resets == 0
 
 
 # -- console --------------------------------------------------------------------------
