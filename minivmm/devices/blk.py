@@ -239,6 +239,12 @@ class BlockDevice(VirtioDevice):
     def config(self) -> bytes:
         return self._config
 
+    def stats(self) -> dict[str, int]:
+        """A cow disk: the bytes its overlay holds (what the guest wrote)."""
+        if isinstance(self.image, CowImage):
+            return {"overlay_bytes": self.image.map.sectors * SECTOR_SIZE}
+        return {}
+
     # -- snapshots (see VirtioDevice.quiesce; every request completes inside its kick,
     # so nothing is in flight to finish) -------------------------------------------------
 

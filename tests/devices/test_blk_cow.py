@@ -3,6 +3,7 @@ sees a raw disk, the image is never written."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from minivmm.devices.blk import (
     BlockDevice,
 )
 from minivmm.devices.blkimage import CowImage, SectorMap
+from minivmm.errors import UsageError
 from minivmm.transport.testing import DeviceHarness
 from minivmm.virtio.testing import UsedElem
 
@@ -268,3 +270,35 @@ def test_a_cow_disk_reads_as_a_raw_disk_would(image: Path,
     finally:
         disk.close()
     assert image.read_bytes() == ORIGINAL
+
+
+def test_overlay_where_tmpfile_is_unsupported(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without O_TMPFILE the overlay is a named temporary file, unlinked at once."""
+    real = os.open
+
+    def no_tmpfile(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    fd = blkimage.make_overlay(1 << 20, tmp_path)
+    try:
+        assert os.fstat(fd).st_size == 1 << 20 and os.fstat(fd).st_blocks == 0  # sparse
+        assert list(tmp_path.iterdir()) == []  # already unlinked
+    finally:
+        os.close(fd)
+
+
+def test_overlay_directory_errors_and_stats(image: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as info:
+        BlockDevice(image, cow=True, cow_dir=tmp_path / "missing")
+    msg = str(info.value)
+    assert "\n" not in msg and "copy-on-write overlay" in msg and "missing" in msg
+    disk = Disk(image, cow_dir=tmp_path)
+    assert disk.device.stats() == {"overlay_bytes": 0}
+    disk.write(3, pattern(2 * S))
+    assert disk.device.stats() == {"overlay_bytes": 2 * S}
+    assert list(tmp_path.iterdir()) == [image]  # the overlay has no name
+    disk.close()
