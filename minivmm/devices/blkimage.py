@@ -328,18 +328,20 @@ class CowImage:
 
 
 def check_image(path: Path, fd: int, state: Mapping[str, object]) -> None:
-    """ValueError (one line naming the image) unless the file open as ``fd`` has the
-    size and modification time a snapshot saved for it."""
-    size, mtime = state.get("size"), state.get("mtime_ns")
-    if not (isinstance(state.get("path"), str) and _is_int(size) and _is_int(mtime)):
+    """ValueError (one line naming the image) unless the file open as ``fd`` (``path``)
+    has the size a snapshot saved for its image, and, when it is that image (the same
+    path), its modification time too. Another file (a restore told to use a copy, e.g.
+    one made when the snapshot was taken) is the user's word for the disk's content."""
+    saved, size, mtime = state.get("path"), state.get("size"), state.get("mtime_ns")
+    if not (isinstance(saved, str) and _is_int(size) and _is_int(mtime)):
         raise ValueError(f"{path}: the snapshot's disk state is malformed")
     st = os.fstat(fd)
     if st.st_size != size:
         raise ValueError(f"{path}: the image is {st.st_size} bytes, the snapshot's was "
                          f"{size}; restore needs the image the snapshot was taken with")
-    if st.st_mtime_ns != mtime:
+    if st.st_mtime_ns != mtime and os.path.realpath(path) == os.path.realpath(saved):
         raise ValueError(f"{path}: the image was modified after the snapshot was taken; "
-                         "restore needs it unchanged (a copy keeps its time with cp -p)")
+                         "restore needs it unchanged (or a copy made at the snapshot)")
 
 
 def decode_overlay(obj: object, capacity: int) -> tuple[list[tuple[int, int]], bytes]:

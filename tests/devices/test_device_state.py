@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import struct
 import uuid
@@ -97,6 +98,14 @@ def test_blk_saves_the_image_and_refuses_a_changed_one(image: Path) -> None:
     # the image changes (its time, then its size): one line naming it
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert "modified after the snapshot" in refusal(image, state)
+    # a copy (a restore told to use another file) is taken at its word, if its size fits
+    copy = image.with_name("copy.img")
+    shutil.copy(image, copy)
+    dev = BlockDevice(copy)
+    dev.restore_state(state)
+    dev.close()
+    copy.write_bytes(bytes(S))
+    assert f"{S} bytes, the snapshot's was {st.st_size}" in refusal(copy, state)
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
     with image.open("ab") as f:
         f.write(bytes(S))
