@@ -84,6 +84,9 @@ DWZ_SEGMENT: Final = struct.Struct("<QII")
 assert BLK_CONFIG.size == 72 and REQ_HEADER.size == 16 and DWZ_SEGMENT.size == 16
 
 QUEUE_SIZE: Final = 256
+#: the most a cow disk's overlay may take in a snapshot's device state (base64 of zlib):
+#: the state sits in the snapshot's JSON manifest
+OVERLAY_STATE_MAX: Final = 8 << 20
 SEG_MAX: Final = QUEUE_SIZE - 2  # a chain holds the header and the status besides data
 BLK_SIZE: Final = 512
 MAX_DISCARD_SECTORS: Final = 1 << 23  # 4 GiB per segment
@@ -260,8 +263,14 @@ class BlockDevice(VirtioDevice):
             import zlib
 
             ranges, data = self.image.overlay_data()
-            state["overlay"] = {"ranges": [list(r) for r in ranges],
-                                "zlib": base64.b64encode(zlib.compress(data, 1)).decode()}
+            text = base64.b64encode(zlib.compress(data, 1)).decode()
+            if len(text) > OVERLAY_STATE_MAX:
+                raise UsageError(f"{self.path}: its copy-on-write overlay holds "
+                                 f"{len(data) >> 20} MiB of the guest's writes, more than a "
+                                 f"snapshot carries ({OVERLAY_STATE_MAX >> 20} MiB "
+                                 "compressed); snapshot before the guest writes that much",
+                                 field="snapshot")
+            state["overlay"] = {"ranges": [list(r) for r in ranges], "zlib": text}
         return state
 
     def restore_state(self, state: Mapping[str, object]) -> None:

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from minivmm.devices import blk
 from minivmm.devices.base import VirtioDevice
 from minivmm.devices.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlockDevice
 from minivmm.devices.console import ConsoleDevice
 from minivmm.devices.net import HDR_SIZE, NetDevice, default_mac
 from minivmm.devices.vsock import VsockDevice
 from minivmm.devices.vsock_conn import HDR_SIZE as VSOCK_HDR
+from minivmm.errors import UsageError
 from minivmm.transport.mmio import DEVICE_NEEDS_RESET, MmioTransport
 from minivmm.transport.testing import DeviceHarness
 from minivmm.virtio.testing import FakeDriver
@@ -162,6 +164,18 @@ def test_blk_cow_overlay_goes_with_the_snapshot(image: Path) -> None:
     got = image.read_bytes()
     assert got[2 * S : 5 * S] == pattern(3 * S, 5) and got[40 * S : 41 * S] == bytes(S)
     assert got[: 2 * S] == original[: 2 * S] and got[5 * S : 40 * S] == original[5 * S : 40 * S]
+
+
+def test_blk_overlay_too_large_for_a_snapshot(image: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blk, "OVERLAY_STATE_MAX", 100)
+    h = DeviceHarness(BlockDevice(image, cow=True))
+    h.initialise()
+    blk_io(h, VIRTIO_BLK_T_OUT, 0, os.urandom(4 * S))  # does not compress
+    with pytest.raises(UsageError, match="more than a snapshot carries") as info:
+        snapshot(h.device)
+    assert info.value.field == "snapshot" and "\n" not in str(info.value)
+    h.close()
 
 
 def test_blk_read_only_restore_of_a_written_cow_disk_is_refused(image: Path) -> None:
