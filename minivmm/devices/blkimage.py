@@ -187,11 +187,18 @@ class SectorMap:
         starts, ends = self.starts, self.ends
         i = bisect_left(ends, start)  # the first range ending at or after start
         j = bisect_right(starts, end)  # ranges from i to j-1 touch or overlap
-        if i < j:
-            start = min(start, starts[i])
-            end = max(end, ends[j - 1])
-        starts[i:j] = [start]
-        ends[i:j] = [end]
+        if i == j:  # touches none: a new range
+            starts.insert(i, start)
+            ends.insert(i, end)
+            return
+        if starts[i] < start:
+            start = starts[i]
+        if ends[j - 1] > end:
+            end = ends[j - 1]
+        starts[i] = start  # the first of them becomes the union, the others go
+        ends[i] = end
+        if j > i + 1:
+            del starts[i + 1 : j], ends[i + 1 : j]
 
     def run(self, sector: int, limit: int) -> tuple[bool, int]:
         """Whether ``sector`` is in the set, and where that stays true (or false),
@@ -257,7 +264,10 @@ class CowImage:
         return (self.overlay_fd if inside else self._image_fd), offset, n
 
     def readv(self, views: Sequence[memoryview], offset: int) -> int:
-        total = sum(len(v) for v in views)
+        if not self.map.starts:  # nothing written yet: all of it is the image's
+            return os.preadv(self._image_fd, views if len(views) <= IOV_MAX
+                             else views[:IOV_MAX], offset)
+        total = sum(map(len, views))
         fd, _, n = self._piece(offset, total)
         if n == total:
             return os.preadv(fd, views if len(views) <= IOV_MAX else views[:IOV_MAX], offset)
