@@ -42,7 +42,8 @@ _FIELDS: Final = {
     "network-interfaces": ("iface_id", "host_dev_name", "guest_mac"),
     "entropy": (),
     "vsock": ("guest_cid", "uds_path", "vsock_id"),
-    "minivmm": ("console", "console_device", "host_quirks", "acpi", "devices"),
+    "minivmm": ("console", "console_device", "host_quirks", "acpi", "devices", "trace",
+                "check_driver"),
     "devices": (),
 }
 #: minivmm's names for the fields, for messages about a value (see UsageError.field)
@@ -60,6 +61,8 @@ FIELD_NAMES: Final = {
     "acpi": "minivmm.acpi",
     "vsock": "vsock",
     "devices": "minivmm.devices",
+    "trace": "minivmm.trace",
+    "check_driver": "minivmm.check_driver",
 }
 
 
@@ -198,6 +201,10 @@ def to_firecracker(cfg: VmConfig) -> dict[str, Any]:
         doc["vsock"] = {"guest_cid": cfg.vsock.guest_cid, "uds_path": str(cfg.vsock.uds_path)}
     doc["minivmm"] = {"console": cfg.console, "console_device": cfg.console_device,
                       "host_quirks": cfg.host_quirks, "acpi": cfg.acpi}
+    if cfg.trace is not None:
+        doc["minivmm"]["trace"] = cfg.trace
+    if cfg.check_driver != "off":
+        doc["minivmm"]["check_driver"] = cfg.check_driver
     if cfg.devices:
         doc["minivmm"]["devices"] = [d.to_dict() for d in cfg.devices]
     return doc
