@@ -33,8 +33,8 @@ import time
 from collections.abc import Iterable
 from typing import IO, Any, Final
 
-from .devices.base import VirtioDevice
 from .config import parse_trace_spec
+from .devices.base import VirtioDevice
 from .errors import UsageError
 from .transport.mmio import CONFIG_SPACE_OFFSET, REGISTERS
 from .transport.observe import ObservedTransport, Observer

@@ -63,6 +63,7 @@ class ObservedQueue(Queue):
 def observe(queue: Queue, observer: QueueObserver) -> None:
     """Report ``queue``'s chains to ``observer`` from now on."""
     queue.__class__ = ObservedQueue
+    assert isinstance(queue, ObservedQueue)
     queue.observer = observer
 
 
