@@ -15,8 +15,12 @@ from minivmm.cli import CHECK_DRIVER_STATUS
 from minivmm.devices.base import VirtioDevice
 from minivmm.devices.rng import RngDevice
 from minivmm.trace import Tracer
-from minivmm.transport.observe import Observers
+from minivmm.transport.mmio import IrqfdInterrupt, MmioTransport
+from minivmm.transport.observe import ObservedTransport, Observers
 from minivmm.transport.testing import DeviceHarness
+from minivmm.virtio.chain import DescriptorChain
+from minivmm.virtio.observe import ObservedQueue
+from minivmm.virtio.queue import Queue
 
 #: guest/probe/badrv.c's steps, each the rule it breaks (README "The bad_driver check")
 BAD_DRIVER_STEPS = {
@@ -211,3 +215,24 @@ def test_a_chain_made_available_twice_while_held_is_reported() -> None:
     drv.push_head(head)  # the same head once more, before the device used it
     h.kick(0)
     assert checker.found["chain-reused"].count == 1
+
+
+def test_nothing_is_watched_unless_asked_and_a_failing_observer_is_contained() -> None:
+    plain = DeviceHarness(RngDevice())
+    assert type(plain.transport) is MmioTransport
+    assert type(plain.transport.interrupt) is IrqfdInterrupt
+    assert all(type(q) is Queue for q in plain.device.queues)
+
+    class Broken(DriverChecker):
+        def chain_popped(self, t: ObservedTransport, queue: Queue,
+                         chain: DescriptorChain) -> None:
+            raise RuntimeError("observer bug")
+
+    watched = DeviceHarness(RngDevice(), observer=Broken())
+    assert type(watched.transport) is ObservedTransport
+    assert all(type(q) is ObservedQueue for q in watched.device.queues)
+    watched.initialise()
+    drv = watched.drivers[0]
+    head = drv.publish(writable=[16])
+    (used,) = drv.used()  # the device served the chain: the observer's failure is not its
+    assert used.id == head and not watched.status & 64

@@ -119,20 +119,29 @@ class ObservedTransport(MmioTransport):
     observer: Observer
     label: str
 
+    def tell(self, event: str, *args: object) -> None:
+        """Report ``event`` to the observer. A failing observer is logged (rate-limited)
+        and ignored: watching never changes what the guest sees."""
+        try:
+            getattr(self.observer, event)(self, *args)
+        except Exception as e:
+            self.log("%s: the %s observer failed on %s: %s: %s", self.label,
+                     type(self.observer).__name__, event, type(e).__name__, e)
+
     def read(self, offset: int, data: memoryview) -> None:
         MmioTransport.read(self, offset, data)
-        self.observer.read(self, offset, len(data), int.from_bytes(data, "little"))
+        self.tell("read", offset, len(data), int.from_bytes(data, "little"))
 
     def write(self, offset: int, data: memoryview) -> None:
         value = int.from_bytes(data, "little")
         old = self.status
-        self.observer.write(self, offset, len(data), value)
+        self.tell("write", offset, len(data), value)
         MmioTransport.write(self, offset, data)
-        self.observer.written(self, offset, len(data), value, old)
+        self.tell("written", offset, len(data), value, old)
 
     def set_needs_reset(self, reason: str) -> None:
         MmioTransport.set_needs_reset(self, reason)
-        self.observer.needs_reset(self, reason)
+        self.tell("needs_reset", reason)
 
 
 class _ObservedInterrupt(IrqfdInterrupt):
@@ -140,8 +149,7 @@ class _ObservedInterrupt(IrqfdInterrupt):
 
     def _raise(self, bits: int) -> None:
         IrqfdInterrupt._raise(self, bits)
-        t = self.transport
-        t.observer.interrupt(t, bits)
+        self.transport.tell("interrupt", bits)
 
 
 class _QueueEvents:
@@ -153,13 +161,13 @@ class _QueueEvents:
         self.t = t
 
     def chain_popped(self, queue: Queue, chain: DescriptorChain) -> None:
-        self.t.observer.chain_popped(self.t, queue, chain)
+        self.t.tell("chain_popped", queue, chain)
 
     def chain_rejected(self, queue: Queue, error: VirtQueueError) -> None:
-        self.t.observer.chain_rejected(self.t, queue, error)
+        self.t.tell("chain_rejected", queue, error)
 
     def chain_used(self, queue: Queue, head: int, written: int) -> None:
-        self.t.observer.chain_used(self.t, queue, head, written)
+        self.t.tell("chain_used", queue, head, written)
 
 
 def observe(transport: MmioTransport, observer: Observer, label: str = "") -> ObservedTransport:
