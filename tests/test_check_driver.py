@@ -4,6 +4,7 @@ drivers that keep the rules, and --check-driver=strict fails the run."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -236,3 +237,18 @@ def test_nothing_is_watched_unless_asked_and_a_failing_observer_is_contained() -
     head = drv.publish(writable=[16])
     (used,) = drv.used()  # the device served the chain: the observer's failure is not its
     assert used.id == head and not watched.status & 64
+
+
+def test_with_trace_on_a_violation_is_an_event_right_after_the_access(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    tracer = Tracer(path.open("w"), close=True)
+    checker = DriverChecker()
+    checker.listeners = [tracer]
+    h = DeviceHarness(RngDevice(), observer=Observers([tracer, checker]))
+    h.write32(0x000, 0)  # MagicValue is read-only
+    tracer.close()
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["kind"] for e in events] == ["write", "violation"]
+    assert events[0]["reg"] == "MagicValue"
+    assert events[1] == {**events[1], "rule": "read-only-register", "section": "§4.2.2.2",
+                         "detail": "MagicValue written", "dev": "rng"}
