@@ -33,6 +33,7 @@ from .transport.mmio import (
     INIT_BITS,
     REGISTERS,
     STATUS_TRANSITIONS,
+    features_writable,
 )
 from .transport.observe import ObservedTransport, Observer
 from .virtio import errors as qe
@@ -311,7 +312,7 @@ class DriverChecker(Observer):
         if not d.driver_sel:
             self.violation(t.label, "features-select",
                            "DriverFeatures written before DriverFeaturesSel")
-        if status & (FEATURES_OK | DRIVER_OK | FAILED) or status & INIT_BITS != 3:
+        if not features_writable(status):
             self.violation(t.label, "features-out-of-step",
                            f"DriverFeatures 0x{value:x} written in Status 0x{status:x}")
         page = t.driver_features_sel

@@ -36,7 +36,7 @@ from typing import IO, Any, Final
 from .config import parse_trace_spec
 from .devices.base import VirtioDevice
 from .errors import UsageError
-from .transport.mmio import CONFIG_SPACE_OFFSET, REGISTERS
+from .transport.mmio import CONFIG_SPACE_OFFSET, REGISTERS, features_writable
 from .transport.observe import ObservedTransport, Observer
 from .virtio.chain import DescriptorChain
 from .virtio.errors import VirtQueueError
@@ -169,7 +169,7 @@ class Tracer(Observer):
             return
         if offset == _STATUS:
             new = t.status
-            if value & 8 and not old_status & 8:  # the driver asked for FEATURES_OK
+            if value & 8 and features_writable(old_status):  # the FEATURES_OK step
                 d = t.device
                 self.emit(t, "features", offered=feature_names(d, d.avail_features),
                           acked=feature_names(d, d.acked_features),

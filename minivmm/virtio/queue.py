@@ -14,7 +14,8 @@ Life of a queue, driven by the transport from the driver's register writes:
     ...                                       # the device pops chains
     q.reset()                                 # Status = 0 or QueueReset
 
-``is_valid(mem)`` is the same check as ``activate`` answered as a bool, with no effect.
+``is_valid(mem)`` is the same check as ``activate`` answered as a bool, with no effect;
+``config_error(mem)`` names what is wrong with the configuration (a VirtQueueError).
 Configuration writes while the queue is ready are ignored (virtio-mmio, §4.2.2).
 
 :meth:`Queue.pop` walks and validates one chain (direct or indirect, §2.7.5.3) and returns
