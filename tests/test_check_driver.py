@@ -252,3 +252,10 @@ def test_with_trace_on_a_violation_is_an_event_right_after_the_access(tmp_path: 
     assert events[0]["reg"] == "MagicValue"
     assert events[1] == {**events[1], "rule": "read-only-register", "section": "§4.2.2.2",
                          "detail": "MagicValue written", "dev": "rng"}
+
+
+def test_the_readme_lists_every_rule_as_the_checker_states_it() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| (§[^|]+?) \| ([^|]+?) \|$", readme, re.M)
+    assert {rule: (section, text) for rule, section, text in rows} == {
+        rule: (r.section, r.text) for rule, r in RULES.items()}
