@@ -193,7 +193,7 @@ class Tracer(Observer):
 
     def interrupt(self, t: ObservedTransport, bits: int) -> None:
         self.emit(t, "interrupt", bits=_bits(bits, INTERRUPT_BITS),
-                  status=_bits(t.interrupt.status, INTERRUPT_BITS))
+                  status=_bits(t.interrupt.status | bits, INTERRUPT_BITS))
 
     def chain_popped(self, t: ObservedTransport, queue: Queue, chain: DescriptorChain) -> None:
         desc = []

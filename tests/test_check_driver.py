@@ -259,3 +259,16 @@ def test_the_readme_lists_every_rule_as_the_checker_states_it() -> None:
     rows = re.findall(r"^\| `([a-z0-9-]+)` \| (§[^|]+?) \| ([^|]+?) \|$", readme, re.M)
     assert {rule: (section, text) for rule, section, text in rows} == {
         rule: (r.section, r.text) for rule, r in RULES.items()}
+
+
+def test_a_stopped_queue_is_reported_once_however_often_it_is_popped() -> None:
+    h, checker = harness(Ticking())
+    drv = h.drivers[0]
+    drv.set_avail_idx(drv.avail_idx + 9)  # more than the queue size (8)
+    h.kick(0)
+    q = h.device.queues[0]
+    assert q.broken is not None
+    for _ in range(3):
+        with pytest.raises(type(q.broken)):
+            q.pop()
+    assert checker.found["avail-idx"].count == 1

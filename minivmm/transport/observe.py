@@ -12,7 +12,7 @@ report to an :class:`Observer`:
     write(t, offset, size, value)           before every write (the state it meets)
     written(t, offset, size, value, old)    after it (``old``: Status before the write)
     needs_reset(t, reason)                  DEVICE_NEEDS_RESET set, and why
-    interrupt(t, bits)                      InterruptStatus bits raised, irqfd signalled
+    interrupt(t, bits)                      InterruptStatus bits about to be raised (irqfd)
     chain_popped / chain_rejected / chain_used (t, queue, ...)   the queue engine's
 
 Observers get the transport itself and read its state (``status``, the selectors, the
@@ -148,8 +148,10 @@ class _ObservedInterrupt(IrqfdInterrupt):
     transport: ObservedTransport
 
     def _raise(self, bits: int) -> None:
-        IrqfdInterrupt._raise(self, bits)
+        # Told first: the guest's handler (another thread) may read InterruptStatus as
+        # soon as the irqfd is signalled, and a trace keeps cause before effect.
         self.transport.tell("interrupt", bits)
+        IrqfdInterrupt._raise(self, bits)
 
 
 class _QueueEvents:

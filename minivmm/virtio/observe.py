@@ -44,10 +44,12 @@ class ObservedQueue(Queue):
     observer: QueueObserver
 
     def pop(self) -> DescriptorChain | None:
+        stopped = self.broken
         try:
             chain = Queue.pop(self)
         except VirtQueueError as e:
-            self.observer.chain_rejected(self, e)
+            if e is not stopped:  # a stopped queue raises its error again: reported once
+                self.observer.chain_rejected(self, e)
             raise
         if chain is not None:
             self.observer.chain_popped(self, chain)
