@@ -34,7 +34,10 @@ OPTION_NAMES = {
     "cpus": "--cpus", "console": "--console", "console_device": "--console-device",
     "drives": "--disk", "network_interfaces": "--net", "host_quirks": "--host-quirks",
     "config": "--config", "devices": "--device", "vsock": "--vsock", "acpi": "--acpi",
+    "trace": "--trace", "check_driver": "--check-driver",
 }
+#: ``--check-driver=strict`` found a violation (minivmm.check.CHECK_DRIVER_STATUS)
+CHECK_DRIVER_STATUS = 120
 
 # -- signals: one handler from start-up to the end -------------------------------------
 
@@ -130,6 +133,13 @@ def _add_vm_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--acpi", choices=["on", "off"],
                    help="on (default): ACPI tables describe the machine and the guest can "
                         "power off; off: no tables")
+    r.add_argument("--trace", metavar="virtio[=FILE]",
+                   help="one JSON line per virtio register access, status change, chain, "
+                        "used element and interrupt, on stderr or in FILE (read it with "
+                        "`minivmm trace show`)")
+    r.add_argument("--check-driver", nargs="?", const="on", choices=["on", "strict", "off"],
+                   help="report where the guest's virtio drivers break a virtio 1.2 rule; "
+                        f"strict: and exit with status {CHECK_DRIVER_STATUS} if they did")
     r.add_argument("--host-quirks", choices=["auto", "off"],
                    help="auto (default): on a host whose KVM emulates guest kernel code, "
                         "add the command-line options a Linux guest needs there; off: never")
@@ -155,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .exec_options import add_parser as add_exec_parser
 
     add_exec_parser(sub, _add_vm_options)
+    t = sub.add_parser("trace", help="read a --trace file",
+                       description="Read a trace that `minivmm run --trace virtio=FILE` wrote.")
+    tsub = t.add_subparsers(dest="trace_command", parser_class=_Parser)
+    show = tsub.add_parser("show", help="print a trace for people",
+                           description="Print a virtio trace, one event per line, with time "
+                                       "from the first event, optionally filtered.")
+    show.add_argument("file", metavar="FILE", help="the trace (- for stdin)")
+    show.add_argument("--device", action="append", metavar="NAME",
+                      help="only this device (repeatable): its name (rng), or with its "
+                           "window (rng@0xd0000000)")
+    show.add_argument("--kind", nargs="+", action="extend", metavar="KIND",
+                      help="only these kinds of event (read, write, status, chain, used, "
+                           "interrupt, violation, ...)")
     return p
 
 
@@ -257,6 +280,7 @@ def config_from_args(args: argparse.Namespace) -> VmConfig:
             parse_net(n) for n in args.net),
         "vsock": None if args.vsock is None else parse_vsock(args.vsock),
         "devices": None if args.device is None else parse_devices(args.device),
+        "trace": args.trace, "check_driver": args.check_driver,
     }
     given = {k: v for k, v in given.items() if v is not None}
     from_file = set(fields) - set(given)
@@ -329,6 +353,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             _on_signal = None
         _report(vm, args, result.reason, result.detail)
+        check = vm.driver_check
+        if check is not None and check.strict and check.total:
+            print(f"minivmm: check-driver=strict: exit status {CHECK_DRIVER_STATUS} (the run's "
+                  f"own was {result.status})", file=sys.stderr)
+            return CHECK_DRIVER_STATUS
         return result.status
 
 
@@ -348,6 +377,9 @@ def _report(vm: Vm, args: argparse.Namespace, reason: str, detail: str) -> None:
         say(detail)
     for hint in vm.device_hints():
         say(f"note: {hint}")
+    if vm.driver_check is not None:
+        for line in vm.driver_check.summary(len(vm.virtio.transports)):
+            say(line)
     if args.stats:
         for line in vm.stats_lines():
             print(line, file=sys.stderr)
@@ -374,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("no command given: try 'minivmm run --kernel PATH'")
+        if args.command == "trace":
+            from .trace_show import cmd_trace
+
+            return cmd_trace(args)
         if args.command == "exec":
             from .exec import Hooks, cmd_exec
 

@@ -43,6 +43,8 @@ MAX_CPUS: Final = 64
 CONSOLES: Final = "stdio, none or file:PATH"
 CONSOLE_DEVICES: Final = ("serial", "virtio")
 HOST_QUIRKS: Final = ("auto", "off")
+#: --check-driver: off, on (report violations), strict (and exit with CHECK_DRIVER_STATUS)
+CHECK_DRIVER: Final = ("off", "on", "strict")
 DISK_SERIAL_BYTES: Final = 20
 IFNAMSIZ: Final = 16
 
@@ -135,6 +137,15 @@ def check_ifname(name: str, *, field: str = "tap") -> bytes:
         raise UsageError(f"{name!r}: an interface name may not contain '/', ':', '%' or "
                          "spaces", field=field)
     return raw
+
+
+def parse_trace_spec(spec: str) -> str | None:
+    """``--trace virtio`` -> None (stderr), ``virtio=FILE`` -> FILE; UsageError otherwise."""
+    what, eq, path = spec.partition("=") if isinstance(spec, str) else ("", "", "")
+    if what != "virtio" or (eq and not path):
+        raise UsageError(f"{spec!r}: write virtio or virtio=FILE (the only trace so far)",
+                         field="trace")
+    return path or None
 
 
 def _path(value: object, field: str) -> Path:
@@ -316,6 +327,10 @@ class VmConfig:
     host_quirks: str = "auto"
     #: boot an ELF with a PVH note through PVH (False: its 64-bit entry)
     prefer_pvh: bool = True
+    #: "virtio" (JSON lines on stderr) or "virtio=FILE": trace every virtio device
+    trace: str | None = None
+    #: "on": report where the guest's drivers break virtio 1.2; "strict": and fail the run
+    check_driver: str = "off"
 
     if TYPE_CHECKING:  # what the constructor accepts; the fields hold the normal forms
         def __init__(self, kernel: StrPath, initrd: StrPath | None = None,
@@ -325,7 +340,8 @@ class VmConfig:
                      network_interfaces: Iterable[NetConfig] = (), rng: bool = False,
                      vsock: VsockConfig | None = None,
                      devices: Iterable[DeviceConfig] = (), acpi: bool = True,
-                     host_quirks: str = "auto", prefer_pvh: bool = True) -> None: ...
+                     host_quirks: str = "auto", prefer_pvh: bool = True,
+                     trace: str | None = None, check_driver: str = "off") -> None: ...
 
     def __post_init__(self) -> None:
         _set(self, "kernel", _path(self.kernel, "kernel"))
@@ -346,6 +362,11 @@ class VmConfig:
                              field="console_device")
         if self.host_quirks not in HOST_QUIRKS:
             raise UsageError(f"{self.host_quirks!r}: use auto or off", field="host_quirks")
+        if self.trace is not None:
+            parse_trace_spec(self.trace)
+        if self.check_driver not in CHECK_DRIVER:
+            raise UsageError(f"{self.check_driver!r}: use off, on or strict",
+                             field="check_driver")
         drives = tuple(self.drives)
         nets = tuple(self.network_interfaces)
         devices = tuple(self.devices)

@@ -44,7 +44,8 @@ _FIELDS: Final = {
     "network-interfaces": ("iface_id", "host_dev_name", "guest_mac"),
     "entropy": (),
     "vsock": ("guest_cid", "uds_path", "vsock_id"),
-    "minivmm": ("console", "console_device", "host_quirks", "acpi", "cow_drives", "devices"),
+    "minivmm": ("console", "console_device", "host_quirks", "acpi", "cow_drives", "devices",
+                "trace", "check_driver"),
     "devices": (),
 }
 #: minivmm's names for the fields, for messages about a value (see UsageError.field)
@@ -62,6 +63,8 @@ FIELD_NAMES: Final = {
     "acpi": "minivmm.acpi",
     "vsock": "vsock",
     "devices": "minivmm.devices",
+    "trace": "minivmm.trace",
+    "check_driver": "minivmm.check_driver",
 }
 
 
@@ -218,6 +221,10 @@ def to_firecracker(cfg: VmConfig) -> dict[str, Any]:
     if any(d.cow for d in cfg.drives):
         doc["minivmm"]["cow_drives"] = [d.id or f"drive{i}" for i, d in enumerate(cfg.drives)
                                         if d.cow]
+    if cfg.trace is not None:
+        doc["minivmm"]["trace"] = cfg.trace
+    if cfg.check_driver != "off":
+        doc["minivmm"]["check_driver"] = cfg.check_driver
     if cfg.devices:
         doc["minivmm"]["devices"] = [d.to_dict() for d in cfg.devices]
     return doc

@@ -43,7 +43,9 @@ from .x86.loader import load_kernel
 from .x86.mptable import write_mptable
 
 if TYPE_CHECKING:
+    from .check import DriverChecker
     from .devices.base import VirtioDevice
+    from .transport.observe import Observer
 
 __all__ = ["RunResult", "Timeline", "Vm"]
 
@@ -113,6 +115,7 @@ class Vm:
             # stdin pump still sees Ctrl-A x; the pipe's capacity is the back-pressure.
             self.feeder = PipeFeeder()
             own.callback(self.feeder.close)
+        observer = self._observer(cfg)
         virtio = self._virtio_devices(cfg)
         virtio.extend(extra)
         if cfg.cpus > (os.cpu_count() or 1):
@@ -124,7 +127,7 @@ class Vm:
         self.memory = self.platform.memory
         self.loop = EventLoop(on_error=self._internal_error)
         self.virtio = VirtioMmioDevices(self.platform.vm, self.memory, self.platform.mmio_bus,
-                                        self.loop)
+                                        self.loop, observer)
         own.callback(self.virtio.close)
         own.callback(self.loop.stop)  # LIFO: the device thread ends before devices close
         for dev in virtio:
@@ -145,6 +148,29 @@ class Vm:
                        memory=self.memory, stop=self.stopper,
                        on_first_run=lambda: self.timeline.mark("first KVM_RUN"))
             for vcpu in self.platform.vcpus]
+
+    def _observer(self, cfg: VmConfig) -> Observer | None:
+        """What watches the virtio devices: --check-driver's checker (``driver_check``)
+        and --trace's tracer, or None (then nothing is watched, at no cost)."""
+        self.driver_check: DriverChecker | None = None
+        observers: list[Observer] = []
+        if cfg.trace is not None:
+            from .trace import open_trace
+
+            tracer = open_trace(cfg.trace)
+            self._stack.callback(tracer.close)
+            observers.append(tracer)
+        if cfg.check_driver != "off":
+            from .check import DriverChecker
+
+            self.driver_check = DriverChecker(strict=cfg.check_driver == "strict")
+            self.driver_check.listeners = list(observers)
+            observers.append(self.driver_check)
+        if len(observers) < 2:
+            return observers[0] if observers else None
+        from .transport.observe import Observers
+
+        return Observers(observers)
 
     def _virtio_devices(self, cfg: VmConfig) -> list[VirtioDevice]:
         """The configured devices, opened (user errors surface here), each closed with

@@ -52,6 +52,13 @@ def make_disk(path: Path) -> Path:
 def run_until(cmd: list[str], marker: str, timeout: float) -> tuple[str, float]:
     """Run a VMM, return (console output, seconds to marker); stop it (SIGTERM, then
     SIGKILL) once the marker line is out."""
+    text, _, elapsed = run_until_stopped(cmd, marker, timeout)
+    return text, elapsed
+
+
+def run_until_stopped(cmd: list[str], marker: str, timeout: float) -> tuple[str, str, float]:
+    """run_until, also returning what the VMM printed after the marker until it ended
+    (its end-of-run report: --check-driver's summary, --stats)."""
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -81,12 +88,14 @@ def run_until(cmd: list[str], marker: str, timeout: float) -> tuple[str, float]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        os.set_blocking(proc.stdout.fileno(), True)
+        tail = proc.stdout.read().decode(errors="replace").replace("\r", "")
         proc.stdout.close()
     text = out.decode(errors="replace").replace("\r", "")
     if elapsed < 0:
         why = "the VMM exited" if time.monotonic() - start < timeout else f"{timeout:.0f} s passed"
         pytest.fail(f"no {marker!r} on the console ({why}); console:\n{text[-4000:]}")
-    return text, elapsed
+    return text, tail, elapsed
 
 
 def check_lines(console: str) -> dict[str, list[str]]:

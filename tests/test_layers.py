@@ -77,15 +77,18 @@ LAYERS = (
     # would run for either, so it imports nothing.
     _layer("shared-package", ["minivmm.devices"], [],
            "a package whose modules live in both stacks"),
+    # Watching the virtio stack: --trace and --check-driver (observers of the transport).
+    _layer("observe", ["minivmm.trace", "minivmm.trace_show", "minivmm.check"],
+           [LEAVES, *VIRTIO], "the virtio trace and the driver checker"),
     _layer("console", ["minivmm.console"], [LEAVES],
            "console sinks, the raw terminal and the input pump (independent of KVM)"),
     # What joins the stacks: the VM, and the placement of virtio-mmio devices on the
     # platform (MMIO windows from x86.layout, on the MMIO bus, with KVM ioeventfds/irqfds).
     _layer("join", ["minivmm.vm", "minivmm.transport.placement"],
-           [LEAVES, *PLATFORM, *VIRTIO, "console"], "what joins the two stacks"),
+           [LEAVES, *PLATFORM, *VIRTIO, "console", "observe"], "what joins the two stacks"),
     _layer("front-ends", ["minivmm", "minivmm.cli", "minivmm.__main__", "minivmm.firecracker",
                           "minivmm.exec", "minivmm.exec_options", "minivmm.guest"],
-           [LEAVES, *PLATFORM, *VIRTIO, "console", "join", "shared-package"],
+           [LEAVES, *PLATFORM, *VIRTIO, "console", "join", "shared-package", "observe"],
            "the public API package, the command line, the Firecracker config reader"),
 )
 BY_NAME = {layer.name: layer for layer in LAYERS}
@@ -315,8 +318,8 @@ def test_a_violation_names_both_modules_and_the_rule() -> None:
         "minivmm.vm imports minivmm.cli: nothing imports minivmm.cli (only `python -m "
         "minivmm`, minivmm.__main__, runs it)",
         "minivmm.vm imports minivmm.cli: layer 'join' (what joins the two stacks) may import "
-        "bus, console, devices, engine, kvm, leaves, machine, memory, transport, x86; not "
-        "layer 'front-ends' (the public API package, the command line, the Firecracker "
+        "bus, console, devices, engine, kvm, leaves, machine, memory, observe, transport, x86; "
+        "not layer 'front-ends' (the public API package, the command line, the Firecracker "
         "config reader)",
     ]
 

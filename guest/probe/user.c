@@ -537,6 +537,7 @@ static const struct check checks[] = {
 	{ "features_refused", check_features_refused, 0 },
 	{ "bad_chain", check_bad_chain, 0 },
 	{ "reset", check_reset, 0 },
+	{ "bad_driver", check_bad_driver, 0 },
 	{ "net", check_net, 0 },
 	{ "bench", check_bench, 0 },
 	{ "smp", check_smp, 0 },

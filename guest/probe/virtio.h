@@ -238,5 +238,7 @@ void check_console(const char *name);
 void check_features_refused(const char *name);
 void check_bad_chain(const char *name);
 void check_reset(const char *name);
+/* badrv.c: a driver that breaks the rules on purpose (for --check-driver) */
+void check_bad_driver(const char *name);
 
 #endif

@@ -62,6 +62,11 @@ STATUS_TRANSITIONS: Final[dict[int, int]] = {
 }
 
 
+def features_writable(status: int) -> bool:
+    """DriverFeatures belongs to the DRIVER step of §3.1.1: after DRIVER, before FEATURES_OK."""
+    return status & INIT_BITS == ACKNOWLEDGE | DRIVER
+
+
 @dataclass(frozen=True)
 class Register:
     name: str
@@ -254,7 +259,7 @@ class MmioTransport:
         self.device_features_sel = v
 
     def _write_driverFeatures(self, v: int) -> None:
-        if self.status & FEATURES_OK or self.status & INIT_BITS != ACKNOWLEDGE | DRIVER:
+        if not features_writable(self.status):
             self.log("%s: DriverFeatures written in status 0x%x; ignored",
                      self.device.name, self.status)
             return

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..kvm import Vm
     from ..virtio.mem import GuestMemoryLike
     from .mmio import MmioTransport
+    from .observe import Observer
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,11 @@ class Slot:
 class VirtioMmioDevices:
     """The virtio-mmio devices of one VM."""
 
-    def __init__(self, vm: Vm, memory: GuestMemoryLike, mmio_bus: Bus, loop: EventLoop) -> None:
+    def __init__(self, vm: Vm, memory: GuestMemoryLike, mmio_bus: Bus, loop: EventLoop,
+                 observer: Observer | None = None) -> None:
         self.vm = vm
+        #: --trace / --check-driver (minivmm.transport.observe): every device reports to it
+        self.observer = observer
         self.memory = memory
         self.bus = mmio_bus
         self.loop = loop
@@ -66,10 +70,15 @@ class VirtioMmioDevices:
         self.vm.irqfd(irq_fd, slot.irq)
         transport = MmioTransport(device, self.memory, irq_fd,
                                   on_activate=self._activated, on_reset=self._deactivated)
+        if self.observer is not None:  # kicks then exit as QueueNotify writes (no ioeventfd)
+            from .observe import observe
+
+            observe(transport, self.observer, f"{device.name}@0x{slot.base:x}")
         self.bus.register(slot.base, layout.VIRTIO_MMIO_SIZE, transport)
         device.fd_watch = functools.partial(self._watch_fd, device)
         for qi, fd in enumerate(device.queue_events):
-            self.vm.ioeventfd(fd, slot.base + NOTIFY_OFFSET, 4, datamatch=qi)
+            if self.observer is None:
+                self.vm.ioeventfd(fd, slot.base + NOTIFY_OFFSET, 4, datamatch=qi)
             self.loop.add_reader(fd, self._kicker(device, qi, fd))
         self.transports.append((slot, transport))
         return slot

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from ..devices.base import VIRTIO_F_VERSION_1, VirtioDevice
 from ..virtio.testing import FakeDriver, FakeGuestMemory
 from .mmio import ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, MmioTransport
+from .observe import Observer, observe
 
 _U32 = struct.Struct("<I")
 _QUEUE_SPAN = 2 << 20  # guest memory each queue's rings and heap occupy
@@ -35,12 +36,14 @@ class DeviceHarness:
     """One device, its transport, and a fake driver per queue."""
 
     def __init__(self, device: VirtioDevice, *, queue_size: int | None = None,
-                 event_idx: bool = False) -> None:
+                 event_idx: bool = False, observer: Observer | None = None) -> None:
         self.device = device
         nq = len(device.queues)
         self.memory = FakeGuestMemory(((0, _QUEUE_SPAN * max(nq, 1)),))
         self._irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.transport = MmioTransport(device, self.memory, self._irq_fd)
+        if observer is not None:  # a Tracer, a DriverChecker (minivmm.transport.observe)
+            observe(self.transport, observer)
         self.drivers = [
             FakeDriver(queue_size or min(q.max_size, 256), mem=self.memory,
                        base=i * _QUEUE_SPAN, heap_size=_QUEUE_SPAN - (256 << 10),

@@ -20,6 +20,8 @@ Layers, each a module, each using only those before it:
              chains are built), return_chain (the one used-ring publisher, behind
              add_used and every chain's completion), EVENT_IDX notification suppression
     util     BufferedNotify (batched interrupts) and ChainStream (asyncio chains)
+    observe  ObservedQueue: reports chains popped, rejected and used to an observer (a
+             trace, a driver checker); a queue nobody observes runs the code above untouched
     testing  FakeGuestMemory and FakeDriver: the guest side, for tests with no VM,
              able to break every rule on purpose
 

@@ -14,7 +14,8 @@ Life of a queue, driven by the transport from the driver's register writes:
     ...                                       # the device pops chains
     q.reset()                                 # Status = 0 or QueueReset
 
-``is_valid(mem)`` is the same check as ``activate`` answered as a bool, with no effect.
+``is_valid(mem)`` is the same check as ``activate`` answered as a bool, with no effect;
+``config_error(mem)`` names what is wrong with the configuration (a VirtQueueError).
 Configuration writes while the queue is ready are ignored (virtio-mmio, §4.2.2).
 
 :meth:`Queue.pop` walks and validates one chain (direct or indirect, §2.7.5.3) and returns
@@ -121,6 +122,7 @@ class Queue:
         "_walk",
         "broken",
         "index",
+        "observer",  # unset unless observed (minivmm.virtio.observe)
     )
 
     def __init__(self, max_size: int, index: int = 0) -> None:
@@ -233,6 +235,9 @@ class Queue:
     def _check(self, mem: GuestMemoryLike) -> tuple[memoryview, memoryview, memoryview]:
         if not self._ready:
             raise QueueNotReady(self.index)
+        return self._check_config(mem)
+
+    def _check_config(self, mem: GuestMemoryLike) -> tuple[memoryview, memoryview, memoryview]:
         size = self._size
         if not ring.is_valid_size(size, self._max_size):
             raise InvalidQueueSize(self.index, size, self._max_size)
@@ -255,11 +260,16 @@ class Queue:
 
     def is_valid(self, mem: GuestMemoryLike) -> bool:
         """Whether ``activate(mem)`` would succeed (no side effects)."""
+        return self._ready and self.config_error(mem) is None
+
+    def config_error(self, mem: GuestMemoryLike) -> VirtQueueError | None:
+        """What is wrong with the size and ring addresses the driver wrote, ready or not:
+        InvalidQueueSize, MisalignedRing or RingOutsideMemory; None if nothing."""
         try:
-            self._check(mem)
-        except VirtQueueError:
-            return False
-        return True
+            self._check_config(mem)
+        except VirtQueueError as e:
+            return e
+        return None
 
     def activate(self, mem: GuestMemoryLike) -> None:
         """Validate the configuration and start serving the rings (at DRIVER_OK).
