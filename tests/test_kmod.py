@@ -124,7 +124,7 @@ def test_zstd_modules_left_for_the_kernel_without_a_zstd_module(
     (tree / "bad.ko.xz").write_bytes(b"not xz")
     with pytest.raises(UsageError, match="cannot decompress"):
         kmod.module_file(tree, "bad.ko.xz")
-    with pytest.raises(UsageError, match="missing.ko: cannot read the module"):
+    with pytest.raises(UsageError, match=r"missing\.ko: cannot read the module"):
         kmod.module_file(tree, "missing.ko")
 
 
@@ -157,8 +157,8 @@ def test_no_vsock_anywhere_is_a_usage_error(tmp_path: Path) -> None:
     assert memo.read_text() == "0"
     # a tree without the vsock modules says which are missing
     tree = make_tree(tmp_path / VERSION, drop="vmw_vsock_virtio_transport")
-    with pytest.raises(UsageError, match="vmw_vsock_virtio_transport neither built in nor a "
-                                         "module in .*CONFIG_VIRTIO_VSOCKETS"):
+    with pytest.raises(UsageError, match=r"vmw_vsock_virtio_transport neither built in nor a "
+                                         r"module in .*CONFIG_VIRTIO_VSOCKETS"):
         kmod.vsock_modules(kernel, tree)
     with pytest.raises(UsageError, match=r"--modules .*: no modules\.dep in"):
         kmod.vsock_modules(kernel, tmp_path / "cache")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from minivmm.kmod import ModuleTree, canon  # noqa: E402  (this checkout's minivmm)
+from minivmm.kmod import ModuleTree, canon  # this checkout's minivmm
 
 
 def main(argv: list[str]) -> int:
