@@ -320,7 +320,23 @@ def vsock_modules(kernel: Path, given: Path | None = None) -> list[tuple[str, by
         order = tree.load_order(VSOCK_MODULES)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return [module_file(tree_dir, tree.paths[name]) for name in order]
+    modules = [module_file(tree_dir, tree.paths[name]) for name in order]
+    for (_, data), name in zip(modules, order, strict=True):
+        built_for = vermagic(data)
+        if version and built_for and built_for != version:
+            raise UsageError(f"{tree_dir / tree.paths[name]} is built for Linux {built_for}, "
+                             f"{label}: name the tree of that kernel with --modules DIR")
+    return modules
+
+
+def vermagic(data: bytes) -> str | None:
+    """The kernel release a module was built for (the first word of its .modinfo
+    ``vermagic=``), or None (compressed, or none found)."""
+    at = data.find(b"\0vermagic=")
+    if at < 0:
+        return None
+    words = data[at + 10:data.find(b"\0", at + 10)].split()
+    return words[0].decode(errors="replace") if words else None
 
 
 def pack(archive: Archive, modules: Sequence[tuple[str, bytes]]) -> None:

@@ -46,8 +46,9 @@ COMPRESS: dict[str, Callable[[bytes], bytes]] = {
     "": lambda b: b, ".xz": lzma.compress, ".gz": gzip.compress}
 
 
-def content(name: str) -> bytes:
-    return b"\x7fELF module " + name.encode() * 50
+def content(name: str, version: str = VERSION) -> bytes:
+    return (b"\x7fELF module " + name.encode() * 50 + b"\0license=GPL\0vermagic="
+            + version.encode() + b" SMP preempt mod_unload modversions \0")
 
 
 def make_tree(root: Path, z: str = "", builtin: str = "", drop: str = "") -> Path:
@@ -162,6 +163,15 @@ def test_no_vsock_anywhere_is_a_usage_error(tmp_path: Path) -> None:
         kmod.vsock_modules(kernel, tree)
     with pytest.raises(UsageError, match=r"--modules .*: no modules\.dep in"):
         kmod.vsock_modules(kernel, tmp_path / "cache")
+
+
+def test_modules_of_another_kernel_are_a_usage_error(tmp_path: Path) -> None:
+    kernel = make_bzimage(tmp_path / "bzImage", b"", version="6.1.0-98-amd64")
+    tree = make_tree(tmp_path / "t")  # built for VERSION, found as --modules DIR itself
+    with pytest.raises(UsageError, match=rf"virtio_ring\.ko is built for Linux {VERSION}, "
+                                         r".*\(Linux 6\.1\.0-98-amd64\)"):
+        kmod.vsock_modules(kernel, tree)
+    assert kmod.vermagic(b"no modinfo") is None
 
 
 @pytest.mark.parametrize("compress", [gzip.compress, lzma.compress])
