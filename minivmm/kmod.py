@@ -20,6 +20,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import itertools
 import lzma
 import mmap
 import os
@@ -197,14 +198,14 @@ def image_contains(kernel: Path, needle: bytes) -> bool | None:
         if not _is_bzimage(head):
             return None
         offset, length = struct.unpack_from("<II", head, _PAYLOAD)
-        f.seek((head[_SETUP_SECTS] or 4) * 512 + 512 + offset)
+        f.seek((head[_SETUP_SECTS] or 4) * 512 + 512 + offset)  # 0 means 4 (boot.rst)
         first = f.read(min(length, 16))
         dec = _decompressor(first)
         if dec is None or not length:
             return None
         tail = b""
         try:
-            for chunk in _with_first(first, _chunks(f, length - len(first))):
+            for chunk in itertools.chain([first], _chunks(f, length - len(first))):
                 out = tail + dec.decompress(chunk)
                 if needle in out:
                     return True
@@ -239,11 +240,6 @@ def has_vsock_driver(kernel: Path) -> bool | None:
         except OSError:
             pass  # a read-only cache: ask the image again next time
     return found
-
-
-def _with_first(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield first
-    yield from rest
 
 
 # -- the modules ------------------------------------------------------------------------
