@@ -224,7 +224,10 @@ def has_vsock_driver(kernel: Path) -> bool | None:
     st = kernel.stat()
     key = hashlib.sha256(f"{kernel.resolve()}:{st.st_dev}:{st.st_ino}:{st.st_size}:"
                          f"{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    cache = Path(os.environ.get("MINIVMM_CACHE") or Path.home() / ".cache" / "minivmm")
+    try:
+        cache = Path(os.environ.get("MINIVMM_CACHE") or Path.home() / ".cache" / "minivmm")
+    except RuntimeError:  # no home directory: nowhere to remember it
+        return image_contains(kernel, VSOCK_DRIVER)
     memo = cache / "kernel-vsock" / key
     try:
         return {"1": True, "0": False}[memo.read_text()]
