@@ -2,7 +2,8 @@
 
     python -m bench [--reps N] [--smoke] [--no-io-uring] [--out DIR]
     python -m bench --hwvirt [--reps N]   Linux boot time on a hardware-virtualization KVM
-                                          (bench/hwvirt.py; in L1 on kvm_pvm hosts)
+                                          (bench/hwvirt.py; in L1 on kvm_pvm hosts;
+                                          --exec: `minivmm exec -- true` instead)
 
 Builds the probe (into bench/out/, from guest/probe) and the C floor (bench/floor.c,
 gcc), copies minivmm/ to bench/out/snapshot/ and runs it from there (the workspace is
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "bench" / "out"), help="build/output dir")
     p.add_argument("--hwvirt", action="store_true",
                    help="Linux boot time, minivmm vs QEMU, on a hardware-virtualization KVM "
-                        "(bench/hwvirt.py; takes --reps)")
+                        "(bench/hwvirt.py; takes --reps and --exec)")
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error("--reps must be at least 1")

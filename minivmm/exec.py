@@ -100,18 +100,21 @@ def _collect(uds: Path, collects: Sequence[tuple[str, Path]],
 
 
 def agent_archive(agent: Path, adds: Sequence[tuple[Path, str]] = (),
-                  limit: int | None = None) -> bytes:
+                  limit: int | None = None,
+                  modules: Sequence[tuple[str, bytes]] = ()) -> bytes:
     """The cpio archive appended to the initramfs: the agent as /init, what it needs when
-    there is no other initramfs (a /dev/console for the kernel to open), and the
-    ``adds`` (host path, guest path without the leading /). UsageError when the added
-    files pass ``limit`` bytes."""
+    there is no other initramfs (a /dev/console for the kernel to open), the kernel
+    ``modules`` it loads first (minivmm.kmod), and the ``adds`` (host path, guest path
+    without the leading /). UsageError when the added files pass ``limit`` bytes."""
     from .cpio import Archive
+    from .kmod import pack
 
     a = Archive()
     for d in ("dev", "proc", "sys", "tmp", "root"):
         a.directory(d, 0o1777 if d == "tmp" else 0o755)
     a.char_device("dev/console", 0o600, 5, 1)
     a.file("init", agent.read_bytes(), 0o755)
+    pack(a, modules)
     made = {"dev", "proc", "sys", "tmp", "root"}
     start = a.size
     for host, guest in adds:
@@ -184,14 +187,17 @@ def _pump_stdin(ex: Any) -> None:
 
 
 def prepare(cfg: VmConfig, tmp: Path, agent: Path, *, keep_console: bool = False,
-            adds: Sequence[tuple[Path, str]] = ()) -> tuple[VmConfig, Path | None]:
+            adds: Sequence[tuple[Path, str]] = (),
+            modules: Path | None = None) -> tuple[VmConfig, Path | None]:
     """``cfg`` made ready for the agent, with its files in the directory ``tmp``: the
     initramfs with the agent's archive appended, a vsock device if it has none, ``quiet``
     on a default command line, and (unless ``keep_console``) the console in a file.
-    ``adds`` go into the archive too. Returns the new config and that console file (None
-    when kept)."""
+    ``adds`` go into the archive too, and the vsock modules of the kernel's module tree
+    (``modules``, else /lib/modules/<its version>) when it needs them. Returns the new
+    config and that console file (None when kept)."""
     from .config import VsockConfig
     from .cpio import append_to
+    from .kmod import vsock_modules
 
     changes: dict[str, Any] = {}
     console_log = None
@@ -203,7 +209,8 @@ def prepare(cfg: VmConfig, tmp: Path, agent: Path, *, keep_console: bool = False
     if cfg.cmdline is None:  # the console is a file nobody watches: keep it short
         changes["cmdline"] = cfg.base_cmdline() + " quiet"
     initrd = tmp / "initrd"
-    append_to(initrd, cfg.initrd, agent_archive(agent, adds, limit=cfg.mem // 2))
+    append_to(initrd, cfg.initrd, agent_archive(agent, adds, limit=cfg.mem // 2,
+                                                modules=vsock_modules(cfg.kernel, modules)))
     changes["initrd"] = initrd
     return cfg.replace(**changes), console_log
 
@@ -238,7 +245,8 @@ def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
         if args.console is not None and cfg.console.startswith("file:"):
             console_log = Path(cfg.console.removeprefix("file:"))
         cfg, own_log = prepare(cfg, Path(tmp), agent, keep_console=args.console is not None,
-                               adds=adds)
+                               adds=adds,
+                               modules=None if args.modules is None else Path(args.modules))
         console_log = own_log or console_log
         assert cfg.vsock is not None
         outcome = _run(cfg, cfg.vsock.uds_path, argv, env, args, hooks, collects)

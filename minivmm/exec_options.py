@@ -44,5 +44,8 @@ def add_parser(sub: Any, add_vm_options: Callable[[argparse.ArgumentParser], Non
     e.add_argument("--agent", metavar="PATH",
                    help=f"the guest agent binary (default: ${AGENT_ENV}, else "
                         "guest/out/minivmm-agent of this source tree)")
+    e.add_argument("--modules", metavar="DIR",
+                   help="the kernel's module tree, for a vsock driver built as modules "
+                        "(default /lib/modules/VERSION of the kernel's version)")
     e.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     e.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")

@@ -61,7 +61,10 @@ class Guest:
     """A booted guest (the constructor returns once its agent listens)."""
 
     def __init__(self, config: VmConfig, *, agent: str | os.PathLike[str] | None = None,
-                 boot_timeout: float = 300.0) -> None:
+                 boot_timeout: float = 300.0,
+                 modules: str | os.PathLike[str] | None = None) -> None:
+        """``modules``: the kernel's module tree when its vsock driver is a module and
+        /lib/modules/<its version> is not that tree (README "CI boot tests")."""
         from .agent import ReadyListener
         from .exec import find_agent, prepare
         from .vm import Vm
@@ -71,7 +74,8 @@ class Guest:
         try:
             keep = config.console.startswith("file:")
             cfg, log = prepare(config, Path(self._tmp.name), find_agent(
-                None if agent is None else Path(agent)), keep_console=keep)
+                None if agent is None else Path(agent)), keep_console=keep,
+                modules=None if modules is None else Path(modules))
             self._console = log or Path(cfg.console.removeprefix("file:"))
             assert cfg.vsock is not None
             self._uds = cfg.vsock.uds_path

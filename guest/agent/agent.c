@@ -13,7 +13,7 @@
  * PID 1 ignores SIGCHLD, so the kernel reaps its children and every orphan
  * re-parented to it.
  *
- * Build: guest/agent/build.sh OUTDIR (gcc -static -O2 agent.c proto.c)
+ * Build: guest/agent/build.sh OUTDIR (gcc -static -O2 agent.c proto.c modload.c)
  */
 #include "agent.h"
 
@@ -330,6 +330,7 @@ static void as_init(void)
 	setenv("PATH", DEFAULT_PATH, 1);
 	setenv("HOME", "/root", 1);
 	signal(SIGCHLD, SIG_IGN); /* the kernel reaps children and orphans */
+	load_modules(); /* a stock kernel's vsock driver (modload.c) */
 }
 
 /* Tell the host we listen: one connection to its (CID 2) same port, closed at once.

@@ -52,5 +52,6 @@ int send_frame(int fd, int type, const void *data, uint32_t len);
 int send_u32(int fd, int type, uint32_t v);
 void fail(int fd, int err, const char *fmt, ...) __attribute__((noreturn, format(printf, 3, 4)));
 int recv_frame(int fd, struct frame *f, uint32_t max);
+void load_modules(void); /* modload.c */
 
 #endif

@@ -5,6 +5,9 @@
 #                                   OUTDIR/hwvirt/initramfs-l1.cpio    L1's /init (init-l1)
 #                                   OUTDIR/hwvirt/initramfs-stock.cpio the stock kernel as a
 #                                                                      minivmm guest (init-stock)
+#                                   OUTDIR/hwvirt/modules/<kver>/      its module tree, pruned:
+#                                        modules.dep, modules.builtin and the virtio and
+#                                        vsock modules (`minivmm exec --modules`)
 #
 # The kernel is the linux-image-6.1.0-N-amd64-unsigned that linux-image-amd64 depends
 # on, resolved now (`apt-get update` first if apt does not know it), fetched with
@@ -59,6 +62,7 @@ key=$(
         gcc --version | head -n1
         echo "${CFLAGS[*]}"
     } | cache_key hwvirt "$0" "$guest/cache.sh" "$guest/mkcpio.py" "$here/modules.py" \
+        "$guest/../minivmm/kmod.py" \
         "$here/init-l1" "$here/init-stock" "$guest/initramfs/check-init.c"
 )
 entry=$MINIVMM_CACHE/$key
@@ -67,6 +71,8 @@ link_results() {
     for f in "${results[@]}"; do
         link_out "$entry" "$f" "$outdir/hwvirt/$f"
     done
+    [ -d "$entry/modules" ] || die "cache entry $entry lacks modules/; delete it and rebuild"
+    ln -sfn "$entry/modules" "$outdir/hwvirt/modules"
     echo "$package $version" >"$outdir/hwvirt/.kernel-package.tmp"
     mv "$outdir/hwvirt/.kernel-package.tmp" "$outdir/hwvirt/kernel-package"
 }
@@ -134,6 +140,15 @@ initramfs initramfs-l1 "$here/init-l1" "sh mount umount insmod mkdir chroot powe
     virtio_pci virtio_console 9pnet_virtio 9p overlay kvm ccp kvm_amd=nested=1,npt=1 tun
 initramfs initramfs-stock "$here/init-stock" "sh mount insmod ip ping timeout" \
     virtio_mmio virtio_blk virtio_rng virtio_console virtio_net
+# The module tree minivmm exec reads for the stock kernel (tests/hwvirt/test_exec.py):
+# depmod's index files and the module directories its vsock driver comes from.
+tree=$tmp/modules/$kver
+mkdir -p "$tree"
+cp "$mods"/modules.dep "$mods"/modules.builtin "$mods"/modules.order "$tree/"
+for d in kernel/drivers/virtio kernel/net/vmw_vsock; do
+    mkdir -p "$tree/$d"
+    cp -r "$mods/$d/." "$tree/$d/"
+done
 rm -rf "$tmp/pkg"
 echo "$package $version" >"$tmp/kernel-package"
 touch "$tmp/.done"

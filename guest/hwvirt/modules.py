@@ -7,8 +7,9 @@ MODULES_DIR is an unpacked /lib/modules/<version> with modules.dep (depmod -b).
 NAME is a module name (``kvm_amd`` and ``kvm-amd`` are the same module); ARGS, if
 given, are its parameters (``kvm_amd=nested=1,npt=1`` -> ``nested=1 npt=1``).
 Output: one line per module, dependencies first (depth-first over modules.dep, each
-module once), ``<path relative to MODULES_DIR> [params...]``. A module built into the
-kernel (modules.builtin) prints nothing; an unknown one is an error (exit 1).
+module once: minivmm.kmod.ModuleTree, which `minivmm exec` uses too),
+``<path relative to MODULES_DIR> [params...]``. A module built into the kernel
+(modules.builtin) prints nothing; an unknown one is an error (exit 1).
 """
 
 from __future__ import annotations
@@ -16,50 +17,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
-def canon(name: str) -> str:
-    return name.replace("-", "_")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from minivmm.kmod import ModuleTree, canon  # this checkout's minivmm
 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3:
         print(f"usage: {argv[0]} MODULES_DIR NAME[=ARGS]...", file=sys.stderr)
         return 2
-    root = Path(argv[1])
-    deps: dict[str, list[str]] = {}
-    path_of: dict[str, str] = {}
-    for line in (root / "modules.dep").read_text().splitlines():
-        target, _, rest = line.partition(":")
-        name = canon(Path(target).name.split(".ko")[0])
-        path_of[name] = target
-        deps[name] = [canon(Path(d).name.split(".ko")[0]) for d in rest.split()]
-    builtin = {canon(Path(line).name.split(".ko")[0])
-               for line in (root / "modules.builtin").read_text().split()}
-
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        for dep in deps[name]:
-            visit(dep)
-        order.append(name)
-
+    tree = ModuleTree.read(Path(argv[1]))
     params: dict[str, str] = {}
     for arg in argv[2:]:
         raw, _, args = arg.partition("=")
-        name = canon(raw)
-        if name in builtin:
-            continue
-        if name not in deps:
-            print(f"modules.py: no module {raw!r} in {root}", file=sys.stderr)
-            return 1
-        params[name] = args.replace(",", " ")
-        visit(name)
+        params[canon(raw)] = args.replace(",", " ")
+    try:
+        order = tree.load_order(params)
+    except ValueError as e:
+        print(f"modules.py: {e}", file=sys.stderr)
+        return 1
     for name in order:
-        print(f"{path_of[name]} {params.get(name, '')}".rstrip())
+        print(f"{tree.paths[name]} {params.get(name, '')}".rstrip())
     return 0
 
 
