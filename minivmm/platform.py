@@ -12,6 +12,7 @@ wiring (minivmm.vm) puts devices on them.
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from typing import Final, TypeVar
 
@@ -53,12 +54,15 @@ class IrqLine:
 class Platform:
     """KVM VM + memory + irqchip + PIT + vCPUs, released together."""
 
-    def __init__(self, mem_size: int, *, cpus: int = 1) -> None:
+    def __init__(self, mem_size: int, *, cpus: int = 1,
+                 ram_file: str | os.PathLike[str] | None = None) -> None:
+        """``ram_file``: guest RAM from a snapshot's RAM file (copy-on-write) instead of
+        zeroed memory."""
         self._stack = ExitStack()
         self._closed = False
         with ExitStack() as building:
             building.callback(self.close)
-            self.memory = GuestMemory(mem_size, gap=layout.MMIO_GAP)
+            self.memory = GuestMemory(mem_size, gap=layout.MMIO_GAP, backing=ram_file)
             # Registered first, so unmapped last: after the VM that uses it is gone.
             self._stack.callback(self.memory.close)
             self.system = self._own(System())
