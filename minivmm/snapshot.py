@@ -24,6 +24,7 @@ not fit is a :class:`SnapshotError` (a UsageError, ``field="snapshot"``) with on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -204,6 +205,17 @@ class Snapshot:
     def cmdline(self) -> str:
         return str(self.manifest["cmdline"])
 
+    def with_overrides(self, **overrides: Any) -> Snapshot:
+        """The same snapshot with its VmConfig's fields in :data:`OVERRIDABLE` changed
+        (how the machine reaches the host); any other field is a UsageError."""
+        if not overrides:
+            return self
+        bad = sorted(set(overrides) - set(OVERRIDABLE))
+        if bad:
+            raise UsageError(f"{', '.join(bad)} cannot change on restore (only "
+                             f"{', '.join(OVERRIDABLE)} can)", field=bad[0])
+        return dataclasses.replace(self, config=self.config.replace(**overrides))
+
 
 def _read_blob(directory: Path, name: str, meta: object) -> bytes:
     if not isinstance(meta, dict) or not isinstance(meta.get("size"), int):
@@ -253,21 +265,15 @@ def _manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def load(path: str | os.PathLike[str], **overrides: Any) -> Snapshot:
-    """Read and check the snapshot at ``path``; its VmConfig with ``overrides`` (fields
-    in :data:`OVERRIDABLE`) applied."""
+def load(path: str | os.PathLike[str]) -> Snapshot:
+    """Read and check the snapshot at ``path`` (SnapshotError if it is not one this
+    minivmm reads)."""
     directory = Path(path)
     manifest = _manifest(directory)
-    bad = sorted(set(overrides) - set(OVERRIDABLE))
-    if bad:
-        raise UsageError(f"{', '.join(bad)} cannot change on restore (only "
-                         f"{', '.join(OVERRIDABLE)} can)", field=bad[0])
     try:
         config = VmConfig.from_dict(manifest["config"])
     except UsageError as e:
         raise SnapshotError(f"the manifest's configuration: {e.for_option({})}") from None
-    if overrides:
-        config = config.replace(**overrides)
     mem = manifest["memory"]
     if mem.get("size") != config.mem or mem.get("file") != RAM_FILE:
         raise SnapshotError("the manifest's memory does not match its configuration")

@@ -141,7 +141,7 @@ class Vm:
 
         timeline = timeline or Timeline()
         timeline.mark("restore")
-        snap = load(path, **overrides)
+        snap = load(path).with_overrides(**overrides)
         return cls(snap.config, devices=devices, setup_hooks=setup_hooks, timeline=timeline,
                    _snapshot=snap)
 
