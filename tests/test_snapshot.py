@@ -1,0 +1,235 @@
+"""Snapshots in real VMs: the probe's counting loop (probe.check=snapshot) is saved part
+way and the restored VM prints exactly what the original printed after that point, its
+devices working on the restored rings; clones run in parallel and diverge; pause holds
+the guest; the command line saves on SIGUSR2 and restores; broken snapshots are one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from guests import ROOT, guest_artifact, run_minivmm
+from test_dev_blk import make_image, pattern
+
+import minivmm
+
+pytestmark = pytest.mark.kvm
+SNAP_SECTOR = 16  # guest/probe/snap.c
+STEP = re.compile(rb"probe: snapshot step \d+/\d+ h=0x[0-9a-f]+\r?\n")
+
+
+def wait_for(log: Path, text: bytes, vm: minivmm.Vm, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (log.read_bytes() if log.exists() else b""):
+        assert vm.stopper.result is None, (vm.stopper.result, log.read_bytes()[-2000:])
+        assert time.monotonic() < deadline, f"no {text!r} in {log}"
+        time.sleep(0.01)
+
+
+def probe_config(log: Path, checks: str, steps: int, **kw: object) -> minivmm.VmConfig:
+    return minivmm.VmConfig(
+        kernel=guest_artifact("probe.elf"), console=f"file:{log}",
+        cmdline=f"console=ttyS0 probe.check={checks} probe.snap_steps={steps} "
+                + str(kw.pop("extra", "")), **kw)  # type: ignore[arg-type]
+
+
+def steps_of(data: bytes) -> list[bytes]:
+    return STEP.findall(data)
+
+
+def check_line(data: bytes, name: str) -> str:
+    m = re.search(rb"probe: check " + name.encode() + rb" (.*?)\r?\n", data)
+    assert m, data[-1500:]
+    return m.group(1).decode()
+
+
+def test_restored_vm_continues_exactly_and_its_devices_work(tmp_path: Path) -> None:
+    """rng, blk and virtio-console before and after; the blk write acknowledged before
+    the snapshot is in the image as it was at the snapshot."""
+    img = make_image(tmp_path / "disk.img", seed=5)
+    log = tmp_path / "orig.log"
+    cfg = probe_config(log, "snapshot,rng,blk,console", 16, rng=True,
+                       drives=[minivmm.DriveConfig(img)], console_device="virtio",
+                       extra="probe.blk_pattern=5 probe.strict=1")
+    with minivmm.Vm(cfg) as vm:
+        vm.start()
+        wait_for(log, b"step 3/", vm)
+        vm.snapshot(tmp_path / "snap", resume=False)
+        at_snapshot = log.read_bytes()
+        shutil.copy(img, tmp_path / "at-snapshot.img")  # the image as the snapshot has it
+        vm.resume()
+        result = vm.wait(120)
+    assert result is not None and result.status == 0, log.read_bytes()[-1500:]
+    orig = log.read_bytes()
+    after = orig[len(at_snapshot):]
+    assert steps_of(after), "the snapshot was taken after the loop"
+    # the write before the loop reached the image before the snapshot was complete
+    copy = (tmp_path / "at-snapshot.img").read_bytes()
+    assert copy[SNAP_SECTOR * 512:(SNAP_SECTOR + 1) * 512] == pattern(7, SNAP_SECTOR)
+
+    rlog = tmp_path / "restored.log"
+    with minivmm.Vm.restore(tmp_path / "snap", console=f"file:{rlog}",
+                            drives=[minivmm.DriveConfig(tmp_path / "at-snapshot.img")]) as r:
+        rresult = r.run()
+    restored = rlog.read_bytes()
+    assert rresult.status == 0, restored[-1500:]
+    assert steps_of(restored) == steps_of(after)  # the identical continuation
+    assert not restored.startswith(b"probe: boot=")  # no reboot: it went on
+    assert "blk=ok" in check_line(restored, "snapshot")
+    for name in ("rng", "blk", "console"):
+        assert check_line(restored, name).startswith("ok"), restored[-1500:]
+    assert b"probe: result pass" in restored
+
+
+def test_ten_clones_run_in_parallel_and_diverge(tmp_path: Path) -> None:
+    log = tmp_path / "orig.log"
+    with minivmm.Vm(probe_config(log, "snapshot,rng", 10, rng=True)) as vm:
+        vm.start()
+        wait_for(log, b"step 2/", vm)
+        vm.snapshot(tmp_path / "snap")
+        at_snapshot = len(log.read_bytes())
+        assert vm.wait(120) is not None
+    after = log.read_bytes()[at_snapshot:]
+    results: dict[int, tuple[int, bytes]] = {}
+
+    def clone(i: int) -> None:
+        clog = tmp_path / f"clone{i}.log"
+        with minivmm.Vm.restore(tmp_path / "snap", console=f"file:{clog}") as c:
+            status = c.run().status
+        results[i] = (status, clog.read_bytes())
+
+    threads = [threading.Thread(target=clone, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(results) == list(range(10))
+    digests = set()
+    for status, out in results.values():
+        assert status == 0, out[-1500:]
+        assert steps_of(out) == steps_of(after)
+        assert check_line(out, "rng").startswith("ok")
+        digests.add(re.search(r"rng=(\w+)", check_line(out, "snapshot")).group(1))  # type: ignore[union-attr]
+    assert len(digests) == 10  # each clone's entropy device and RAM are its own
+
+
+def test_pause_holds_the_guest_and_a_restored_vm_snapshots_again(tmp_path: Path) -> None:
+    log = tmp_path / "orig.log"
+    with minivmm.Vm(probe_config(log, "snapshot", 12)) as vm:
+        vm.start()
+        wait_for(log, b"step 2/", vm)
+        vm.pause()
+        vm.pause()  # idempotent
+        held = log.read_bytes()
+        time.sleep(0.5)  # a step takes a few tens of ms when running
+        assert log.read_bytes() == held and vm.paused
+        vm.snapshot(tmp_path / "snap", resume=False)
+        assert vm.paused
+        vm.resume()
+        result = vm.wait(120)
+    assert result is not None and result.status == 0
+    rlog = tmp_path / "r.log"
+    with minivmm.Vm.restore(tmp_path / "snap", console=f"file:{rlog}") as r:
+        r.start()
+        wait_for(rlog, b"step 6/", r)
+        r.snapshot(tmp_path / "snap")  # over the snapshot it was restored from
+        assert r.wait(120) is not None
+    r2log = tmp_path / "r2.log"
+    with minivmm.Vm.restore(tmp_path / "snap", console=f"file:{r2log}") as r2:
+        assert r2.run().status == 0
+    assert steps_of(r2log.read_bytes()) and steps_of(r2log.read_bytes())[-1] == \
+        steps_of(log.read_bytes())[-1]
+
+
+def test_cli_saves_on_sigusr2_and_restores(tmp_path: Path) -> None:
+    log = tmp_path / "o.log"
+    snap = tmp_path / "s"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "minivmm", "run", "--kernel", str(guest_artifact("probe.elf")),
+         "--rng", "--console", f"file:{log}", "--snapshot-on-signal", str(snap),
+         "--cmdline", "console=ttyS0 probe.check=snapshot,rng probe.snap_steps=12"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while b"step 2/" not in (log.read_bytes() if log.exists() else b""):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    p.send_signal(signal.SIGUSR2)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert f"snapshot saved to {snap}" in err
+    r = run_minivmm("run", "--restore", str(snap), "--console", "stdio")
+    assert r.returncode == 0, r.stderr
+    assert "probe: result pass" in r.stdout and "probe: boot=" not in r.stdout
+    bad = run_minivmm("run", "--restore", str(snap), "--mem", "1G")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "--mem cannot be given with --restore" in bad.stderr
+
+
+def _corrupt(snap: Path, how: str) -> None:
+    manifest = snap / "manifest.json"
+    if how == "truncated memory":
+        os.truncate(snap / "memory.bin", 4096)
+    elif how == "corrupt vcpu state":
+        data = bytearray((snap / "vcpu0.bin").read_bytes())
+        data[100] ^= 0xFF
+        (snap / "vcpu0.bin").write_bytes(bytes(data))
+    elif how == "truncated vm state":
+        os.truncate(snap / "vm.bin", 10)
+    elif how == "truncated manifest":
+        os.truncate(manifest, 100)
+    elif how in ("format version", "minivmm version"):
+        m = json.loads(manifest.read_text())
+        m["format_version" if how == "format version" else "minivmm_version"] = 99
+        manifest.write_text(json.dumps(m))
+    elif how == "wrong device":
+        m = json.loads(manifest.read_text())
+        m["virtio"][0]["name"] = "blk"
+        manifest.write_text(json.dumps(m))
+    elif how == "missing":
+        shutil.rmtree(snap)
+
+
+BROKEN = {
+    "truncated memory": "memory.bin is 4096 bytes",
+    "corrupt vcpu state": "vcpu0.bin does not match its SHA-256",
+    "truncated vm state": "vm.bin is 10 bytes",
+    "truncated manifest": "not a readable manifest",
+    "format version": "format version 99",
+    "minivmm version": "made by minivmm 99",
+    "wrong device": "the snapshot has device 'blk'",
+    "missing": "not a snapshot directory",
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("saved")
+    with minivmm.Vm(probe_config(d / "o.log", "snapshot,rng", 4, rng=True)) as vm:
+        vm.start()
+        wait_for(d / "o.log", b"step 1/", vm)
+        vm.snapshot(d / "snap", resume=False)
+    return d / "snap"
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN))
+def test_a_broken_snapshot_is_one_line(saved: Path, tmp_path: Path, how: str) -> None:
+    snap = tmp_path / "snap"
+    shutil.copytree(saved, snap)
+    _corrupt(snap, how)
+    with pytest.raises(minivmm.UsageError) as e:
+        minivmm.Vm.restore(snap, console="none")
+    assert e.value.field == "snapshot" and BROKEN[how] in e.value.message
+    r = run_minivmm("run", "--restore", str(snap), "--console", "none")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("minivmm: error: --restore: ") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr
