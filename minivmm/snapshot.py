@@ -64,7 +64,7 @@ class SnapshotError(UsageError):
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 
