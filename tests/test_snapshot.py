@@ -233,3 +233,11 @@ def test_a_broken_snapshot_is_one_line(saved: Path, tmp_path: Path, how: str) ->
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("minivmm: error: --restore: ") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_bench_prints_the_restore_time() -> None:
+    p = subprocess.run([sys.executable, "-m", "bench.snapshot", "--smoke", "--mem", "64M"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert re.search(r"^restore time \(64 MiB\): [\d.]+ ms$", p.stdout, re.MULTILINE), p.stdout
