@@ -307,6 +307,8 @@ class Vm:
         did not stop within ``timeout`` seconds."""
         if self._closed:
             raise PauseError("the VM is closed")
+        if self.stopper.result is not None:
+            raise PauseError(f"the VM has ended ({self.stopper.result.reason})")
         if self._paused:
             return
         if self._started:

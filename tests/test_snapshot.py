@@ -137,7 +137,10 @@ def test_pause_holds_the_guest_and_a_restored_vm_snapshots_again(tmp_path: Path)
         assert vm.paused
         vm.resume()
         result = vm.wait(120)
+        with pytest.raises(minivmm.MinivmmError, match="the VM has ended"):
+            vm.snapshot(tmp_path / "late")
     assert result is not None and result.status == 0
+    assert not (tmp_path / "late").exists()
     rlog = tmp_path / "r.log"
     with minivmm.Vm.restore(tmp_path / "snap", console=f"file:{rlog}") as r:
         r.start()
