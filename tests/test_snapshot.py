@@ -124,8 +124,11 @@ def test_ten_clones_run_in_parallel_and_diverge(tmp_path: Path) -> None:
 
 
 def test_pause_holds_the_guest_and_a_restored_vm_snapshots_again(tmp_path: Path) -> None:
+    """With two vCPUs: the application processor, parked by the smp check in HLT, is
+    paused, saved and restored too."""
     log = tmp_path / "orig.log"
-    with minivmm.Vm(probe_config(log, "snapshot", 12)) as vm:
+    with minivmm.Vm(probe_config(log, "smp,snapshot", 12, cpus=2,
+                                 extra="probe.cpus=2")) as vm:
         vm.start()
         wait_for(log, b"step 2/", vm)
         vm.pause()
