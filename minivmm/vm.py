@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
@@ -113,6 +114,7 @@ class Vm:
         self._started = False
         self._closed = False
         self._paused = False
+        self._pause_lock = threading.RLock()  # pause, resume and snapshot, one at a time
         self._stack = ExitStack()
         with ExitStack() as building:
             building.callback(self.close)
@@ -305,6 +307,10 @@ class Vm:
         thread idle (device work in progress finished first, its used entries written).
         Idempotent; from any thread but the VM's own. PauseError if the VM has ended or
         did not stop within ``timeout`` seconds."""
+        with self._pause_lock:
+            self._pause(timeout)
+
+    def _pause(self, timeout: float) -> None:
         if self._closed:
             raise PauseError("the VM is closed")
         if self.stopper.result is not None:
@@ -322,11 +328,12 @@ class Vm:
 
     def resume(self) -> None:
         """Let a paused VM run on (idempotent)."""
-        if not self._paused:
-            return
-        self._paused = False
-        self.loop.resume()
-        self.pause_gate.resume()
+        with self._pause_lock:
+            if not self._paused:
+                return
+            self._paused = False
+            self.loop.resume()
+            self.pause_gate.resume()
 
     def snapshot(self, path: str | os.PathLike[str], *, resume: bool = True
                  ) -> dict[str, float]:
@@ -336,12 +343,13 @@ class Vm:
         ``ram_written`` (bytes of RAM that were not holes)."""
         from .snapshot import save
 
-        self.pause()
-        try:
-            return save(self, path)
-        finally:
-            if resume:
-                self.resume()
+        with self._pause_lock:
+            self.pause()
+            try:
+                return save(self, path)
+            finally:
+                if resume:
+                    self.resume()
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         """Wait until the VM has ended; its RunResult, or None if ``timeout`` seconds
