@@ -103,6 +103,11 @@ class EventLoop:
         self.resume()
         return False
 
+    @property
+    def pausing(self) -> bool:
+        """A pause was asked for and not yet resumed (the thread may still be busy)."""
+        return self._resume is not None
+
     def resume(self) -> None:
         resume, self._resume = self._resume, None
         if resume is not None:

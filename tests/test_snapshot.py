@@ -91,6 +91,88 @@ def test_restored_vm_continues_exactly_and_its_devices_work(tmp_path: Path) -> N
     assert b"probe: result pass" in restored
 
 
+def test_snapshots_during_heavy_blk_traffic_lose_and_repeat_no_request(
+        tmp_path: Path) -> None:
+    """The loop writes 32 sectors a step (one request each, spread over the step, a few
+    ms each): eight snapshots, one a step, land anywhere in that traffic. Each restored
+    VM finishes the loop and reads every sector back: a request lost at the snapshot
+    would time out, one completed twice would break the probe's used-index check."""
+    img = make_image(tmp_path / "disk.img", seed=5)
+    log = tmp_path / "orig.log"
+    cfg = probe_config(log, "snapshot", 12, drives=[minivmm.DriveConfig(img)],
+                       extra="probe.blk_pattern=5")
+    with minivmm.Vm(cfg) as vm:
+        vm.start()
+        for step in range(2, 10):
+            wait_for(log, f"step {step}/".encode(), vm)
+            vm.snapshot(tmp_path / f"snap{step}", resume=False)
+            shutil.copy(img, tmp_path / f"disk{step}.img")  # the disk of that snapshot
+            vm.resume()
+        result = vm.wait(120)
+    assert result is not None and result.status == 0, log.read_bytes()[-1500:]
+    results: dict[int, tuple[int, bytes]] = {}
+
+    def restore(step: int) -> None:
+        rlog = tmp_path / f"r{step}.log"
+        with minivmm.Vm.restore(tmp_path / f"snap{step}", console=f"file:{rlog}", drives=[
+                minivmm.DriveConfig(tmp_path / f"disk{step}.img")]) as r:
+            results[step] = (r.run().status, rlog.read_bytes())
+
+    threads = [threading.Thread(target=restore, args=(step,)) for step in range(2, 10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(results) == list(range(2, 10))
+    for status, out in results.values():
+        assert status == 0, out[-1500:]
+        assert "blk=ok" in check_line(out, "snapshot")
+
+
+def test_a_request_the_device_had_not_taken_yet_is_served_after_restore(
+        tmp_path: Path) -> None:
+    """The device thread is held while the guest publishes a blk request and kicks; the
+    snapshot then holds a request the device never saw (the kick lived only in the
+    source VM's eventfd): the restored device looks at its queues once when it starts,
+    and serves it."""
+    img = make_image(tmp_path / "disk.img", seed=5)
+    log = tmp_path / "orig.log"
+    cfg = probe_config(log, "snapshot", 6, drives=[minivmm.DriveConfig(img)],
+                       extra="probe.blk_pattern=5")
+    with minivmm.Vm(cfg) as vm:
+        vm.start()
+        wait_for(log, b"step 2/", vm)
+        held = threading.Event()
+
+        def hold() -> None:
+            held.wait(60)
+
+        vm.loop.call_soon(hold)  # the device thread waits here
+        time.sleep(0.2)  # a write every few ms: the guest is waiting on one now
+        saver = threading.Thread(target=vm.snapshot, args=(tmp_path / "snap",),
+                                 kwargs={"resume": False})
+        saver.start()
+        while not vm.loop.pausing:  # vCPUs paused; the device thread's pause is queued
+            time.sleep(0.001)
+        held.set()
+        saver.join(60)
+        shutil.copy(img, tmp_path / "at-snapshot.img")
+        vm.resume()
+        result = vm.wait(120)
+    assert result is not None and result.status == 0, log.read_bytes()[-1500:]
+    manifest = json.loads((tmp_path / "snap" / "manifest.json").read_text())
+    queue = manifest["virtio"][0]["queues"][0]
+    with open(tmp_path / "snap" / "memory.bin", "rb") as ram:
+        ram.seek(queue["avail"] + 2)
+        avail_idx = int.from_bytes(ram.read(2), "little")
+    assert avail_idx == (queue["next_avail"] + 1) & 0xFFFF  # one request not taken
+    rlog = tmp_path / "r.log"
+    with minivmm.Vm.restore(tmp_path / "snap", console=f"file:{rlog}", drives=[
+            minivmm.DriveConfig(tmp_path / "at-snapshot.img")]) as r:
+        assert r.run().status == 0, rlog.read_bytes()[-1500:]
+    assert "blk=ok" in check_line(rlog.read_bytes(), "snapshot")
+
+
 def test_ten_clones_run_in_parallel_and_diverge(tmp_path: Path) -> None:
     log = tmp_path / "orig.log"
     with minivmm.Vm(probe_config(log, "snapshot,rng", 10, rng=True)) as vm:

@@ -243,7 +243,8 @@ void check_reset(const char *name);
 /* snap.c: the snapshot check, and the device steps it uses (vcheck.c, blk.c) */
 void check_snapshot(const char *name);
 int rng_snap(int init, uint8_t *buf, const char **err);
-int blk_snap_write(uint64_t sector, uint64_t seed, const char **err);
-int blk_snap_read(uint64_t sector, uint64_t seed, const char **err);
+int blk_snap_init(uint64_t *cap, const char **err);
+int blk_snap_write(uint64_t sector, uint64_t seed, int flush, const char **err);
+int blk_snap_read(uint64_t sector, unsigned n, uint64_t seed, const char **err);
 
 #endif
