@@ -70,7 +70,7 @@ class Platform:
     def __init__(self, mem_size: int, *, cpus: int = 1,
                  ram_file: str | os.PathLike[str] | None = None) -> None:
         """``ram_file``: guest RAM from a snapshot's RAM file (copy-on-write) instead of
-        zeroed memory."""
+        zeroed memory; the vCPUs are then left for the snapshot's state (no BIOS set-up)."""
         self._stack = ExitStack()
         self._closed = False
         with ExitStack() as building:
@@ -107,7 +107,8 @@ class Platform:
                 for entry in entries:
                     digest.update(bytes(entry))
                 vcpu.set_cpuid2(entries)
-                x86cpu.setup_vcpu(vcpu)
+                if ram_file is None:  # a snapshot's vCPU state replaces what a BIOS leaves
+                    x86cpu.setup_vcpu(vcpu)
                 self.vcpus.append(vcpu)
             #: what the guest's CPUID says, all vCPUs (a snapshot restores only on a host
             #: that gives the same)
