@@ -72,15 +72,16 @@ def _touch(vm: minivmm.Vm) -> int:
     return n
 
 
-def _private_kib(host_addr: int) -> int:
-    """Private_Dirty + Private_Clean (KiB) of the mapping starting at host_addr."""
+def _copied_kib(host_addr: int) -> int:
+    """The anonymous pages (KiB) of the mapping starting at host_addr: for a private file
+    mapping, the pages copied on write (the file's page-cache pages are not counted)."""
     found = False
     total = 0
     with open("/proc/self/smaps") as f:
         for line in f:
             if "-" in line.split()[0] and not line[0].isupper():
                 found = int(line.split("-")[0], 16) == host_addr
-            elif found and line.startswith(("Private_Dirty:", "Private_Clean:")):
+            elif found and line.startswith("Anonymous:"):
                 total += int(line.split()[1])
     return total
 
@@ -158,7 +159,7 @@ def bench_clones(path: Path, clones: int, directory: Path) -> None:
     while len(times) < clones:
         time.sleep(0.005)
     wall = time.monotonic() - t_all
-    private = [sum(_private_kib(r.host_addr) for r in vm.memory.regions) for vm in vms]
+    private = [sum(_copied_kib(r.host_addr) for r in vm.memory.regions) for vm in vms]
     rss_alive = _rss_kib()
     gate.wait()
     for t in threads:
@@ -168,8 +169,8 @@ def bench_clones(path: Path, clones: int, directory: Path) -> None:
     del vms
     gc.collect()
     rss = rss_alive - _rss_kib()
-    print(f"  clone->result   {clones} clones in parallel: per clone {_ms(times)}; all in "
-          f"{1000 * wall:.0f} ms")
+    what = "1 clone alone" if clones == 1 else f"{clones} clones in parallel"
+    print(f"  clone->result   {what}: per clone {_ms(times)}; all in {1000 * wall:.0f} ms")
     print(f"  clone memory    RAM copied per clone: median {statistics.median(private)} KiB;"
           f" process RSS given back per clone closed: {rss // clones} KiB")
 
