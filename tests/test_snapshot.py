@@ -43,6 +43,22 @@ def probe_config(log: Path, checks: str, steps: int, **kw: object) -> minivmm.Vm
                 + str(kw.pop("extra", "")), **kw)  # type: ignore[arg-type]
 
 
+def blk_traffic(tmp_path: Path, steps: int) -> tuple[Path, Path, minivmm.VmConfig]:
+    """The image, the console log and the config of a probe whose loop writes (seed 5)."""
+    img = make_image(tmp_path / "disk.img", seed=5)
+    log = tmp_path / "orig.log"
+    return img, log, probe_config(log, "snapshot", steps, drives=[minivmm.DriveConfig(img)],
+                                  extra="probe.blk_pattern=5")
+
+
+def restore_run(snap: Path, log: Path, disk: Path) -> tuple[int, bytes]:
+    """Restore ``snap`` with ``disk`` and the console in ``log``; run it to its end."""
+    with minivmm.Vm.restore(snap, console=f"file:{log}",
+                            drives=[minivmm.DriveConfig(disk)]) as r:
+        status = r.run().status
+    return status, log.read_bytes()
+
+
 def steps_of(data: bytes) -> list[bytes]:
     return STEP.findall(data)
 
@@ -77,12 +93,9 @@ def test_restored_vm_continues_exactly_and_its_devices_work(tmp_path: Path) -> N
     copy = (tmp_path / "at-snapshot.img").read_bytes()
     assert copy[SNAP_SECTOR * 512:(SNAP_SECTOR + 1) * 512] == pattern(7, SNAP_SECTOR)
 
-    rlog = tmp_path / "restored.log"
-    with minivmm.Vm.restore(tmp_path / "snap", console=f"file:{rlog}",
-                            drives=[minivmm.DriveConfig(tmp_path / "at-snapshot.img")]) as r:
-        rresult = r.run()
-    restored = rlog.read_bytes()
-    assert rresult.status == 0, restored[-1500:]
+    status, restored = restore_run(tmp_path / "snap", tmp_path / "restored.log",
+                                   tmp_path / "at-snapshot.img")
+    assert status == 0, restored[-1500:]
     assert steps_of(restored) == steps_of(after)  # the identical continuation
     assert not restored.startswith(b"probe: boot=")  # no reboot: it went on
     assert "blk=ok" in check_line(restored, "snapshot")
@@ -97,10 +110,7 @@ def test_snapshots_during_heavy_blk_traffic_lose_and_repeat_no_request(
     ms each): eight snapshots, one a step, land anywhere in that traffic. Each restored
     VM finishes the loop and reads every sector back: a request lost at the snapshot
     would time out, one completed twice would break the probe's used-index check."""
-    img = make_image(tmp_path / "disk.img", seed=5)
-    log = tmp_path / "orig.log"
-    cfg = probe_config(log, "snapshot", 12, drives=[minivmm.DriveConfig(img)],
-                       extra="probe.blk_pattern=5")
+    img, log, cfg = blk_traffic(tmp_path, 12)
     with minivmm.Vm(cfg) as vm:
         vm.start()
         for step in range(2, 10):
@@ -113,10 +123,8 @@ def test_snapshots_during_heavy_blk_traffic_lose_and_repeat_no_request(
     results: dict[int, tuple[int, bytes]] = {}
 
     def restore(step: int) -> None:
-        rlog = tmp_path / f"r{step}.log"
-        with minivmm.Vm.restore(tmp_path / f"snap{step}", console=f"file:{rlog}", drives=[
-                minivmm.DriveConfig(tmp_path / f"disk{step}.img")]) as r:
-            results[step] = (r.run().status, rlog.read_bytes())
+        results[step] = restore_run(tmp_path / f"snap{step}", tmp_path / f"r{step}.log",
+                                    tmp_path / f"disk{step}.img")
 
     threads = [threading.Thread(target=restore, args=(step,)) for step in range(2, 10)]
     for t in threads:
@@ -135,10 +143,7 @@ def test_a_request_the_device_had_not_taken_yet_is_served_after_restore(
     snapshot then holds a request the device never saw (the kick lived only in the
     source VM's eventfd): the restored device looks at its queues once when it starts,
     and serves it."""
-    img = make_image(tmp_path / "disk.img", seed=5)
-    log = tmp_path / "orig.log"
-    cfg = probe_config(log, "snapshot", 6, drives=[minivmm.DriveConfig(img)],
-                       extra="probe.blk_pattern=5")
+    img, log, cfg = blk_traffic(tmp_path, 6)
     with minivmm.Vm(cfg) as vm:
         vm.start()
         wait_for(log, b"step 2/", vm)
@@ -166,11 +171,10 @@ def test_a_request_the_device_had_not_taken_yet_is_served_after_restore(
         ram.seek(queue["avail"] + 2)
         avail_idx = int.from_bytes(ram.read(2), "little")
     assert avail_idx == (queue["next_avail"] + 1) & 0xFFFF  # one request not taken
-    rlog = tmp_path / "r.log"
-    with minivmm.Vm.restore(tmp_path / "snap", console=f"file:{rlog}", drives=[
-            minivmm.DriveConfig(tmp_path / "at-snapshot.img")]) as r:
-        assert r.run().status == 0, rlog.read_bytes()[-1500:]
-    assert "blk=ok" in check_line(rlog.read_bytes(), "snapshot")
+    status, out = restore_run(tmp_path / "snap", tmp_path / "r.log",
+                              tmp_path / "at-snapshot.img")
+    assert status == 0, out[-1500:]
+    assert "blk=ok" in check_line(out, "snapshot")
 
 
 def test_ten_clones_run_in_parallel_and_diverge(tmp_path: Path) -> None:
