@@ -105,7 +105,10 @@ def check_host(saved: Mapping[str, Any], vm: Vm) -> None:
         if theirs.get(key) != ours[key]:
             raise SnapshotError(f"KVM differs from the saving host's: {key} was "
                                 f"{theirs.get(key)!r}, here {ours[key]!r}")
-    missing = sorted(set(theirs.get("msrs", [])) - set(ours["msrs"]))
+    msrs = theirs.get("msrs")
+    if not isinstance(msrs, list) or not all(isinstance(m, str) for m in msrs):
+        raise SnapshotError("the manifest's host.kvm.msrs is not a list of MSR numbers")
+    missing = sorted(set(msrs) - set(ours["msrs"]))
     if missing:
         raise SnapshotError(f"this host's KVM does not save MSRs {', '.join(missing[:4])} "
                             "that the snapshot holds")

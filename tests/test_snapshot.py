@@ -333,3 +333,42 @@ def test_bench_prints_the_restore_time() -> None:
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert re.search(r"^restore time \(64 MiB\): [\d.]+ ms$", p.stdout, re.MULTILINE), p.stdout
+
+
+def _mutations(manifest: dict[str, object]) -> list[tuple[str, dict[str, object]]]:
+    """The manifest with one value replaced by a value of another type, everywhere a
+    restore reads one: top level, host facts, each legacy device, each transport."""
+    out = []
+    for bad in (5, "x", [], {}, None):
+        for key in manifest:
+            out.append((f"{key}={bad!r}", {**manifest, key: bad}))
+        for section in ("host", "legacy"):
+            part = manifest[section]
+            assert isinstance(part, dict)
+            for key in part:
+                out.append((f"{section}.{key}={bad!r}",
+                            {**manifest, section: {**part, key: bad}}))
+        virtio = manifest["virtio"]
+        assert isinstance(virtio, list)
+        for key in virtio[0]:
+            out.append((f"virtio[0].{key}={bad!r}",
+                        {**manifest, "virtio": [{**virtio[0], key: bad}]}))
+    return out
+
+
+def test_a_manifest_with_values_of_the_wrong_type_is_a_usage_error(saved: Path,
+                                                                    tmp_path: Path) -> None:
+    """Never a traceback: every field a restore reads, replaced by 5, "x", [], {} or
+    None, is a UsageError (field "snapshot", or the configuration's own field), or a
+    restore that works when the field is one it does not need."""
+    snap = tmp_path / "snap"
+    shutil.copytree(saved, snap)
+    manifest = json.loads((snap / "manifest.json").read_text())
+    for what, mutated in _mutations(manifest):
+        (snap / "manifest.json").write_text(json.dumps(mutated))
+        try:
+            minivmm.Vm.restore(snap, console="none").close()
+        except minivmm.UsageError:
+            pass
+        except Exception as e:  # noqa: BLE001  (the test's point: nothing else)
+            pytest.fail(f"{what}: {type(e).__name__}: {e}")

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Final
 
-from .state import Kind, restore_fields, save_fields
+from .state import Kind, check_mapping, restore_fields, save_fields
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class I8042:
 
     def restore_state(self, state: Mapping[str, object]) -> None:
         """ValueError (one line) for state that does not fit."""
+        check_mapping("i8042", state)
         output = state.get("output")
         if not isinstance(output, list) or len(output) > _OUTPUT_QUEUE_MAX or not all(
                 isinstance(e, list) and len(e) == 2 and isinstance(e[0], int)

@@ -65,7 +65,7 @@ from typing import Final
 from minivmm.irq import InterruptLine
 from minivmm.ratelimit import RateLimitedLog
 
-from .state import Kind, restore_fields, save_fields
+from .state import Kind, check_mapping, restore_fields, save_fields
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,7 @@ class Rtc:
 
     def restore_state(self, state: Mapping[str, object]) -> None:
         """ValueError (one line) for state that does not fit."""
+        check_mapping("rtc", state)
         cmos = state.get("cmos")
         if not isinstance(cmos, str) or len(cmos) != 2 * CMOS_SIZE:
             raise ValueError(f"rtc: saved CMOS is not {CMOS_SIZE} bytes")

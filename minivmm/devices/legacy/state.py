@@ -16,6 +16,12 @@ from typing import Literal
 Kind = Literal["u8", "bool", "int", "bytes", "u8deque"]
 
 
+def check_mapping(device: str, state: object) -> None:
+    """ValueError unless ``state`` is a mapping (a JSON object)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{device}: saved state {str(state)[:40]!r} is not an object")
+
+
 def save_fields(obj: object, fields: Mapping[str, Kind]) -> dict[str, object]:
     out: dict[str, object] = {}
     for attr, kind in fields.items():
@@ -29,6 +35,7 @@ def restore_fields(obj: object, device: str, state: Mapping[str, object],
     """Set the attributes from ``state``; ValueError (one line naming the device and the
     field) if a key is missing or unknown or a value is not of its kind."""
     names = {attr.lstrip("_"): (attr, kind) for attr, kind in fields.items()}
+    check_mapping(device, state)
     if set(state) != set(names):
         missing, extra = set(names) - set(state), set(state) - set(names)
         raise ValueError(f"{device}: saved state has "
