@@ -304,9 +304,14 @@ def restore_into(vm: Vm, snap: Snapshot) -> None:
     devices made, no kernel loaded) and not started."""
     m = snap.manifest
     check_host(m["host"], vm)
-    for vcpu, state in zip(vm.platform.vcpus, snap.vcpus, strict=True):
-        vcpustate.restore_vcpu(vcpu, state)
-    vcpustate.restore_vm(vm.platform.vm, snap.vm_state)
+    from .kvm import KvmError
+
+    try:
+        for vcpu, state in zip(vm.platform.vcpus, snap.vcpus, strict=True):
+            vcpustate.restore_vcpu(vcpu, state)
+        vcpustate.restore_vm(vm.platform.vm, snap.vm_state)
+    except KvmError as e:  # state that passed its checks but not KVM's
+        raise SnapshotError(f"KVM refused the saved machine state: {e}") from None
     legacy = vm.legacy_devices()
     saved = m["legacy"]
     if set(saved) != set(legacy):
