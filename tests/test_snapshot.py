@@ -6,11 +6,13 @@ the guest; the command line saves on SIGUSR2 and restores; broken snapshots are 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +24,8 @@ from guests import ROOT, guest_artifact, run_minivmm
 from test_dev_blk import make_image, pattern
 
 import minivmm
+from minivmm.kvm.structs import kvm_sregs
+from minivmm.x86.vcpustate import VcpuState
 
 pytestmark = pytest.mark.kvm
 SNAP_SECTOR = 16  # guest/probe/snap.c
@@ -287,6 +291,16 @@ def _corrupt(snap: Path, how: str) -> None:
         m = json.loads(manifest.read_text())
         m["virtio"][0]["name"] = "blk"
         manifest.write_text(json.dumps(m))
+    elif how == "state KVM refuses":  # consistent files, CR0.PG without CR0.PE
+        state = VcpuState.from_bytes((snap / "vcpu0.bin").read_bytes())
+        sregs = bytearray(state.pieces["sregs"])
+        struct.pack_into("<Q", sregs, kvm_sregs.cr0.offset, 1 << 31)
+        state.pieces["sregs"] = bytes(sregs)
+        blob = state.to_bytes()
+        (snap / "vcpu0.bin").write_bytes(blob)
+        m = json.loads(manifest.read_text())
+        m["blobs"]["vcpu0.bin"] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+        manifest.write_text(json.dumps(m))
     elif how == "missing":
         shutil.rmtree(snap)
 
@@ -300,6 +314,7 @@ BROKEN = {
     "minivmm version": "made by minivmm 99",
     "wrong device": "the snapshot has device 'blk'",
     "missing": "not a snapshot directory",
+    "state KVM refuses": "KVM refused the saved machine state",
 }
 
 
