@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
     from typing import Any
@@ -41,6 +39,7 @@ if TYPE_CHECKING:
     from .guest import Guest
     from .stop import RunResult
     from .transport.testing import DeviceHarness
+    from .version import __version__
     from .virtio.testing import FakeDriver
     from .vm import Vm
 
@@ -56,6 +55,7 @@ _WHERE = {
     "DeviceHarness": "transport.testing", "FakeDriver": "virtio.testing",
     "MinivmmError": "errors", "UsageError": "errors", "GuestError": "errors",
     "HostError": "errors", "InternalError": "errors", "Guest": "guest",
+    "__version__": "version",
 }
 
 

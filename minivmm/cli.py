@@ -35,6 +35,7 @@ OPTION_NAMES = {
     "drives": "--disk", "network_interfaces": "--net", "host_quirks": "--host-quirks",
     "config": "--config", "devices": "--device", "vsock": "--vsock", "acpi": "--acpi",
     "trace": "--trace", "check_driver": "--check-driver",
+    "snapshot": "--restore",
 }
 #: ``--check-driver=strict`` found a violation (minivmm.check.CHECK_DRIVER_STATUS)
 CHECK_DRIVER_STATUS = 120
@@ -157,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats", action="store_true", help="print counters at the end")
     r.add_argument("--timeline", action="store_true", help="print boot milestones at the end")
     r.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    r.add_argument("--snapshot-on-signal", type=_path, metavar="PATH",
+                   help="on SIGUSR2, save a snapshot of the VM to the directory PATH and "
+                        "go on running")
+    r.add_argument("--restore", type=_path, metavar="PATH",
+                   help="run the VM saved in the snapshot directory PATH (with it only "
+                        "--console, --disk, --net, --vsock and --device may be given)")
     c = sub.add_parser("config", help="print the configuration a command line gives",
                        description="Print, as Firecracker-style JSON, the configuration "
                                    "that `minivmm run` with these options would use.")
@@ -327,31 +334,68 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def restore_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``run --restore`` changes in the snapshot's configuration: the host side
+    only. Options that would change the machine are usage errors."""
+    from .errors import UsageError
+
+    fixed = [name for name, value in (
+        ("--config", args.config), ("--kernel", args.kernel), ("--initrd", args.initrd),
+        ("--cmdline", args.cmdline), ("--mem", args.mem), ("--cpus", args.cpus),
+        ("--console-device", args.console_device), ("--rng", args.rng),
+        ("--acpi", args.acpi), ("--host-quirks", args.host_quirks)) if value is not None]
+    if fixed:
+        raise UsageError(f"{fixed[0]} cannot be given with --restore: the snapshot fixes "
+                         "the machine (only --console, --disk, --net, --vsock and --device "
+                         "may change)")
+    given: dict[str, Any] = {
+        "console": args.console,
+        "drives": None if args.disk is None else tuple(parse_disk(d) for d in args.disk),
+        "network_interfaces": None if args.net is None else tuple(
+            parse_net(n) for n in args.net),
+        "vsock": None if args.vsock is None else parse_vsock(args.vsock),
+        "devices": None if args.device is None else parse_devices(args.device),
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     global _on_signal
-    cfg = config_from_args(args)  # a usage error before the machine is imported
+    # usage errors before the machine is imported
+    overrides = restore_overrides(args) if args.restore else None
+    cfg = config_from_args(args) if overrides is None else None
     _check_signal()
     _setup_logging(args.debug)
     from . import hostinfo
     from .console import attach_stdin
     from .vm import Timeline, Vm
 
-    if hostinfo.looks_like_linux(cfg.kernel) and hostinfo.kvm_emulates_guest_kernel():
+    if cfg is not None and hostinfo.looks_like_linux(cfg.kernel) and (
+            hostinfo.kvm_emulates_guest_kernel()):
         print(f"minivmm: note: {hostinfo.EMULATED_HOST_HINT}", file=sys.stderr)
     timeline = Timeline()
     timeline.mark("process start", _process_start_monotonic())
-    with Vm(cfg, timeline=timeline) as vm:
+    if overrides is not None:
+        vm = Vm.restore(args.restore, timeline=timeline, **overrides)
+    else:
+        assert cfg is not None
+        vm = Vm(cfg, timeline=timeline)
+    with vm:
         def stop_on(signum: int) -> None:
             vm.request_stop(128 + signum, "signal",
                             f"stopped by {signal.Signals(signum).name}")
 
         _on_signal = stop_on
+        if args.snapshot_on_signal is not None:
+            _snapshot_on_sigusr2(vm, args.snapshot_on_signal)
         try:
             _check_signal()
-            with attach_stdin(cfg.console, vm):
+            with attach_stdin(vm.config.console, vm):
                 result = vm.run()
         finally:
             _on_signal = None
+            if args.snapshot_on_signal is not None:
+                signal.signal(signal.SIGUSR2, signal.SIG_DFL)
         _report(vm, args, result.reason, result.detail)
         check = vm.driver_check
         if check is not None and check.strict and check.total:
@@ -359,6 +403,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"own was {result.status})", file=sys.stderr)
             return CHECK_DRIVER_STATUS
         return result.status
+
+
+def _snapshot_on_sigusr2(vm: Vm, path: Path) -> None:
+    """SIGUSR2: save a snapshot of ``vm`` to ``path`` and go on (in the main thread,
+    between the waits of Vm.run). A failure is one line; the VM runs on."""
+    from .errors import MinivmmError
+
+    def save(_signum: int, _frame: FrameType | None) -> None:
+        try:
+            info = vm.snapshot(path)
+        except (MinivmmError, OSError) as e:
+            print(f"minivmm: snapshot to {path} failed: {e}", file=sys.stderr)
+            return
+        print(f"minivmm: snapshot saved to {path} ({1000 * info['total_s']:.1f} ms)",
+              file=sys.stderr)
+
+    signal.signal(signal.SIGUSR2, save)
 
 
 def _report(vm: Vm, args: argparse.Namespace, reason: str, detail: str) -> None:

@@ -36,6 +36,7 @@ class EventLoop:
         self._on_error = on_error
         self._soon: deque[Callable[[], None]] = deque()
         self.lock = threading.RLock()
+        self._resume: threading.Event | None = None
 
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once on the loop thread (thread-safe)."""
@@ -69,6 +70,7 @@ class EventLoop:
         if self._wake < 0:
             return
         self._stopping = True
+        self.resume()
         os.eventfd_write(self._wake, 1)
         t = self._thread
         if t.is_alive() and t is not threading.current_thread():
@@ -79,6 +81,37 @@ class EventLoop:
         self._epoll.close()
         os.close(self._wake)
         self._wake = -1
+
+    def pause(self, timeout: float = 10.0) -> bool:
+        """Make the thread idle: wait until the callback running now (device work in
+        progress) has returned, then hold the thread until :meth:`resume`. Events that
+        arrive meanwhile stay pending (an eventfd keeps its count). True once idle
+        (at once if the thread does not run, or if called from it)."""
+        t = self._thread
+        if self._resume is not None or not t.is_alive() or t is threading.current_thread():
+            return True
+        idle = threading.Event()
+        resume = self._resume = threading.Event()
+
+        def hold() -> None:
+            idle.set()
+            resume.wait()
+
+        self.call_soon(hold)
+        if idle.wait(timeout):
+            return True
+        self.resume()
+        return False
+
+    @property
+    def pausing(self) -> bool:
+        """A pause was asked for and not yet resumed (the thread may still be busy)."""
+        return self._resume is not None
+
+    def resume(self) -> None:
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            resume.set()
 
     def _run(self) -> None:
         poll = self._epoll.poll

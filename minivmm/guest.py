@@ -9,6 +9,15 @@
 The guest is prepared as for ``minivmm exec`` (:func:`minivmm.exec.prepare`): the agent
 is appended to its initramfs as /init, a vsock device is added if the config has none,
 and its console goes to a file (console_log()) unless the config names a ``file:``.
+
+Boot once, clone many times (minivmm.snapshot)::
+
+    base = g.snapshot()                    # a directory; g runs on
+    with minivmm.Guest.restore(base) as c: # or g.clone(): snapshot + restore
+        c.run(["make", "test"])            # c's RAM is copy-on-write of the snapshot's
+
+A restored guest gets its own console file and vsock socket. Its vsock connections were
+reset by the restore (the agent takes a new one per command, so nothing is lost).
 """
 
 from __future__ import annotations
@@ -62,7 +71,8 @@ class Guest:
 
     def __init__(self, config: VmConfig, *, agent: str | os.PathLike[str] | None = None,
                  boot_timeout: float = 300.0,
-                 modules: str | os.PathLike[str] | None = None) -> None:
+                 modules: str | os.PathLike[str] | None = None,
+                 _restore: Path | None = None) -> None:
         """``modules``: the kernel's module tree when its vsock driver is a module and
         /lib/modules/<its version> is not that tree (README "CI boot tests")."""
         from .agent import ReadyListener
@@ -71,6 +81,13 @@ class Guest:
 
         self._tmp = tempfile.TemporaryDirectory(prefix="minivmm-guest-")
         self.vm: Vm | None = None
+        if _restore is not None:
+            try:
+                self._restore(_restore)
+            except BaseException:
+                self.close()
+                raise
+            return
         try:
             keep = config.console.startswith("file:")
             cfg, log = prepare(config, Path(self._tmp.name), find_agent(
@@ -90,6 +107,44 @@ class Guest:
         except BaseException:
             self.close()
             raise
+
+    def _restore(self, path: Path) -> None:
+        from .config import VsockConfig
+        from .snapshot import load
+        from .vm import Vm
+
+        snap = load(path)
+        vsock = snap.config.vsock
+        if vsock is None:
+            raise GuestRunError(f"{path}: the snapshot's VM has no vsock device: it was "
+                                "not made by minivmm.Guest")
+        tmp = Path(self._tmp.name)
+        self._console = tmp / "console.log"
+        self._uds = tmp / "vsock"
+        snap = snap.with_overrides(console=f"file:{self._console}",
+                                   vsock=VsockConfig(vsock.guest_cid, self._uds))
+        self.vm = Vm(snap.config, _snapshot=snap)
+        self.vm.start()
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike[str]) -> Guest:
+        """A guest restored from a snapshot that :meth:`snapshot` made: running, with its
+        own console file and vsock socket, its RAM copy-on-write of the snapshot's (any
+        number may be restored from one snapshot, in parallel)."""
+        return cls(VmConfig(kernel=os.devnull), _restore=Path(path))
+
+    def snapshot(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Save the running guest to the directory ``path`` (default: one in this
+        guest's temporary directory, removed with it) and let it run on; the path."""
+        if self.vm is None or not self._alive():
+            raise self._error("the guest is not running")
+        target = Path(self._tmp.name) / "snapshot" if path is None else Path(path)
+        self.vm.snapshot(target)
+        return target
+
+    def clone(self) -> Guest:
+        """A new guest restored from a snapshot of this one taken now."""
+        return Guest.restore(self.snapshot())
 
     def _alive(self) -> bool:
         return self.vm is not None and self.vm.stopper.result is None

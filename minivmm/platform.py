@@ -12,6 +12,8 @@ wiring (minivmm.vm) puts devices on them.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from contextlib import ExitStack
 from typing import Final, TypeVar
 
@@ -20,6 +22,7 @@ from .config import format_size
 from .errors import UsageError
 from .kvm import KvmError, System, Vcpu, Vm
 from .kvm import constants as c
+from .kvm.structs import kvm_cpuid_entry2
 from .memory import GuestMemory
 from .x86 import cpu as x86cpu
 from .x86 import layout
@@ -33,6 +36,17 @@ REQUIRED_CAPS: Final = (
 _Owned = TypeVar("_Owned", System, Vm, Vcpu)
 #: minivmm's own limit on vCPUs (the MP table and MADT sizes are planned for it)
 MAX_CPUS: Final = 64
+
+
+def _host_cpu(supported: list[kvm_cpuid_entry2]) -> str:
+    """The CPU's vendor and its family/model/stepping signature (CPUID leaf 0, leaf 1
+    EAX), e.g. 'GenuineIntel 0x000906ea'."""
+    leaves = {(e.function, e.index): e for e in supported}
+    zero, one = leaves.get((0, 0)), leaves.get((1, 0))
+    vendor = b"".join(int(r).to_bytes(4, "little") for r in (
+        (zero.ebx, zero.edx, zero.ecx) if zero is not None else (0, 0, 0)))
+    return (f"{vendor.decode('ascii', 'replace').strip(chr(0))} "
+            f"0x{one.eax if one is not None else 0:08x}")
 
 
 class IrqLine:
@@ -53,12 +67,15 @@ class IrqLine:
 class Platform:
     """KVM VM + memory + irqchip + PIT + vCPUs, released together."""
 
-    def __init__(self, mem_size: int, *, cpus: int = 1) -> None:
+    def __init__(self, mem_size: int, *, cpus: int = 1,
+                 ram_file: str | os.PathLike[str] | None = None) -> None:
+        """``ram_file``: guest RAM from a snapshot's RAM file (copy-on-write) instead of
+        zeroed memory; the vCPUs are then left for the snapshot's state (no BIOS set-up)."""
         self._stack = ExitStack()
         self._closed = False
         with ExitStack() as building:
             building.callback(self.close)
-            self.memory = GuestMemory(mem_size, gap=layout.MMIO_GAP)
+            self.memory = GuestMemory(mem_size, gap=layout.MMIO_GAP, backing=ram_file)
             # Registered first, so unmapped last: after the VM that uses it is gone.
             self._stack.callback(self.memory.close)
             self.system = self._own(System())
@@ -81,12 +98,21 @@ class Platform:
                                      f"guest memory ({e.errno_name}): ask for less",
                                      field="mem") from None
             supported = self.system.supported_cpuid()
+            self.host_cpu = _host_cpu(supported)
             self.vcpus: list[Vcpu] = []
+            digest = hashlib.sha256()
             for i in range(cpus):
                 vcpu = self._own(self.vm.create_vcpu(i))
-                vcpu.set_cpuid2(filter_cpuid(supported, cpu_index=i, cpu_count=cpus))
-                x86cpu.setup_vcpu(vcpu)
+                entries = filter_cpuid(supported, cpu_index=i, cpu_count=cpus)
+                for entry in entries:
+                    digest.update(bytes(entry))
+                vcpu.set_cpuid2(entries)
+                if ram_file is None:  # a snapshot's vCPU state replaces what a BIOS leaves
+                    x86cpu.setup_vcpu(vcpu)
                 self.vcpus.append(vcpu)
+            #: what the guest's CPUID says, all vCPUs (a snapshot restores only on a host
+            #: that gives the same)
+            self.cpuid_digest = digest.hexdigest()
             building.pop_all()
         self.pio_bus = Bus("port I/O")
         self.mmio_bus = Bus("MMIO")

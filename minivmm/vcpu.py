@@ -31,6 +31,7 @@ from .kvm import api as kvm_api
 from .kvm import constants as c
 from .kvm.structs import RUN_EXIT_REASON_OFFSET, RUN_EXIT_UNION_OFFSET
 from .memory import GuestMemory
+from .pause import PauseGate
 from .stop import StopController
 from .x86.diagnose import describe_vcpu
 
@@ -52,8 +53,8 @@ class VcpuRunner:
     """Runs one vCPU on its own thread until the stop controller says stop."""
 
     def __init__(self, vcpu: Vcpu, *, pio: Bus, mmio: Bus, memory: GuestMemory,
-                 stop: StopController, on_first_run: Callable[[], None] | None = None
-                 ) -> None:
+                 stop: StopController, on_first_run: Callable[[], None] | None = None,
+                 pause: PauseGate | None = None) -> None:
         self.vcpu = vcpu
         self.index = vcpu.index
         self.pio = pio
@@ -61,6 +62,7 @@ class VcpuRunner:
         self.memory = memory
         self.stop = stop
         self._on_first_run = on_first_run
+        self.pause_gate = pause
         #: exits by KVM exit reason
         self.exit_counts = [0] * 64
         self._thread: threading.Thread | None = None
@@ -73,6 +75,11 @@ class VcpuRunner:
         self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}",
                                         daemon=True)
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """The thread runs (started and not ended)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread to end; True if it has (or never started)."""
@@ -147,6 +154,7 @@ class VcpuRunner:
         pio = self.pio
         mmio = self.mmio
         stop = self.stop
+        gate = self.pause_gate
         exit_io = c.KVM_EXIT_IO
         exit_mmio = c.KVM_EXIT_MMIO
         io_out = c.KVM_EXIT_IO_OUT
@@ -159,6 +167,8 @@ class VcpuRunner:
                 if err in (errno.EINTR, errno.EAGAIN):
                     run.immediate_exit = 0
                     signal.sigtimedwait((KICK_SIGNAL,), 0)  # take the kick off, if any
+                    if gate is not None and gate.requested:
+                        gate.park()  # paused (minivmm.pause): wait, then run on
                     continue
                 raise kvm_api.KvmError(request, err)
             reason, addr, length, is_write = head(view)

@@ -10,6 +10,10 @@
         result = vm.wait(timeout=30)   # RunResult(status, reason, detail), or None
         vm.stop()                      # from any thread, idempotent
 
+    vm.pause(); vm.resume()            # every vCPU out of KVM_RUN, the device thread idle
+    vm.snapshot("snap")                # pause, save to the directory, resume
+    clone = minivmm.Vm.restore("snap", console="none")   # copy-on-write, not started
+
 This is where the two stacks meet: the platform (minivmm.platform: KVM, memory, vCPUs,
 buses) and the virtio devices (minivmm.transport.placement), with the legacy devices,
 the console, the kernel and the firmware tables. One ``ExitStack`` owns everything the
@@ -21,11 +25,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .config import VmConfig
 from .console import ConsoleSink, PipeFeeder, open_sink
@@ -34,6 +39,7 @@ from .devices.legacy.i8042 import I8042
 from .devices.legacy.rtc import Rtc
 from .devices.legacy.serial import Serial
 from .eventloop import EventLoop
+from .pause import PauseError, PauseGate
 from .platform import Platform
 from .stop import RunResult, StopController
 from .transport.placement import VirtioMmioDevices
@@ -45,6 +51,9 @@ from .x86.mptable import write_mptable
 if TYPE_CHECKING:
     from .check import DriverChecker
     from .devices.base import VirtioDevice
+    from .devices.legacy.acpi_pm import AcpiPm
+    from .snapshot import Snapshot
+    from .transport.mmio import MmioTransport
     from .transport.observe import Observer
 
 __all__ = ["RunResult", "Timeline", "Vm"]
@@ -52,6 +61,14 @@ __all__ = ["RunResult", "Timeline", "Vm"]
 log = logging.getLogger(__name__)
 
 _warned: set[str] = set()
+
+
+class LegacyState(Protocol):
+    """A legacy device whose registers a snapshot saves."""
+
+    def save_state(self) -> dict[str, object]: ...
+
+    def restore_state(self, state: Mapping[str, object]) -> None: ...
 
 
 def _warn_once(message: str) -> None:
@@ -89,22 +106,51 @@ class Vm:
 
     def __init__(self, config: VmConfig, *, devices: Sequence[VirtioDevice] = (),
                  setup_hooks: Sequence[Callable[[Vm], None]] = (),
-                 timeline: Timeline | None = None) -> None:
+                 timeline: Timeline | None = None, _snapshot: Snapshot | None = None
+                 ) -> None:
         self.config = config
         self.timeline = timeline or Timeline()
         self.stopper = StopController()
+        self.pause_gate = PauseGate(self.stopper)
         self.result: RunResult | None = None
         self._started = False
         self._closed = False
+        self._paused = False
+        self._pause_lock = threading.RLock()  # pause, resume and snapshot, one at a time
         self._stack = ExitStack()
         with ExitStack() as building:
             building.callback(self.close)
-            self._build(config, devices)
+            self._build(config, devices, _snapshot)
+            if _snapshot is not None:
+                from .snapshot import restore_into
+
+                restore_into(self, _snapshot)
+                self.timeline.mark("state restored")
             for hook in setup_hooks:
                 hook(self)
             building.pop_all()
 
-    def _build(self, cfg: VmConfig, extra: Sequence[VirtioDevice]) -> None:
+    @classmethod
+    def restore(cls, path: str | os.PathLike[str], *, devices: Sequence[VirtioDevice] = (),
+                setup_hooks: Sequence[Callable[[Vm], None]] = (),
+                timeline: Timeline | None = None, **overrides: object) -> Vm:
+        """A VM rebuilt from the snapshot directory ``path`` (see minivmm.snapshot), not
+        started: ``start()`` or ``run()`` it and the guest goes on from where it was
+        saved. Its RAM maps the snapshot's copy-on-write, so any number of VMs may be
+        restored from one snapshot. ``overrides`` change how the machine reaches the host
+        (``console``, ``drives``, ``network_interfaces``, ``vsock``, ``devices``: the same
+        devices, other backends); ``devices`` are your own, as given to the saved VM.
+        A snapshot that cannot be restored here is a UsageError (field "snapshot")."""
+        from .snapshot import load
+
+        timeline = timeline or Timeline()
+        timeline.mark("restore")
+        snap = load(path).with_overrides(**overrides)
+        return cls(snap.config, devices=devices, setup_hooks=setup_hooks, timeline=timeline,
+                   _snapshot=snap)
+
+    def _build(self, cfg: VmConfig, extra: Sequence[VirtioDevice],
+               snap: Snapshot | None) -> None:
         own = self._stack
         # Usage errors first: a bad console or disk is reported before KVM is touched.
         self.sink: ConsoleSink = open_sink(cfg.console)
@@ -117,11 +163,13 @@ class Vm:
             own.callback(self.feeder.close)
         observer = self._observer(cfg)
         virtio = self._virtio_devices(cfg)
+        self._configured_devices = len(virtio)
         virtio.extend(extra)
         if cfg.cpus > (os.cpu_count() or 1):
             _warn_once(f"{cfg.cpus} vCPUs on a host with {os.cpu_count()} CPUs: they will "
                        "take turns")
-        self.platform = Platform(cfg.mem, cpus=cfg.cpus)
+        self.platform = Platform(cfg.mem, cpus=cfg.cpus,
+                                 ram_file=None if snap is None else snap.ram_file)
         own.callback(self.platform.close)
         self.timeline.mark("kvm ready")
         self.memory = self.platform.memory
@@ -134,18 +182,21 @@ class Vm:
             self.virtio.add(dev)
         self._legacy_devices()
         own.callback(self.serial.flush)
-        cmdline = " ".join(part for part in (cfg.base_cmdline(), cfg.host_quirks_cmdline(),
-                                             self.virtio.cmdline()) if part)
-        rsdp = self._acpi() if cfg.acpi else None
-        boot = load_kernel(self.memory, cfg.kernel, initrd=cfg.initrd, cmdline=cmdline,
-                           prefer_pvh=cfg.prefer_pvh, rsdp_addr=rsdp)
-        write_mptable(self.memory, cfg.cpus)
-        self.platform.set_boot(boot.protocol, boot.entry, boot.boot_params_addr)
-        self.cmdline = cmdline
-        self.timeline.mark("kernel loaded")
+        if snap is not None:  # the guest's memory and registers come from the snapshot
+            self.cmdline = snap.cmdline
+        else:
+            cmdline = " ".join(part for part in (
+                cfg.base_cmdline(), cfg.host_quirks_cmdline(), self.virtio.cmdline()) if part)
+            rsdp = self._acpi() if cfg.acpi else None
+            boot = load_kernel(self.memory, cfg.kernel, initrd=cfg.initrd, cmdline=cmdline,
+                               prefer_pvh=cfg.prefer_pvh, rsdp_addr=rsdp)
+            write_mptable(self.memory, cfg.cpus)
+            self.platform.set_boot(boot.protocol, boot.entry, boot.boot_params_addr)
+            self.cmdline = cmdline
+            self.timeline.mark("kernel loaded")
         self.runners = [
             VcpuRunner(vcpu, pio=self.platform.pio_bus, mmio=self.platform.mmio_bus,
-                       memory=self.memory, stop=self.stopper,
+                       memory=self.memory, stop=self.stopper, pause=self.pause_gate,
                        on_first_run=lambda: self.timeline.mark("first KVM_RUN"))
             for vcpu in self.platform.vcpus]
 
@@ -203,23 +254,39 @@ class Vm:
         self.serial = Serial(self.platform.irq_line(layout.SERIAL_IRQ), self.sink,
                              first_byte=lambda: self.timeline.mark("first console byte"))
         pio.register(layout.SERIAL_PORT, Serial.SIZE, self.serial)
-        i8042 = I8042(on_reset=lambda: self.request_stop(0, "reboot", "i8042 reset"))
-        pio.register(layout.I8042_PORT, I8042.SIZE, i8042)
+        self.i8042 = I8042(on_reset=lambda: self.request_stop(0, "reboot", "i8042 reset"))
+        pio.register(layout.I8042_PORT, I8042.SIZE, self.i8042)
         pio.register(layout.DEBUG_EXIT_PORT, DebugExit.SIZE, DebugExit(
             on_exit=lambda v: self.request_stop(v, "debug-exit", f"debug-exit {v}")))
-        rtc = Rtc(self.platform.irq_line(layout.RTC_IRQ))
-        self._stack.callback(rtc.close)
-        pio.register(layout.RTC_PORT, Rtc.SIZE, rtc)
+        self.rtc = Rtc(self.platform.irq_line(layout.RTC_IRQ))
+        self._stack.callback(self.rtc.close)
+        pio.register(layout.RTC_PORT, Rtc.SIZE, self.rtc)
+        self.acpi_pm: AcpiPm | None = None
+        if self.config.acpi:  # the sleep registers behind ACPI's S5
+            from .devices.legacy.acpi_pm import AcpiPm
+
+            self.acpi_pm = AcpiPm(
+                on_poweroff=lambda: self.request_stop(0, "poweroff", "ACPI S5"))
+            pio.register(layout.ACPI_PM_PORT, AcpiPm.SIZE, self.acpi_pm)
+
+    def legacy_devices(self) -> dict[str, LegacyState]:
+        """The legacy devices with state (snapshots), by name."""
+        devices: dict[str, LegacyState] = {"serial": self.serial, "i8042": self.i8042,
+                                           "rtc": self.rtc}
+        if self.acpi_pm is not None:
+            devices["acpi_pm"] = self.acpi_pm
+        return devices
+
+    def extra_transports(self) -> list[MmioTransport]:
+        """The transports of the devices given as ``devices=`` (after the configured)."""
+        return [t for _, t in self.virtio.transports[self._configured_devices:]]
 
     def _acpi(self) -> int:
-        """ACPI tables for this machine and the sleep registers behind its S5; the RSDP's
-        address. Kernels without ACPI ignore both (the MP table and the command line's
-        virtio_mmio.device= describe the machine to them)."""
-        from .devices.legacy.acpi_pm import AcpiPm
+        """ACPI tables for this machine; the RSDP's address. Kernels without ACPI ignore
+        them (the MP table and the command line's virtio_mmio.device= describe the
+        machine to them)."""
         from .x86.acpi import write_acpi_tables
 
-        pm = AcpiPm(on_poweroff=lambda: self.request_stop(0, "poweroff", "ACPI S5"))
-        self.platform.pio_bus.register(layout.ACPI_PM_PORT, AcpiPm.SIZE, pm)
         return write_acpi_tables(
             self.memory, cpus=self.config.cpus, serial=True, rtc=True, i8042=True,
             virtio=[(slot.base, layout.VIRTIO_MMIO_SIZE, slot.irq)
@@ -235,15 +302,80 @@ class Vm:
         return self.serial.enqueue_input
 
     def start(self) -> None:
-        """Start the device thread and every vCPU thread; returns at once."""
+        """Start the device thread and every vCPU thread; returns at once. A VM paused
+        before it started starts paused."""
         if self._closed:
             raise RuntimeError("start() on a closed Vm")
         if self._started:
             return
         self._started = True
         self.loop.start()
+        if self._paused:
+            self._paused = False
+            self.pause_gate.requested = True  # the first KVM_RUN returns at once
+            for r in self.runners:
+                r.kick()
+            for r in self.runners:
+                r.start()
+            self.pause()
+            return
         for r in self.runners:
             r.start()
+
+    # -- pausing and snapshots --------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop the guest where it is: every vCPU out of KVM_RUN, waiting, and the device
+        thread idle (device work in progress finished first, its used entries written).
+        Idempotent; from any thread but the VM's own. PauseError if the VM has ended or
+        did not stop within ``timeout`` seconds."""
+        with self._pause_lock:
+            self._pause(timeout)
+
+    def _pause(self, timeout: float) -> None:
+        if self._closed:
+            raise PauseError("the VM is closed")
+        if self.stopper.result is not None:
+            raise PauseError(f"the VM has ended ({self.stopper.result.reason})")
+        if self._paused:
+            return
+        if self._started:
+            runners = self.runners
+            self.pause_gate.pause([r.kick for r in runners],
+                                  lambda: sum(r.running for r in runners), timeout)
+            if not self.loop.pause(timeout):
+                self.pause_gate.resume()
+                raise PauseError(f"the device thread did not go idle within {timeout:.0f} s")
+        self._paused = True
+
+    def resume(self) -> None:
+        """Let a paused VM run on (idempotent)."""
+        with self._pause_lock:
+            if not self._paused:
+                return
+            self._paused = False
+            self.loop.resume()
+            self.pause_gate.resume()
+
+    def snapshot(self, path: str | os.PathLike[str], *, resume: bool = True
+                 ) -> dict[str, float]:
+        """Save the VM to the directory ``path`` (replaced if it holds a snapshot):
+        pause, save, then resume (``resume=False``: stay paused). Restore it with
+        :meth:`Vm.restore`. Returns timings in seconds (``total_s`` ...) and
+        ``ram_written`` (bytes of RAM that were not holes)."""
+        from .snapshot import save
+
+        with self._pause_lock:
+            self.pause()
+            try:
+                return save(self, path)
+            finally:
+                if resume:
+                    self.resume()
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         """Wait until the VM has ended; its RunResult, or None if ``timeout`` seconds

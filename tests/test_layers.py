@@ -56,7 +56,7 @@ VIRTIO = ("engine", "devices", "transport")
 LAYERS = (
     _layer(LEAVES, ["minivmm.errors", "minivmm.ratelimit", "minivmm.hostinfo", "minivmm.irq",
                     "minivmm.config", "minivmm.eventloop", "minivmm.agent", "minivmm.cpio",
-                    "minivmm.kmod"],
+                    "minivmm.kmod", "minivmm.version"],
            [],
            "helpers anybody may use; they use only each other"),
     # The platform stack, bottom up.
@@ -66,7 +66,7 @@ LAYERS = (
            "x86 boot: loaders, vCPU set-up, firmware tables"),
     _layer("bus", ["minivmm.bus", "minivmm.devices.legacy.*"], [LEAVES, "kvm", "memory", "x86"],
            "the port I/O and MMIO buses and the legacy devices on them"),
-    _layer("machine", ["minivmm.platform", "minivmm.vcpu", "minivmm.stop"],
+    _layer("machine", ["minivmm.platform", "minivmm.vcpu", "minivmm.stop", "minivmm.pause"],
            [LEAVES, *PLATFORM], "the machine: platform, vCPU runners, stop controller"),
     # The virtio stack, bottom up. The engine is usable on its own: not even the leaves.
     _layer("engine", ["minivmm.virtio.*"], [], "the virtqueue engine"),
@@ -85,7 +85,7 @@ LAYERS = (
            "console sinks, the raw terminal and the input pump (independent of KVM)"),
     # What joins the stacks: the VM, and the placement of virtio-mmio devices on the
     # platform (MMIO windows from x86.layout, on the MMIO bus, with KVM ioeventfds/irqfds).
-    _layer("join", ["minivmm.vm", "minivmm.transport.placement"],
+    _layer("join", ["minivmm.vm", "minivmm.transport.placement", "minivmm.snapshot"],
            [LEAVES, *PLATFORM, *VIRTIO, "console", "observe"], "what joins the two stacks"),
     _layer("front-ends", ["minivmm", "minivmm.cli", "minivmm.__main__", "minivmm.firecracker",
                           "minivmm.exec", "minivmm.exec_options", "minivmm.guest"],

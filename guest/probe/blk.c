@@ -250,3 +250,43 @@ int blk_smoke(const char **err)
 	blk_segmax = 1;
 	return blk_read(0, 1, 1, 0, 0, 0) ? -1 : 0;
 }
+
+/* The snapshot check (snap.c). blk_snap_init: initialise the blk device (0
+ * or -1, why in *err) and its capacity in *cap. blk_snap_write: write one
+ * sector with seed's pattern, then FLUSH if asked (and offered), on the queue
+ * initialised before (after a restore: the restored queue). blk_snap_read:
+ * read n <= 8 sectors back and compare. */
+int blk_snap_init(uint64_t *cap, const char **err)
+{
+	struct vdev *d = vdev_find(VIRTIO_ID_BLK, (unsigned)vopt.blk_index);
+	*err = blk_drv.err;
+	if (!d)
+		return verr(&blk_drv, "no virtio-blk device");
+	if (vdrv_init(&blk_drv, d, BIT(VIRTIO_BLK_F_FLUSH), 1))
+		return -1;
+	blk_segmax = 1;
+	*cap = vcfg_read64(d, 0);
+	return 0;
+}
+
+int blk_snap_write(uint64_t sector, uint64_t seed, int flush, const char **err)
+{
+	int st;
+	*err = blk_drv.err;
+	pat_fill(seed, sector, 1);
+	st = blk_req(VIRTIO_BLK_T_OUT, sector, blk_data, 512, 1, 0, -1);
+	if (st)
+		return st < 0 ? -1 : verr(&blk_drv, "write sector %lu: status %d", sector, st);
+	if (flush && (blk_drv.acked & BIT(VIRTIO_BLK_F_FLUSH))) {
+		st = blk_req(VIRTIO_BLK_T_FLUSH, 0, NULL, 0, 1, 0, -1);
+		if (st)
+			return st < 0 ? -1 : verr(&blk_drv, "flush: status %d", st);
+	}
+	return 0;
+}
+
+int blk_snap_read(uint64_t sector, unsigned n, uint64_t seed, const char **err)
+{
+	*err = blk_drv.err;
+	return blk_read(sector, n, 1, 0, 1, seed);
+}

@@ -289,6 +289,9 @@ static int device_option(const char *k, size_t kl, const char *v, size_t vl, int
 		vopt.have_blk_serial = !bad;
 	} else if (str_eq_n(k, kl, "probe.blk_ro")) {
 		bad = bad || parse_flag(v, vl, &vopt.blk_ro);
+	} else if (str_eq_n(k, kl, "probe.snap_steps")) {
+		bad = bad || parse_size(v, vl, &vopt.snap_steps) || vopt.snap_steps == 0 ||
+		      vopt.snap_steps > 100000;
 	} else if (str_eq_n(k, kl, "probe.strict")) {
 		bad = bad || parse_flag(v, vl, &vopt.strict);
 	} else if (net_option(k, kl, v, vl, has_val, &bad)) {
@@ -541,6 +544,7 @@ static const struct check checks[] = {
 	{ "net", check_net, 0 },
 	{ "bench", check_bench, 0 },
 	{ "smp", check_smp, 0 },
+	{ "snapshot", check_snapshot, 0 },
 	{ "triplefault", NULL, CHECK_FINAL },
 };
 

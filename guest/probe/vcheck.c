@@ -72,6 +72,21 @@ void check_rng(const char *name)
 		 rng_drv.event_idx);
 }
 
+/* The snapshot check (snap.c): 64 bytes from the first virtio-rng, on a
+ * queue initialised here when init is set, else on the one initialised
+ * before (after a restore: the restored queue). 0 or -1 (why in *err). */
+int rng_snap(int init, uint8_t *buf, const char **err)
+{
+	struct vdev *d = vdev_find(VIRTIO_ID_RNG, 0);
+	uint32_t len;
+	*err = rng_drv.err;
+	if (!d)
+		return verr(&rng_drv, "no virtio-rng device");
+	if (init && vdrv_init(&rng_drv, d, RNG_WANT, 1))
+		return -1;
+	return rng_get(&rng_drv, buf, 64, 0, &len);
+}
+
 /* ---- rng_irq: one request completed by interrupt -------------------------- */
 
 static uint32_t ioapic_read(uint32_t reg)

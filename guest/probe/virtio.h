@@ -223,6 +223,7 @@ extern struct irq_slot irq_slots[256];
 struct vopts {
 	uint64_t blk_sectors, blk_pattern, blk_index;
 	int have_blk_sectors, have_blk_pattern, blk_ro, strict;
+	uint64_t snap_steps; /* the snapshot check's steps (0: the default) */
 	const char *blk_serial; /* not NUL-terminated */
 	size_t blk_serial_len;
 	int have_blk_serial;
@@ -240,5 +241,12 @@ void check_bad_chain(const char *name);
 void check_reset(const char *name);
 /* badrv.c: a driver that breaks the rules on purpose (for --check-driver) */
 void check_bad_driver(const char *name);
+
+/* snap.c: the snapshot check, and the device steps it uses (vcheck.c, blk.c) */
+void check_snapshot(const char *name);
+int rng_snap(int init, uint8_t *buf, const char **err);
+int blk_snap_init(uint64_t *cap, const char **err);
+int blk_snap_write(uint64_t sector, uint64_t seed, int flush, const char **err);
+int blk_snap_read(uint64_t sector, unsigned n, uint64_t seed, const char **err);
 
 #endif

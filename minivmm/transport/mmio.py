@@ -160,6 +160,12 @@ class IrqfdInterrupt:
         with self._lock:
             self._status = 0
 
+    def restore_status(self, bits: int) -> None:
+        """InterruptStatus from a snapshot (the interrupt itself was already delivered
+        into the saved interrupt controllers)."""
+        with self._lock:
+            self._status = bits
+
 
 class MmioTransport:
     """One virtio-mmio device window: registers, status machine, and the device."""
@@ -419,6 +425,11 @@ class MmioTransport:
         self.device.contain(self.device.activate, self.memory, self.interrupt)
         if self.device.is_activated and self._on_activate is not None:
             self._on_activate(self.device)
+
+    def activate_restored(self) -> None:
+        """Activate the device of a restored transport (minivmm.transport.state): its
+        registers say DRIVER_OK, the device has not started yet."""
+        self._activate()
 
     def set_needs_reset(self, reason: str) -> None:
         """DEVICE_NEEDS_RESET (§2.1.2): with DRIVER_OK set, tell the driver at once."""

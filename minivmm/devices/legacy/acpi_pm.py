@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from ...ratelimit import RateLimitedLog
 from ...x86.acpi import SLEEP_TYPE_S5, SLP_EN, SLP_TYP_MASK, SLP_TYP_SHIFT, WAK_STS
+from .state import Kind, restore_fields, save_fields
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,18 @@ class AcpiPm:
         self.sleep_type = 0  # SLP_TYPx as last written
         self.wake_status = False
         self._warn = RateLimitedLog(log)
+
+    _STATE: Final[dict[str, Kind]] = {"sleep_type": "u8", "wake_status": "bool"}
+
+    def save_state(self) -> dict[str, object]:
+        """The sleep type and wake status (snapshots)."""
+        with self._lock:
+            return save_fields(self, self._STATE)
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """ValueError (one line) for state that does not fit."""
+        with self._lock:
+            restore_fields(self, "acpi_pm", state, self._STATE)
 
     def read(self, offset: int, data: memoryview) -> None:
         with self._lock:

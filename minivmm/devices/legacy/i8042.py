@@ -30,8 +30,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
+
+from .state import Kind, check_mapping, restore_fields, save_fields
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,34 @@ class I8042:
         self.resets = 0
         self.ignored = 0
         self._lock = threading.Lock()  # two vCPUs may poke the controller at once
+
+    #: the registers; the output queue and the pending command are saved beside them
+    _STATE: Final[dict[str, Kind]] = {"_ctr": "u8", "_outport": "u8", "_status": "u8",
+                                      "_last": "u8"}
+
+    def save_state(self) -> dict[str, object]:
+        """The controller's registers and output queue (snapshots)."""
+        with self._lock:
+            return {**save_fields(self, self._STATE),
+                    "pending": -1 if self._pending is None else self._pending,
+                    "output": [[b, aux] for b, aux in self._output]}
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """ValueError (one line) for state that does not fit."""
+        check_mapping("i8042", state)
+        output = state.get("output")
+        if not isinstance(output, list) or len(output) > _OUTPUT_QUEUE_MAX or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], int)
+                and 0 <= e[0] <= 0xFF and isinstance(e[1], bool) for e in output):
+            raise ValueError("i8042: saved output queue is not a list of [byte, aux]")
+        pending = state.get("pending")
+        if not isinstance(pending, int) or not -1 <= pending <= 0xFF:
+            raise ValueError(f"i8042: saved pending command {pending!r} is not -1..255")
+        with self._lock:
+            restore_fields(self, "i8042", {k: v for k, v in state.items()
+                                           if k not in ("output", "pending")}, self._STATE)
+            self._pending = None if pending < 0 else pending
+            self._output = deque((b, aux) for b, aux in output)
 
     def read(self, offset: int, data: memoryview) -> None:
         with self._lock:

@@ -59,11 +59,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from minivmm.irq import InterruptLine
 from minivmm.ratelimit import RateLimitedLog
+
+from .state import Kind, check_mapping, restore_fields, save_fields
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +233,33 @@ class Rtc:
     def irq_level(self) -> bool:
         """The level the interrupt output was last driven to."""
         return self._level
+
+    # -- snapshots (minivmm.snapshot) ------------------------------------------------
+
+    _STATE: Final[dict[str, Kind]] = {"_cmos": "bytes", "_index": "u8", "nmi_masked": "bool",
+                                      "_offset": "int", "_stopped": "bool", "_flags": "u8"}
+
+    def save_state(self) -> dict[str, object]:
+        """The CMOS bytes and the clock's offset from the host's time: a restored RTC
+        keeps following the host's wall clock (as a battery-backed one would), it does
+        not resume from the time of the snapshot."""
+        with self._lock:
+            self._advance(self._clock())
+            return save_fields(self, self._STATE)
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """ValueError (one line) for state that does not fit."""
+        check_mapping("rtc", state)
+        cmos = state.get("cmos")
+        if not isinstance(cmos, str) or len(cmos) != 2 * CMOS_SIZE:
+            raise ValueError(f"rtc: saved CMOS is not {CMOS_SIZE} bytes")
+        with self._lock:
+            restore_fields(self, "rtc", state, self._STATE)
+            self._seen = self._clock()
+            self._shown = None
+            self._rearm = True
+            self._level = False
+            self._settle()
 
     @property
     def timer_running(self) -> bool:

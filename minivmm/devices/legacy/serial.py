@@ -37,10 +37,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
 from minivmm.irq import InterruptLine
+
+from .state import Kind, restore_fields, save_fields
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,29 @@ class Serial:
     def irq_level(self) -> bool:
         """The level the interrupt output was last driven to."""
         return self._level
+
+    # -- snapshots (minivmm.snapshot) ------------------------------------------------
+
+    _STATE: Final[dict[str, Kind]] = {
+        "_ier": "u8", "_lcr": "u8", "_mcr": "u8", "_scr": "u8", "_dll": "u8", "_dlm": "u8",
+        "_msr_delta": "u8", "_fifo": "bool", "_thre_pending": "bool", "_overrun": "bool",
+        "_rx": "u8deque",
+    }
+
+    def save_state(self) -> dict[str, object]:
+        """Registers and pending input. Buffered output goes to the sink first: it was
+        the guest's output before the snapshot, so a restored VM does not repeat it."""
+        with self._lock:
+            self._flush_locked()
+            return save_fields(self, self._STATE)
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """ValueError (one line) for state that does not fit; the interrupt output is
+        driven to what the registers say."""
+        with self._lock:
+            restore_fields(self, "serial", state, self._STATE, max_bytes=self._rx_capacity)
+            self._level = False
+            self._update()
 
     @property
     def pending_input(self) -> int:
