@@ -23,6 +23,7 @@ the constructor. Several VMs can live in one process, each on its own threads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -145,7 +146,11 @@ class Vm:
 
         timeline = timeline or Timeline()
         timeline.mark("restore")
-        snap = load(path).with_overrides(**overrides)
+        snap = load(path)
+        if "drives" not in overrides:  # clones must not write one image: cow by default
+            overrides["drives"] = tuple(dataclasses.replace(d, cow=True)
+                                        for d in snap.config.drives)
+        snap = snap.with_overrides(**overrides)
         return cls(snap.config, devices=devices, setup_hooks=setup_hooks, timeline=timeline,
                    _snapshot=snap)
 
