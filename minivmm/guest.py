@@ -13,6 +13,7 @@ and its console goes to a file (console_log()) unless the config names a ``file:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -28,17 +29,22 @@ from .errors import GuestError
 
 if TYPE_CHECKING:
     from .agent import Exec
+    from .crashwatch import Finding
 
 AGENT_CONNECT_TIMEOUT = 30.0
 
 
 class GuestRunError(GuestError):
-    """The guest never ran the agent, or died, or the agent failed. ``crash`` is the
-    console line that says the guest kernel crashed, if one did."""
+    """The guest never ran the agent, or died, or its kernel crashed, or the agent
+    failed. ``crash`` is the crash detector's first finding as a line (the console line,
+    or what minivmm saw: "KVM emulation failure", a triple fault) and ``finding`` the
+    finding itself (minivmm.crashwatch.Finding), if there is one."""
 
-    def __init__(self, message: str, crash: str | None = None) -> None:
+    def __init__(self, message: str, crash: str | None = None,
+                 finding: Finding | None = None) -> None:
         super().__init__(message + (f" ({crash})" if crash else ""))
         self.crash = crash
+        self.finding = finding
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,11 @@ class Guest:
         return self.vm is not None and self.vm.stopper.result is None
 
     def _error(self, what: str) -> GuestRunError:
-        from .exec import crash_line
-
         result = None if self.vm is None else self.vm.stopper.wait(2)
         if result is not None:
             what = f"{what}; the guest ended ({result.reason}: {result.detail})"
-        return GuestRunError(what, crash_line(self.console_log()))
+        found = self.finding()
+        return GuestRunError(what, None if found is None else found.line, found)
 
     def run(self, argv: Sequence[str], *, timeout: float | None = None, input: bytes = b"",
             env: Mapping[str, str] | None = None, cwd: str | None = None,
@@ -117,6 +122,9 @@ class Guest:
         args = list(argv)
         out: dict[int, list[bytes]] = {1: [], 2: []}
         ex = self._connect()
+        assert self.vm is not None
+        watch = self.vm.crash_watch
+        seen = len(watch.findings)  # what came before this command is not its crash
         try:
             ex.start(args, env or {}, cwd)
             deadline: float | None = None
@@ -124,6 +132,14 @@ class Guest:
                 event = ex.next_event(0.25)
                 if not self._alive():
                     raise self._error(f"{args[0]}: the guest died under the command")
+                if len(watch.findings) > seen:
+                    new = next((f for f in watch.findings[seen:] if f.fatal), None)
+                    seen = len(watch.findings)
+                    if new is not None:  # the kernel crashed: don't wait for a hang
+                        with contextlib.suppress(OSError):
+                            ex.kill(9)
+                        raise GuestRunError(f"{args[0]}: the guest kernel crashed under "
+                                            "the command", new.line, new)
                 if event is None:
                     if deadline is not None and time.monotonic() >= deadline:
                         ex.kill(9)
@@ -202,10 +218,16 @@ class Guest:
             return ""
 
     def crash(self) -> str | None:
-        """The console line that says the guest kernel crashed or warned, if any."""
-        from .exec import crash_line
+        """The crash detector's first finding so far, as a line: the console line that
+        says the guest kernel crashed or warned, or what minivmm saw (an emulation
+        failure, a triple fault); None if nothing was seen. Watched live, as the guest
+        prints."""
+        found = self.finding()
+        return None if found is None else found.line
 
-        return crash_line(self.console_log())
+    def finding(self) -> Finding | None:
+        """The crash detector's first finding so far (kind, line, fatal, source)."""
+        return None if self.vm is None else self.vm.crash
 
     def close(self) -> None:
         """Stop the guest and remove its files (idempotent)."""

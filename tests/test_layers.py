@@ -77,7 +77,7 @@ LAYERS = (
     # would run for either, so it imports nothing.
     _layer("shared-package", ["minivmm.devices"], [],
            "a package whose modules live in both stacks"),
-    _layer("console", ["minivmm.console"], [LEAVES],
+    _layer("console", ["minivmm.console", "minivmm.crashwatch"], [LEAVES],
            "console sinks, the raw terminal and the input pump (independent of KVM)"),
     # What joins the stacks: the VM, and the placement of virtio-mmio devices on the
     # platform (MMIO windows from x86.layout, on the MMIO bus, with KVM ioeventfds/irqfds).
