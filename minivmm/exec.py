@@ -70,33 +70,50 @@ def parse_add(text: str) -> tuple[Path, str]:
 
 
 def parse_collect(text: str) -> tuple[str, Path]:
-    """``GUESTPATH:HOSTPATH``: a guest file copied to exactly HOSTPATH afterwards."""
+    """``GUESTPATH:HOSTPATH``: a guest file or directory copied to exactly HOSTPATH
+    afterwards (minivmm.collect)."""
     guest, _, host = text.rpartition(":")
     if not guest.startswith("/") or not host:
         raise UsageError(f"--collect {text!r}: expected /GUESTPATH:HOSTPATH")
-    if Path(host).is_dir():
-        raise UsageError(f"--collect {text!r}: {host} is a directory; name the file to "
-                         "write")
+    if not Path(host).absolute().parent.is_dir():
+        raise UsageError(f"--collect {text!r}: {Path(host).parent}: no such directory")
     return guest, Path(host)
 
 
 def _collect(uds: Path, collects: Sequence[tuple[str, Path]],
              alive: Callable[[], bool]) -> bool:
-    """Copy each guest file to its host path (nothing from the guest names a host path:
-    only the one the user gave is written). False if one failed (said on stderr)."""
+    """Copy each guest file or tree to its host path (nothing from the guest names a host
+    path: only what is under the one the user gave is written, minivmm.collect). What
+    was skipped, and failures, are said on stderr; False if one failed."""
     from .agent import AgentError, Exec, wait_for_agent
+    from .collect import TreeUnsupported, collect
+
+    def connect() -> Exec:
+        return Exec(wait_for_agent(uds, time.monotonic() + 30, alive))
 
     ok = True
     for guest, host in collects:
+        def say(what: object, guest: str = guest, host: Path = host) -> None:
+            print(f"minivmm: --collect {guest}:{host}: {what}", file=sys.stderr)
+
         try:
-            ex = Exec(wait_for_agent(uds, time.monotonic() + 30, alive))
+            ex = connect()
             try:
-                data = ex.get(guest)
+                done = collect(ex, guest, host)
+            except TreeUnsupported as old:  # an agent of protocol version 1: files only
+                ex.close()
+                ex = connect()
+                try:
+                    host.write_bytes(ex.get(guest))
+                except OSError as e:
+                    raise OSError(e.errno, f"{e.strerror} ({old})") from None
+                continue
             finally:
                 ex.close()
-            host.write_bytes(data)
+            for note in done.notes:
+                say(note)
         except (AgentError, OSError) as e:
-            print(f"minivmm: --collect {guest}:{host}: {e}", file=sys.stderr)
+            say(e)
             ok = False
     return ok
 

@@ -29,6 +29,7 @@ from .errors import GuestError
 
 if TYPE_CHECKING:
     from .agent import Exec
+    from .collect import Collected
     from .crashwatch import Finding
 
 AGENT_CONNECT_TIMEOUT = 30.0
@@ -154,13 +155,14 @@ class Guest:
                 elif isinstance(event, Failed):
                     failed = event
                     break
-                else:
+                elif isinstance(event, Exited | Signaled):
                     code = event.code if isinstance(event, Exited) else -event.signal
-                    assert isinstance(event, Exited | Signaled)
                     done = CompletedProcess(args, code, b"".join(out[1]), b"".join(out[2]))
                     if check:
                         done.check_returncode()
                     return done
+                else:
+                    raise AgentError(f"unexpected answer to a command: {event}")
         except (AgentError, OSError) as e:
             if not self._alive():
                 raise self._error(f"{args[0]}: the guest died under the command") from None
@@ -180,9 +182,24 @@ class Guest:
         self._file_op(lambda ex: ex.put(dest, data, perm if mode is None else mode), dest)
 
     def get(self, path: str) -> bytes:
-        """The content of the guest file ``path``."""
+        """The content of the guest file ``path`` (a directory: :meth:`collect`)."""
         out: list[bytes] = []
         self._file_op(lambda ex: out.append(ex.get(path)), path)
+        return out[0]
+
+    def collect(self, path: str, host_path: str | os.PathLike[str], *,
+                limit: int | None = None) -> Collected:
+        """Copy the guest file or directory ``path`` to exactly ``host_path`` (a directory
+        is created, or merged into the one there). Nothing outside ``host_path`` is
+        written, whatever the guest sends (minivmm.collect); ``limit`` caps the bytes.
+        Returns what was written and the notes on what was skipped. OSError when the
+        guest path cannot be read or the host path written;
+        :class:`minivmm.collect.UnsafeTree` when the guest sends what no honest agent
+        sends."""
+        from .collect import collect
+
+        out: list[Collected] = []
+        self._file_op(lambda ex: out.append(collect(ex, path, host_path, limit=limit)), path)
         return out[0]
 
     def _connect(self) -> Exec:
