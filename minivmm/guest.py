@@ -94,6 +94,12 @@ class Guest:
             self.close()
             raise
 
+    @property
+    def agent_socket(self) -> Path:
+        """The vsock device's Unix socket: where minivmm.agent's own clients connect
+        (``minivmm.agent.connect(g.agent_socket)``)."""
+        return self._uds
+
     def _alive(self) -> bool:
         return self.vm is not None and self.vm.stopper.result is None
 
