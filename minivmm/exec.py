@@ -7,9 +7,10 @@ stdout and stderr are copied to ours as the agent hands them on, our stdin to it
 
 Exit status: the command's; 128+N when a signal N killed it; 124 when --timeout passed
 (counted from the command's start); 125 when the guest never ran the command or died
-under it (then why, the crash line found on the console and its last lines go to
-stderr); 126/127 when the command could not be executed / was not found; 128+N when
-minivmm itself was stopped by signal N; 2 for bad usage.
+under it, or its kernel crashed while it ran (the live crash detector,
+minivmm.crashwatch: then why, the finding and the console's last lines go to stderr);
+126/127 when the command could not be executed / was not found; 128+N when minivmm
+itself was stopped by signal N; 2 for bad usage.
 """
 
 from __future__ import annotations
