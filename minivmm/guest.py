@@ -222,10 +222,13 @@ class Guest:
 
     def _file_op(self, op: Callable[[Exec], None], path: str) -> None:
         from .agent import AgentError
+        from .collect import TreeUnsupported, UnsafeTree
 
         ex = self._connect()
         try:
             op(ex)
+        except (UnsafeTree, TreeUnsupported):
+            raise  # the agent answered: what it said is the error
         except AgentError as e:
             if not self._alive():
                 raise self._error(f"{path}: the guest died") from None

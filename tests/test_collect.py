@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakeguest import fake_guest
 
 from minivmm.agent import (
     ENTRY,
@@ -216,3 +217,10 @@ def test_guest_errors_and_an_old_agent(tmp_path: Path) -> None:
         fake_agent(ROOT + OK, tmp_path / "plain")
     with pytest.raises(IsADirectoryError):
         fake_agent(entry(REG, b"", 1) + data(b"x") + OK, tmp_path)
+
+
+def test_guest_collect_passes_the_agents_misdeeds_on(tmp_path: Path, outside: Path) -> None:
+    stream = ROOT + entry(REG, b"../outside/victim", 4) + data(b"evil") + OK
+    with fake_guest(tmp_path, stream) as (g, _), pytest.raises(UnsafeTree, match="unsafe"):
+        g.collect("/guest/dir", tmp_path / "dst")
+    assert tree(tmp_path / "dst") == []

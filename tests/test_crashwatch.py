@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import struct
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+from fakeguest import fake_guest
 
 from minivmm.agent import HEADER, T_STARTED
 from minivmm.console import NullSink
 from minivmm.crashwatch import HEAD, MAX_FINDINGS, CrashWatch, Finding, scan_text
-from minivmm.guest import Guest, GuestRunError
+from minivmm.guest import GuestRunError
 
 PANIC = b"[    3.141592] Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b\n"
 
@@ -135,59 +134,17 @@ def test_scan_text() -> None:
     assert found is not None and (found.kind, found.line) == ("BUG:", "BUG: soft lockup")
 
 
-class FakeVm:
-    """What Guest needs of a Vm: a stop controller and a crash detector."""
-
-    def __init__(self) -> None:
-        from minivmm.stop import StopController
-
-        self.stopper = StopController()
-        self.crash_watch = CrashWatch(NullSink())
-
-    @property
-    def crash(self) -> Finding | None:
-        return self.crash_watch.first
-
-    def close(self) -> None:
-        pass
-
-
 def test_guest_run_fails_fast_when_the_kernel_crashes_under_the_command(
         tmp_path: Path) -> None:
-    # A fake agent behind a Firecracker-style vsock socket: it starts the command and
-    # never ends it. A panic line on the console must end run() (no timeout given).
-    uds = tmp_path / "vsock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(uds))
-    server.listen(1)
-    conns: list[socket.socket] = []
-
-    def agent() -> None:
-        conn, _ = server.accept()
-        conns.append(conn)
-        while not conn.recv(4096).endswith(b"\n"):
-            pass
-        conn.sendall(b"OK 1\n")
-        conn.sendall(HEADER.pack(T_STARTED, 4) + struct.pack("<I", 42))
-
-    threading.Thread(target=agent, daemon=True).start()
-    vm = FakeVm()
-    vm.crash_watch.write(b"WARNING: CPU: 0 PID: 1 at x.c:1 f\n")  # before: not its crash
-    g = Guest.__new__(Guest)
-    g.vm = vm  # type: ignore[assignment]
-    g._uds = uds
-    g._tmp = tempfile.TemporaryDirectory()
-    threading.Timer(0.5, vm.crash_watch.write,
-                    (b"[ 5.0] WARNING: CPU: 0 PID: 9 at y.c:2 g\n" + PANIC,)).start()
-    try:
+    # The fake agent starts the command and never ends it: a panic line on the console
+    # must end run() before its timeout.
+    with fake_guest(tmp_path, HEADER.pack(T_STARTED, 4) + struct.pack("<I", 42)) as (g, vm):
+        vm.crash_watch.write(b"WARNING: CPU: 0 PID: 1 at x.c:1 f\n")  # before: not its crash
+        threading.Timer(0.5, vm.crash_watch.write,
+                        (b"[ 5.0] WARNING: CPU: 0 PID: 9 at y.c:2 g\n" + PANIC,)).start()
         with pytest.raises(GuestRunError) as e:
             g.run(["sleep", "1000"], timeout=30)  # no fail-fast: TimeoutExpired
-    finally:
-        g.close()
-        server.close()
-        for c in conns:
-            c.close()
+        assert g.crash() == "WARNING: CPU: 0 PID: 1 at x.c:1 f"  # the first finding of all
     assert e.value.crash == PANIC.decode().strip()
     assert e.value.finding is not None and e.value.finding.kind == "Kernel panic"
     assert "the guest kernel crashed under the command" in str(e.value)
-    assert g.crash() == "WARNING: CPU: 0 PID: 1 at x.c:1 f"  # the first finding of all
