@@ -149,6 +149,7 @@ class CrashWatch:
         if isinstance(data, memoryview):
             data = data.tobytes()  # console output: small, and find() needs bytes
         with self._lock:  # the UART and virtio-console may write from two threads
+            new = len(self.findings)
             head = self._head
             start, end = 0, len(data)
             while start < end:
@@ -159,11 +160,13 @@ class CrashWatch:
                     if len(head) == HEAD:
                         self._line(bytes(head))  # a long line: searched once, when full
                 if nl < 0:
-                    return
+                    break
                 if len(head) < HEAD:
                     self._line(bytes(head))
                 head.clear()
                 start = nl + 1
+            found, callbacks = self.findings[new:], list(self._callbacks)
+        self._call(found, callbacks)
 
     def _line(self, head: bytes) -> None:
         found = _match(head)
@@ -173,15 +176,17 @@ class CrashWatch:
             self.restart_announced = True
             return
         assert isinstance(found, Finding)
-        self._add(found)
-
-    def _add(self, finding: Finding) -> None:
-        if len(self.findings) >= MAX_FINDINGS:  # a guest that warns without end
+        if len(self.findings) < MAX_FINDINGS:
+            self.findings.append(found)
+        else:  # a guest that warns without end
             self.dropped += 1
-            return
-        self.findings.append(finding)
-        for callback in list(self._callbacks):
-            callback(finding)
+
+    @staticmethod
+    def _call(found: list[Finding], callbacks: list[Callable[[Finding], None]]) -> None:
+        """Outside the lock: a callback may stop the VM, which comes back here."""
+        for finding in found:
+            for callback in callbacks:
+                callback(finding)
 
     # -- the VMM's part ------------------------------------------------------------------
 
@@ -189,25 +194,27 @@ class CrashWatch:
         """Record what the VM's end says (a RunResult's ``reason`` and ``detail``, see
         minivmm.stop): the finding it makes, or None."""
         first = detail.split("\n", 1)[0]
-        with self._lock:  # a last line the guest never ended
-            if 0 < len(self._head) < HEAD:
+        with self._lock:
+            new = len(self.findings)
+            if 0 < len(self._head) < HEAD:  # a last line the guest never ended
                 self._line(bytes(self._head))
             self._head.clear()
-        if reason == "guest-error":
-            kind = next((k for start, k in _VMM_KINDS if first.startswith(start)),
-                        "guest error")
-        elif reason == "host-error":
-            kind = "host error"
-        elif reason == "internal-error":
-            kind = "VMM internal error"
-        elif reason == "reboot" and first.startswith("triple fault"):
-            with self._lock:
-                if self.restart_announced or self.fatal is not None:
-                    return None
-            kind = "triple fault"
-        else:
-            return None
-        finding = Finding(kind, first, True, "vmm")
-        with self._lock:
-            self._add(finding)
+            finding = None
+            if reason == "guest-error":
+                kind = next((k for start, k in _VMM_KINDS if first.startswith(start)),
+                            "guest error")
+            elif reason == "host-error":
+                kind = "host error"
+            elif reason == "internal-error":
+                kind = "VMM internal error"
+            elif (reason == "reboot" and first.startswith("triple fault")
+                  and not self.restart_announced and self.fatal is None):
+                kind = "triple fault"
+            else:
+                kind = ""
+            if kind:
+                finding = Finding(kind, first, True, "vmm")
+                self.findings.append(finding)  # always kept: the VM ends once
+            found, callbacks = self.findings[new:], list(self._callbacks)
+        self._call(found, callbacks)
         return finding

@@ -148,3 +148,15 @@ def test_guest_run_fails_fast_when_the_kernel_crashes_under_the_command(
     assert e.value.crash == PANIC.decode().strip()
     assert e.value.finding is not None and e.value.finding.kind == "Kernel panic"
     assert "the guest kernel crashed under the command" in str(e.value)
+
+
+def test_a_callback_may_stop_the_vm() -> None:
+    # vm.on_crash(lambda f: vm.stop()): the stop comes back to vm_stopped on this thread.
+    w, _ = watch()
+    calls: list[tuple[str, Finding | None]] = []
+    w.on_finding(lambda f: calls.append((f.kind, w.vm_stopped("stopped", "by a callback"))))
+    w.write(b"Oops: 0000 [#1]\nKernel panic - not syncing: Fatal exception\n")
+    assert calls == [("Oops", None), ("Kernel panic", None)]
+    w.on_finding(lambda f: calls.append((f.kind, None)))
+    w.vm_stopped("guest-error", "KVM emulation failure")
+    assert calls[2:] == [("emulation failure", None)] * 2
