@@ -3,7 +3,7 @@
 ``fake_guest(tmp_path, answer)`` yields a Guest whose ``vm`` is a :class:`FakeVm` (a stop
 controller and a crash detector on a NullSink) and whose agent socket, for each
 connection, answers ``CONNECT`` with ``OK``, reads the request's first bytes and sends
-``answer``, then keeps the connection open until the test ends.
+``answer`` (or ``answer(request)``), then keeps the connection open until the test ends.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,7 +37,8 @@ class FakeVm:
 
 
 @contextmanager
-def fake_guest(tmp_path: Path, answer: bytes) -> Iterator[tuple[Guest, FakeVm]]:
+def fake_guest(tmp_path: Path, answer: bytes | Callable[[bytes], bytes]
+               ) -> Iterator[tuple[Guest, FakeVm]]:
     uds = tmp_path / "vsock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(uds))
@@ -54,9 +55,9 @@ def fake_guest(tmp_path: Path, answer: bytes) -> Iterator[tuple[Guest, FakeVm]]:
             while not conn.recv(4096).endswith(b"\n"):
                 pass
             conn.sendall(b"OK 1\n")
-            conn.recv(4096)  # the request
+            request = conn.recv(4096)
             try:
-                conn.sendall(answer)
+                conn.sendall(answer if isinstance(answer, bytes) else answer(request))
             except OSError:
                 pass
 

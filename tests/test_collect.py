@@ -25,6 +25,7 @@ from minivmm.agent import (
     T_ENTRY,
     T_EXITED,
     T_FAILED,
+    T_GET,
     T_NOTE,
     T_STDOUT,
     T_TREE,
@@ -32,6 +33,7 @@ from minivmm.agent import (
     Exec,
 )
 from minivmm.collect import Collected, TreeUnsupported, UnsafeTree, collect
+from minivmm.exec import _collect
 
 DIR = stat.S_IFDIR | 0o755
 REG = stat.S_IFREG | 0o644
@@ -224,3 +226,22 @@ def test_guest_collect_passes_the_agents_misdeeds_on(tmp_path: Path, outside: Pa
     with fake_guest(tmp_path, stream) as (g, _), pytest.raises(UnsafeTree, match="unsafe"):
         g.collect("/guest/dir", tmp_path / "dst")
     assert tree(tmp_path / "dst") == []
+
+
+def test_exec_collect_falls_back_to_files_with_an_old_agent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def old_agent(request: bytes) -> bytes:  # protocol version 1: no TREE
+        if request[:1] == b"T":
+            return frame(T_FAILED, struct.pack("<I", errno.EINVAL)
+                         + b"unexpected frame type 0x54 before EXEC")
+        if request == frame(T_GET, b"/f"):
+            return data(b"old") + OK
+        return frame(T_FAILED, struct.pack("<I", errno.EISDIR) + b"/d: Is a directory")
+
+    with fake_guest(tmp_path, old_agent) as (g, _):
+        ok = _collect(g.agent_socket, [("/f", tmp_path / "f")], lambda: True)
+        assert ok and (tmp_path / "f").read_bytes() == b"old"
+        assert not _collect(g.agent_socket, [("/d", tmp_path / "d")], lambda: True)
+    err = capsys.readouterr().err
+    assert "--collect /d:" in err and "Is a directory" in err
+    assert "too old for directories" in err
