@@ -22,6 +22,9 @@ in the host page cache), then repeats, alternating which VMM goes first:
   main (QEMU aio=io_uring, when QEMU accepts it): the blk workloads again
   net      the probe's net_tx64, net_tx1500, net_rr with a virtio-net on a tap, each VMM
            in a fresh network namespace (bench/netbench.py; needs root, `ip`, /dev/net/tun)
+  agent    once, after the repetitions: `minivmm exec -- true` process start to exit
+           (--reps runs) and Guest.run(["true"]) round trips once booted (20), with the
+           Linux kernel this host boots (bench/agentbench.py; no QEMU equivalent)
 
 QEMU: microvm, virtio-mmio v2, -drive cache=writeback with aio=threads (and io_uring as
 a second mode; each blk row compares with QEMU's better mode and names it). The table
@@ -35,12 +38,13 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import netbench, report, vmms
+from . import agentbench, netbench, report, vmms
 from .vmms import MIB, REPO, RunOutput, Vmm
 
 WORKLOADS = ["mmio", "rng", "blk_rand4k_qd1", "blk_rand4k_qd32", "blk_seq1m_read",
@@ -134,6 +138,21 @@ class Bench:
         self.failures.append(f"{vmm.label} {kind}: failed {1 + attempt} time(s)")
         return None
 
+    def agent(self) -> dict[str, object]:
+        """`minivmm exec -- true` and Guest.run (bench/agentbench.py): printed; the
+        samples for the JSON. A Linux boot each (~40 s on a kvm_pvm host)."""
+        reps, runs = (1, 2) if self.args.smoke else (self.args.reps, 20)
+        print(f"bench: the agent path ({reps} exec, {runs} Guest.run) ...", file=sys.stderr,
+              flush=True)
+        try:
+            ex, run = agentbench.exec_true(reps), agentbench.guest_run(runs)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            self.failures.append(f"agent: {e}")
+            return {}
+        for line in agentbench.lines(ex, run):
+            print(line)
+        return {"exec": ex, "run": run}
+
     def rep(self, i: int, mini: Vmm, qemus: list[Vmm]) -> None:
         s = self.sizes
         fl = vmms.run_floor(self.floor_bin, s.floor_n)
@@ -224,6 +243,7 @@ class Bench:
                 self.samples["qemu_threads"] = self.samples.pop(label)
         text, summary = report.table(self.samples, self.failed)
         print(text)
+        agent = self.agent()
         fl = {k: statistics.median([f[k] for f in self.floor if k in f])
               for k in ("cpl3_mmio", "cpl3_mmio_read", "cpl0_mmio", "cpl0_pio", "tsc_khz")
               if any(k in f for f in self.floor)}
@@ -273,7 +293,8 @@ class Bench:
             "samples": self.samples, "floor": self.floor, "runs": self.raw,
             "minivmm_timelines": self.timelines, "hints": hint_lines, "notes": self.notes,
             "kicks_per_op": self.kicks_per_op(), "failures": self.failures,
-            "failed_runs": self.failed_runs, "duration_s": time.monotonic() - t_start})
+            "failed_runs": self.failed_runs, "agent": agent,
+            "duration_s": time.monotonic() - t_start})
         print(f"results: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
         png = path.with_suffix(".png")
         if not self.args.smoke and report.plot(png, summary):

@@ -29,6 +29,9 @@ STDIN_CHUNK = 65536
 T_ARG, T_ENV, T_CWD, T_EXEC, T_STDIN, T_KILL, T_PUT, T_GET = (ord(c) for c in "AEDXIKPQ")
 # agent -> host
 T_STARTED, T_STDOUT, T_STDERR, T_EXITED, T_SIGNALED, T_FAILED = (ord(c) for c in "SORWGF")
+# protocol version 2: a tree (host -> agent), its entries and notes (agent -> host)
+T_TREE, T_ENTRY, T_NOTE = (ord(c) for c in "TYN")
+ENTRY = struct.Struct("<IQI")  # st_mode, size, path length; then the path, the target
 
 
 class AgentError(Exception):
@@ -66,7 +69,27 @@ class Failed:
     message: str
 
 
-Event = Started | Output | Exited | Signaled | Failed
+@dataclass(frozen=True)
+class Entry:
+    """One node of a TREE answer (protocol version 2): ``mode`` is its st_mode, ``size``
+    the bytes of content that follow a regular file (a symlink: its target's length),
+    ``path`` relative to the tree's root (empty for the root) and ``target`` a symlink's
+    target. Nothing here is checked: minivmm.collect does that."""
+
+    mode: int
+    size: int
+    path: bytes
+    target: bytes = b""
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the agent skipped while sending a tree (a person reads it)."""
+
+    message: str
+
+
+Event = Started | Output | Exited | Signaled | Failed | Entry | Note
 
 
 def connect(uds_path: str | Path, port: int = AGENT_PORT,
@@ -197,6 +220,12 @@ class Exec:
             pass  # the agent stopped reading: its FAILED frame says why
         self._file_result(path, timeout, [])
 
+    def send_tree(self, path: str) -> None:
+        """Ask for the file or directory tree at ``path`` (protocol version 2): Entry,
+        Output and Note events follow, then Exited(0) or Failed. minivmm.collect reads
+        them."""
+        self._send(T_TREE, path.encode())
+
     def get(self, path: str, timeout: float = 60.0) -> bytes:
         """The content of the guest file ``path`` (OSError/AgentError as :meth:`put`)."""
         self._send(T_GET, path.encode())
@@ -266,6 +295,13 @@ class Exec:
         if type_ == T_FAILED and len(payload) >= 4:
             (err,) = struct.unpack_from("<I", payload)
             return Failed(err, payload[4:].decode(errors="replace"))
+        if type_ == T_ENTRY and len(payload) >= ENTRY.size:
+            mode, size, length = ENTRY.unpack_from(payload)
+            if length <= len(payload) - ENTRY.size:
+                end = ENTRY.size + length
+                return Entry(mode, size, payload[ENTRY.size:end], payload[end:])
+        if type_ == T_NOTE:
+            return Note(payload.decode(errors="replace"))
         raise AgentError(f"unexpected frame from the agent: type {type_:#x}, "
                          f"{len(payload)} bytes")
 

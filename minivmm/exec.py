@@ -7,16 +7,16 @@ stdout and stderr are copied to ours as the agent hands them on, our stdin to it
 
 Exit status: the command's; 128+N when a signal N killed it; 124 when --timeout passed
 (counted from the command's start); 125 when the guest never ran the command or died
-under it (then why, the crash line found on the console and its last lines go to
-stderr); 126/127 when the command could not be executed / was not found; 128+N when
-minivmm itself was stopped by signal N; 2 for bad usage.
+under it, or its kernel crashed while it ran (the live crash detector,
+minivmm.crashwatch: then why, the finding and the console's last lines go to stderr);
+126/127 when the command could not be executed / was not found; 128+N when minivmm
+itself was stopped by signal N; 2 for bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -30,13 +30,16 @@ from .errors import UsageError
 
 if TYPE_CHECKING:
     from .config import VmConfig
+    from .crashwatch import Finding
+    from .vm import Vm
 
 from .exec_options import AGENT_ENV
 
 AGENT_CONNECT_TIMEOUT = 30.0  # seconds from the agent's "listening" to its answer
 CONSOLE_TAIL = 20
-#: console lines that mean the guest kernel is in trouble (the first one found is named)
-CRASH_PATTERN = re.compile(r"Kernel panic|BUG:|Oops|WARNING: CPU:|general protection fault")
+#: seconds a guest whose kernel crashed under the command gets to finish printing (and
+#: to end the VM itself, as Linux with panic=-1 does) before minivmm stops it
+CRASH_GRACE = 5.0
 
 
 def find_agent(given: Path | None) -> Path:
@@ -68,33 +71,50 @@ def parse_add(text: str) -> tuple[Path, str]:
 
 
 def parse_collect(text: str) -> tuple[str, Path]:
-    """``GUESTPATH:HOSTPATH``: a guest file copied to exactly HOSTPATH afterwards."""
+    """``GUESTPATH:HOSTPATH``: a guest file or directory copied to exactly HOSTPATH
+    afterwards (minivmm.collect)."""
     guest, _, host = text.rpartition(":")
     if not guest.startswith("/") or not host:
         raise UsageError(f"--collect {text!r}: expected /GUESTPATH:HOSTPATH")
-    if Path(host).is_dir():
-        raise UsageError(f"--collect {text!r}: {host} is a directory; name the file to "
-                         "write")
+    if not Path(host).absolute().parent.is_dir():
+        raise UsageError(f"--collect {text!r}: {Path(host).parent}: no such directory")
     return guest, Path(host)
 
 
 def _collect(uds: Path, collects: Sequence[tuple[str, Path]],
              alive: Callable[[], bool]) -> bool:
-    """Copy each guest file to its host path (nothing from the guest names a host path:
-    only the one the user gave is written). False if one failed (said on stderr)."""
+    """Copy each guest file or tree to its host path (nothing from the guest names a host
+    path: only what is under the one the user gave is written, minivmm.collect). What
+    was skipped, and failures, are said on stderr; False if one failed."""
     from .agent import AgentError, Exec, wait_for_agent
+    from .collect import TreeUnsupported, collect
+
+    def connect() -> Exec:
+        return Exec(wait_for_agent(uds, time.monotonic() + 30, alive))
 
     ok = True
     for guest, host in collects:
+        def say(what: object, guest: str = guest, host: Path = host) -> None:
+            print(f"minivmm: --collect {guest}:{host}: {what}", file=sys.stderr)
+
         try:
-            ex = Exec(wait_for_agent(uds, time.monotonic() + 30, alive))
+            ex = connect()
             try:
-                data = ex.get(guest)
+                done = collect(ex, guest, host)
+            except TreeUnsupported as old:  # an agent of protocol version 1: files only
+                ex.close()
+                ex = connect()
+                try:
+                    host.write_bytes(ex.get(guest))
+                except OSError as e:
+                    raise OSError(e.errno, f"{e.strerror} ({old})") from None
+                continue
             finally:
                 ex.close()
-            host.write_bytes(data)
+            for note in done.notes:
+                say(note)
         except (AgentError, OSError) as e:
-            print(f"minivmm: --collect {guest}:{host}: {e}", file=sys.stderr)
+            say(e)
             ok = False
     return ok
 
@@ -135,11 +155,12 @@ def agent_archive(agent: Path, adds: Sequence[tuple[Path, str]] = (),
 
 
 def crash_line(console: str) -> str | None:
-    """The first console line that says the guest kernel crashed or warned, if any."""
-    for line in console.splitlines():
-        if CRASH_PATTERN.search(line):
-            return line.strip()
-    return None
+    """The first console line that says the guest kernel crashed or warned, if any (the
+    crash detector, minivmm.crashwatch, on a whole console log)."""
+    from .crashwatch import scan_text
+
+    found = scan_text(console)
+    return None if found is None else found.line
 
 
 def _parse_env(items: list[str]) -> list[str]:
@@ -154,6 +175,7 @@ def _parse_env(items: list[str]) -> list[str]:
 class _Outcome:
     status: int
     why: str = ""  # set: a failure to report (with the console's tail)
+    crash: Finding | None = None  # what the crash detector saw first
 
 
 class _Output:
@@ -251,7 +273,7 @@ def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
         assert cfg.vsock is not None
         outcome = _run(cfg, cfg.vsock.uds_path, argv, env, args, hooks, collects)
         if outcome.why:
-            _report(outcome.why, console_log)
+            _report(outcome, console_log)
         return outcome.status
 
 
@@ -262,6 +284,27 @@ def _run(cfg: VmConfig, uds: Path, argv: list[str], env: list[str],
     this returns."""
     import signal
 
+    from .vm import Vm
+
+    with Vm(cfg) as vm:
+        def stop_on(signum: int) -> None:
+            vm.request_stop(128 + signum, "signal", f"stopped by {signal.Signals(signum).name}")
+
+        hooks.on_signal(stop_on)
+        try:
+            hooks.check_signal()
+            vm.start()
+            outcome = _drive(vm, uds, argv, env, args, collects)
+        finally:
+            hooks.on_signal(None)
+            vm.stop()
+        outcome.crash = vm.crash_watch.fatal or vm.crash
+        return outcome
+
+
+def _drive(vm: Vm, uds: Path, argv: list[str], env: list[str], args: argparse.Namespace,
+           collects: Sequence[tuple[str, Path]]) -> _Outcome:
+    """Wait for the agent, run the command, copy its output; the outcome."""
     from .agent import (
         AgentError,
         Exec,
@@ -274,94 +317,94 @@ def _run(cfg: VmConfig, uds: Path, argv: list[str], env: list[str],
         failed_status,
         wait_for_agent,
     )
-    from .vm import Vm
 
     outputs = {1: _Output(1), 2: _Output(2)}
-    with Vm(cfg) as vm:
-        def stop_on(signum: int) -> None:
-            vm.request_stop(128 + signum, "signal", f"stopped by {signal.Signals(signum).name}")
 
-        hooks.on_signal(stop_on)
-        try:
-            hooks.check_signal()
-            vm.start()
+    watch = vm.crash_watch
 
-            def alive() -> bool:
-                return vm.stopper.result is None
+    def alive() -> bool:  # a fatal crash line counts as the end: the guest may hang on
+        return vm.stopper.result is None and watch.fatal is None
 
-            def ended(while_: str) -> _Outcome:
-                result = vm.stopper.wait(5)
-                if result is None:
-                    return _Outcome(125, f"the agent's connection ended {while_}")
-                if result.reason == "signal":
-                    print(f"minivmm: {result.detail}", file=sys.stderr)
-                    return _Outcome(result.status)
-                return _Outcome(125, f"the guest ended {while_} ({result.reason}: "
-                                     f"{result.detail})")
+    def ended(while_: str) -> _Outcome:
+        crash = watch.fatal
+        result = vm.stopper.wait(CRASH_GRACE if crash is not None else 5)
+        if result is not None and result.reason == "signal":
+            print(f"minivmm: {result.detail}", file=sys.stderr)
+            return _Outcome(result.status)
+        if crash is not None and crash.source == "console":
+            then = "" if result is None else (
+                f"; then the VM ended ({result.reason}: {result.detail.splitlines()[0]})")
+            return _Outcome(125, f"the guest kernel crashed {while_}{then}")
+        if result is None:
+            return _Outcome(125, f"the agent's connection ended {while_}")
+        return _Outcome(125, f"the guest ended {while_} ({result.reason}: "
+                             f"{result.detail})")
 
-            listener = ReadyListener(uds)
-            try:
-                if not listener.wait(time.monotonic() + args.boot_timeout, alive):
-                    if not alive():
-                        return ended("before the command ran")
-                    return _Outcome(125, f"the guest never ran the command: the agent did "
-                                         f"not start in {args.boot_timeout:g} s")
-                sock = wait_for_agent(uds, time.monotonic() + AGENT_CONNECT_TIMEOUT, alive)
-            except AgentError as e:
-                if not alive():
-                    return ended("before the command ran")
-                return _Outcome(125, f"the guest never ran the command: {e}")
-            finally:
-                listener.close()
-            ex = Exec(sock)
-            try:
-                ex.start(argv, env, args.cwd)
-                deadline: float | None = None
-                while True:
-                    event = ex.next_event(0.25)
-                    if not alive():
-                        return ended("while the command ran" if ex.pid else
-                                     "before the command ran")
-                    if event is None:
-                        if deadline is not None and time.monotonic() >= deadline:
-                            print(f"minivmm: {argv[0]}: timed out after {args.timeout:g} s",
-                                  file=sys.stderr)
-                            return _Outcome(124)
-                        continue
-                    if isinstance(event, Output):
-                        outputs[event.fd].write(event.data)
-                    elif isinstance(event, Started):
-                        if args.timeout is not None:
-                            deadline = time.monotonic() + args.timeout
-                        threading.Thread(target=_pump_stdin, args=(ex,), daemon=True,
-                                         name="minivmm-stdin").start()
-                    elif isinstance(event, Exited | Signaled):
-                        status = (event.code if isinstance(event, Exited)
-                                  else 128 + event.signal)
-                        if not _collect(uds, collects, alive) and status == 0:
-                            status = 1
-                        return _Outcome(status)
-                    elif isinstance(event, Failed):
-                        print(f"minivmm: cannot run {argv[0]!r} in the guest: "
-                              f"{event.message}", file=sys.stderr)
-                        return _Outcome(failed_status(event))
-            except (AgentError, OSError) as e:
-                if not alive():
-                    return ended("while the command ran" if ex.pid else
-                                 "before the command ran")
-                return _Outcome(125, f"the agent failed: {e}")
-            finally:
-                ex.close()
-        finally:
-            hooks.on_signal(None)
-            vm.stop()
+    listener = ReadyListener(uds)
+    try:
+        if not listener.wait(time.monotonic() + args.boot_timeout, alive):
+            if not alive():
+                return ended("before the command ran")
+            return _Outcome(125, f"the guest never ran the command: the agent did "
+                                 f"not start in {args.boot_timeout:g} s")
+        sock = wait_for_agent(uds, time.monotonic() + AGENT_CONNECT_TIMEOUT, alive)
+    except AgentError as e:
+        if not alive():
+            return ended("before the command ran")
+        return _Outcome(125, f"the guest never ran the command: {e}")
+    finally:
+        listener.close()
+    ex = Exec(sock)
+    try:
+        ex.start(argv, env, args.cwd)
+        deadline: float | None = None
+        while True:
+            event = ex.next_event(0.25)
+            if not alive():
+                return ended("while the command ran" if ex.pid else
+                             "before the command ran")
+            if event is None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    print(f"minivmm: {argv[0]}: timed out after {args.timeout:g} s",
+                          file=sys.stderr)
+                    return _Outcome(124)
+                continue
+            if isinstance(event, Output):
+                outputs[event.fd].write(event.data)
+            elif isinstance(event, Started):
+                if args.timeout is not None:
+                    deadline = time.monotonic() + args.timeout
+                threading.Thread(target=_pump_stdin, args=(ex,), daemon=True,
+                                 name="minivmm-stdin").start()
+            elif isinstance(event, Exited | Signaled):
+                status = (event.code if isinstance(event, Exited)
+                          else 128 + event.signal)
+                if not _collect(uds, collects, alive) and status == 0:
+                    status = 1
+                return _Outcome(status)
+            elif isinstance(event, Failed):
+                print(f"minivmm: cannot run {argv[0]!r} in the guest: "
+                      f"{event.message}", file=sys.stderr)
+                return _Outcome(failed_status(event))
+    except (AgentError, OSError) as e:
+        if not alive():
+            return ended("while the command ran" if ex.pid else
+                         "before the command ran")
+        return _Outcome(125, f"the agent failed: {e}")
+    finally:
+        ex.close()
 
 
-def _report(why: str, console_log: Path | None) -> None:
+def _report(outcome: _Outcome, console_log: Path | None) -> None:
     def say(line: str) -> None:
         print(f"minivmm: {line}", file=sys.stderr)
 
-    say(why)
+    say(outcome.why)
+    crash = outcome.crash
+    if crash is not None and crash.source == "console":
+        say(f"the guest kernel {'crashed' if crash.fatal else 'warned'}: {crash.line}")
+    elif crash is not None:
+        say(f"the guest crashed: {crash.kind} (seen by minivmm: {crash.line})")
     if console_log is None:
         return
     try:
@@ -369,9 +412,6 @@ def _report(why: str, console_log: Path | None) -> None:
     except OSError as e:
         say(f"(console log {console_log}: {e.strerror})")
         return
-    crash = crash_line(text)
-    if crash:
-        say(f"the guest kernel crashed: {crash}")
     lines = text.splitlines()[-CONSOLE_TAIL:]
     say(f"the console's last {len(lines)} lines:")
     for line in lines:

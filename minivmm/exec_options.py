@@ -35,8 +35,9 @@ def add_parser(sub: Any, add_vm_options: Callable[[argparse.ArgumentParser], Non
                    help="put a host file or directory into the guest (repeatable; default "
                         "GUESTPATH /NAME; at most half the guest memory in all)")
     e.add_argument("--collect", action="append", default=[], metavar="GUESTPATH:HOSTPATH",
-                   help="copy a guest file to HOSTPATH after CMD ends (repeatable; a failed "
-                        "copy turns status 0 into 1)")
+                   help="copy a guest file or directory to exactly HOSTPATH after CMD ends "
+                        "(repeatable; nothing outside HOSTPATH is written; a failed copy "
+                        "turns status 0 into 1)")
     e.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT,
                    metavar="SECONDS",
                    help=f"give up (125) if the agent has not answered after this long "

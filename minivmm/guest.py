@@ -22,6 +22,7 @@ reset by the restore (the agent takes a new one per command, so nothing is lost)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -37,17 +38,23 @@ from .errors import GuestError
 
 if TYPE_CHECKING:
     from .agent import Exec
+    from .collect import Collected
+    from .crashwatch import Finding
 
 AGENT_CONNECT_TIMEOUT = 30.0
 
 
 class GuestRunError(GuestError):
-    """The guest never ran the agent, or died, or the agent failed. ``crash`` is the
-    console line that says the guest kernel crashed, if one did."""
+    """The guest never ran the agent, or died, or its kernel crashed, or the agent
+    failed. ``crash`` is the crash detector's first finding as a line (the console line,
+    or what minivmm saw: "KVM emulation failure", a triple fault) and ``finding`` the
+    finding itself (minivmm.crashwatch.Finding), if there is one."""
 
-    def __init__(self, message: str, crash: str | None = None) -> None:
+    def __init__(self, message: str, crash: str | None = None,
+                 finding: Finding | None = None) -> None:
         super().__init__(message + (f" ({crash})" if crash else ""))
         self.crash = crash
+        self.finding = finding
 
 
 @dataclass(frozen=True)
@@ -146,16 +153,21 @@ class Guest:
         """A new guest restored from a snapshot of this one taken now."""
         return Guest.restore(self.snapshot())
 
+    @property
+    def agent_socket(self) -> Path:
+        """The vsock device's Unix socket: where minivmm.agent's own clients connect
+        (``minivmm.agent.connect(g.agent_socket)``)."""
+        return self._uds
+
     def _alive(self) -> bool:
         return self.vm is not None and self.vm.stopper.result is None
 
     def _error(self, what: str) -> GuestRunError:
-        from .exec import crash_line
-
         result = None if self.vm is None else self.vm.stopper.wait(2)
         if result is not None:
             what = f"{what}; the guest ended ({result.reason}: {result.detail})"
-        return GuestRunError(what, crash_line(self.console_log()))
+        found = self.finding()
+        return GuestRunError(what, None if found is None else found.line, found)
 
     def run(self, argv: Sequence[str], *, timeout: float | None = None, input: bytes = b"",
             env: Mapping[str, str] | None = None, cwd: str | None = None,
@@ -176,6 +188,9 @@ class Guest:
         args = list(argv)
         out: dict[int, list[bytes]] = {1: [], 2: []}
         ex = self._connect()
+        assert self.vm is not None
+        watch = self.vm.crash_watch
+        seen = len(watch.findings)  # what came before this command is not its crash
         try:
             ex.start(args, env or {}, cwd)
             deadline: float | None = None
@@ -183,6 +198,14 @@ class Guest:
                 event = ex.next_event(0.25)
                 if not self._alive():
                     raise self._error(f"{args[0]}: the guest died under the command")
+                if len(watch.findings) > seen:
+                    new = next((f for f in watch.findings[seen:] if f.fatal), None)
+                    seen = len(watch.findings)
+                    if new is not None:  # the kernel crashed: don't wait for a hang
+                        with contextlib.suppress(OSError):
+                            ex.kill(9)
+                        raise GuestRunError(f"{args[0]}: the guest kernel crashed under "
+                                            "the command", new.line, new)
                 if event is None:
                     if deadline is not None and time.monotonic() >= deadline:
                         ex.kill(9)
@@ -197,13 +220,14 @@ class Guest:
                 elif isinstance(event, Failed):
                     failed = event
                     break
-                else:
+                elif isinstance(event, Exited | Signaled):
                     code = event.code if isinstance(event, Exited) else -event.signal
-                    assert isinstance(event, Exited | Signaled)
                     done = CompletedProcess(args, code, b"".join(out[1]), b"".join(out[2]))
                     if check:
                         done.check_returncode()
                     return done
+                else:
+                    raise AgentError(f"unexpected answer to a command: {event}")
         except (AgentError, OSError) as e:
             if not self._alive():
                 raise self._error(f"{args[0]}: the guest died under the command") from None
@@ -223,9 +247,24 @@ class Guest:
         self._file_op(lambda ex: ex.put(dest, data, perm if mode is None else mode), dest)
 
     def get(self, path: str) -> bytes:
-        """The content of the guest file ``path``."""
+        """The content of the guest file ``path`` (a directory: :meth:`collect`)."""
         out: list[bytes] = []
         self._file_op(lambda ex: out.append(ex.get(path)), path)
+        return out[0]
+
+    def collect(self, path: str, host_path: str | os.PathLike[str], *,
+                limit: int | None = None) -> Collected:
+        """Copy the guest file or directory ``path`` to exactly ``host_path`` (a directory
+        is created, or merged into the one there). Nothing outside ``host_path`` is
+        written, whatever the guest sends (minivmm.collect); ``limit`` caps the bytes.
+        Returns what was written and the notes on what was skipped. OSError when the
+        guest path cannot be read or the host path written;
+        :class:`minivmm.collect.UnsafeTree` when the guest sends what no honest agent
+        sends."""
+        from .collect import collect
+
+        out: list[Collected] = []
+        self._file_op(lambda ex: out.append(collect(ex, path, host_path, limit=limit)), path)
         return out[0]
 
     def _connect(self) -> Exec:
@@ -242,10 +281,13 @@ class Guest:
 
     def _file_op(self, op: Callable[[Exec], None], path: str) -> None:
         from .agent import AgentError
+        from .collect import TreeUnsupported, UnsafeTree
 
         ex = self._connect()
         try:
             op(ex)
+        except (UnsafeTree, TreeUnsupported):
+            raise  # the agent answered: what it said is the error
         except AgentError as e:
             if not self._alive():
                 raise self._error(f"{path}: the guest died") from None
@@ -261,10 +303,16 @@ class Guest:
             return ""
 
     def crash(self) -> str | None:
-        """The console line that says the guest kernel crashed or warned, if any."""
-        from .exec import crash_line
+        """The crash detector's first finding so far, as a line: the console line that
+        says the guest kernel crashed or warned, or what minivmm saw (an emulation
+        failure, a triple fault); None if nothing was seen. Watched live, as the guest
+        prints."""
+        found = self.finding()
+        return None if found is None else found.line
 
-        return crash_line(self.console_log())
+    def finding(self) -> Finding | None:
+        """The crash detector's first finding so far (kind, line, fatal, source)."""
+        return None if self.vm is None else self.vm.crash
 
     def close(self) -> None:
         """Stop the guest and remove its files (idempotent)."""

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .config import VmConfig
 from .console import ConsoleSink, PipeFeeder, open_sink
+from .crashwatch import CrashWatch, Finding
 from .devices.legacy.debug_exit import DebugExit
 from .devices.legacy.i8042 import I8042
 from .devices.legacy.rtc import Rtc
@@ -158,8 +159,11 @@ class Vm:
                snap: Snapshot | None) -> None:
         own = self._stack
         # Usage errors first: a bad console or disk is reported before KVM is touched.
-        self.sink: ConsoleSink = open_sink(cfg.console)
+        # The crash detector reads every console line as it is written (crashwatch).
+        self.crash_watch = CrashWatch(open_sink(cfg.console))
+        self.sink: ConsoleSink = self.crash_watch
         own.callback(self.sink.close)
+        self.stopper.add_kick(self._note_stop)  # the VM's end may be a finding too
         self.feeder: PipeFeeder | None = None
         if cfg.console_device == "virtio":
             # virtio-console reads from a pipe that the console input fills, so the
@@ -413,6 +417,24 @@ class Vm:
         """End the VM (status 0, reason "stopped") if nothing ended it yet. Any thread;
         idempotent."""
         self.stopper.request(0, "stopped", "stopped by the embedding program")
+
+    @property
+    def crash(self) -> Finding | None:
+        """The first crash or warning seen so far: a console line ("Kernel panic",
+        "BUG:", "Oops", "general protection fault", "WARNING: CPU:") as the guest printed
+        it, or how the VM ended (a triple fault, an emulation failure, a KVM or minivmm
+        failure); None if nothing was seen (minivmm.crashwatch)."""
+        return self.crash_watch.first
+
+    def on_crash(self, callback: Callable[[Finding], None]) -> None:
+        """Call ``callback(finding)`` for each finding from now on, on the thread that saw
+        it (a vCPU or the device thread): it must be quick and must not block."""
+        self.crash_watch.on_finding(callback)
+
+    def _note_stop(self) -> None:
+        result = self.stopper.result
+        if result is not None:
+            self.crash_watch.vm_stopped(result.reason, result.detail)
 
     def _internal_error(self, what: str) -> None:
         self.stopper.request(1, "internal-error", what)

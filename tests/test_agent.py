@@ -32,6 +32,7 @@ from minivmm.agent import (
     Started,
     failed_status,
 )
+from minivmm.collect import collect
 from minivmm.errors import UsageError
 from minivmm.exec import agent_archive, crash_line, parse_add
 
@@ -310,3 +311,39 @@ def test_put_and_get_errors(agent: Path, tmp_path: Path) -> None:
             s.sendall(bad)
             assert s.recv(1) == b"F"
     assert run(agent, ["true"])[-1] == Exited(0)
+
+
+def test_tree_through_the_agent(agent: Path, tmp_path: Path) -> None:
+    # The agent's side of TREE (guest/agent/tree.c), written out by minivmm.collect.
+    src = tmp_path / "src"
+    (src / "sub" / "deep").mkdir(parents=True)
+    (src / "sub" / "deep" / "b.bin").write_bytes(payload := os.urandom(300_000))
+    (src / "a.txt").write_bytes(b"hello\n")
+    (src / "a.txt").chmod(0o640)
+    (src / "empty").write_bytes(b"")
+    (src / "ro").mkdir()
+    (src / "ro" / "in").write_bytes(b"in")
+    (src / "ro").chmod(0o555)
+    (src / "link").symlink_to("sub/deep/b.bin")
+    (src / "abs").symlink_to("/etc/passwd")
+    (src / "up").symlink_to("../outside")
+    os.mkfifo(src / "fifo")
+    dst = tmp_path / "dst"
+    done = collect(open_exec(agent), str(src), dst)
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == [
+        "a.txt", "empty", "link", "ro", "ro/in", "sub", "sub/deep", "sub/deep/b.bin"]
+    assert (dst / "sub" / "deep" / "b.bin").read_bytes() == payload
+    assert (dst / "link").read_bytes() == payload and os.readlink(dst / "link") == "sub/deep/b.bin"
+    assert oct((dst / "a.txt").stat().st_mode & 0o777) == oct(0o640)
+    assert oct((dst / "ro").stat().st_mode & 0o777) == oct(0o755)
+    assert (done.files, done.dirs, done.symlinks, done.bytes) == (4, 4, 1, 300_008)
+    assert sorted(done.notes) == [
+        "abs: a symlink to '/etc/passwd', outside the tree: skipped",
+        "fifo: a FIFO: skipped",
+        "up: a symlink to '../outside', outside the tree: skipped"]
+    # A file alone, and a path that is not there.
+    collect(open_exec(agent), str(src / "a.txt"), tmp_path / "one")
+    assert (tmp_path / "one").read_bytes() == b"hello\n"
+    with pytest.raises(FileNotFoundError):
+        collect(open_exec(agent), str(src / "nothing"), tmp_path / "none")
+    assert not (tmp_path / "none").exists()

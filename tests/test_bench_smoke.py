@@ -22,8 +22,11 @@ ROWS = ["start-up to first line", "MMIO read round trip (guest rdtsc)",
 
 def test_bench_smoke(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for row in ROWS:
         assert any(line.startswith(row) for line in p.stdout.splitlines()), (row, p.stdout)
+    for agent in ("agent: `minivmm exec -- true`", "agent: Guest.run(['true'])",
+                  "agent: QEMU: no equivalent measured"):
+        assert any(line.startswith(agent) for line in p.stdout.splitlines()), (agent, p.stdout)
     assert list(tmp_path.glob("results-*-smoke.json")), "no JSON results written"

@@ -55,11 +55,14 @@ def read_until(proc: subprocess.Popen[bytes], want: bytes, timeout: float) -> by
 def test_output_streams_as_produced_and_stdin_is_forwarded(tmp_path: Path) -> None:
     # CMD prints, then waits for a line that is only written once its first line has
     # reached us: output held back until CMD ends would make this hang, not pass.
-    # It also leaves a file that --collect brings back.
-    got = tmp_path / "got.txt"
+    # It also leaves a file and a directory that --collect brings back.
+    got, tree = tmp_path / "got.txt", tmp_path / "tree"
     cmd = [sys.executable, "-m", "minivmm", "exec", *guest_options(),
-           "--collect", f"/tmp/result.txt:{got}", "--", "sh", "-c",
+           "--collect", f"/tmp/result.txt:{got}", "--collect", f"/tmp/out:{tree}",
+           "--", "sh", "-c",
            'echo first; read x; echo "got $x" >&2; echo "$x" > /tmp/result.txt; '
+           "mkdir -p /tmp/out/sub; echo deep > /tmp/out/sub/f; chmod 640 /tmp/out/sub/f; "
+           "ln -s sub/f /tmp/out/in; ln -s /etc /tmp/out/abs; mkfifo /tmp/out/p; "
            "echo last; exit 3"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -78,8 +81,14 @@ def test_output_streams_as_produced_and_stdin_is_forwarded(tmp_path: Path) -> No
             proc.kill()
             proc.wait()
     assert first + rest == b"first\nlast\n"
-    assert err == b"got hello\n"
     assert got.read_bytes() == b"hello\n"
+    assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*")) == ["in", "sub", "sub/f"]
+    assert (tree / "in").read_bytes() == b"deep\n" and os.readlink(tree / "in") == "sub/f"
+    assert (tree / "sub" / "f").stat().st_mode & 0o777 == 0o640
+    note = f"minivmm: --collect /tmp/out:{tree}: "
+    assert sorted(err.decode().splitlines()) == sorted([
+        "got hello", note + "abs: a symlink to '/etc', outside the tree: skipped",
+        note + "p: a FIFO: skipped"])
 
 
 def test_timeout_is_124_and_added_files(tmp_path: Path) -> None:
@@ -87,21 +96,38 @@ def test_timeout_is_124_and_added_files(tmp_path: Path) -> None:
     (tmp_path / "sub" / "hello.txt").write_text("hello from the host\n")
     (tmp_path / "link").symlink_to("sub/hello.txt")
     r = run_minivmm("exec", *guest_options(), "--add", f"{tmp_path}:/w", "--timeout", "2",
-                    "--", "sh", "-c", "cat /w/link; exec sleep 1000", timeout=HARD_TIMEOUT)
+                    "--", "sh", "-c", 'read -r l < /w/link; echo "$l"; exec sleep 1000',
+                    timeout=HARD_TIMEOUT)  # builtins: no process to spawn within the 2 s
     assert r.returncode == 124, r.stderr
     assert r.stdout == "hello from the host\n"
     assert "minivmm: sh: timed out after 2 s" in r.stderr
 
 
-def test_guest_panic_is_125_with_the_panic_line() -> None:
-    # No /init where rdinit= points: the kernel panics before the agent can run.
-    r = run_minivmm("exec", *guest_options(), "--cmdline",
-                    "console=ttyS0 reboot=t panic=-1 rdinit=/no/such/init", "--", "true",
+# The guest kernel panics while the command runs: the command makes the agent (PID 1)
+# fault. It writes over the code where PID 1 waits in read() (its user pc, from
+# /proc/1/syscall) through /proc/1/mem, then kills PID 1's spare handler (a child of
+# PID 1 that is not the command's parent): PID 1 returns from read(), faults, and the
+# kernel panics ("Attempted to kill init!").
+KILL_INIT = """
+echo before
+set -- $(cat /proc/1/syscall); shift 8
+dd if=/dev/zero of=/proc/1/mem bs=1 seek=$(($1)) count=16 conv=notrunc 2>/dev/null
+for s in /proc/[0-9]*/stat; do
+  read -r pid comm state ppid rest < $s || continue
+  [ "$ppid" = 1 ] && [ "$pid" != "$PPID" ] && [ "$comm" = "(init)" ] && kill -9 $pid
+done
+exec sleep 1000
+"""
+
+
+def test_guest_panic_under_the_command_is_125_with_the_panic_line() -> None:
+    r = run_minivmm("exec", *guest_options(), "--", "sh", "-c", KILL_INIT,
                     timeout=HARD_TIMEOUT)
     assert r.returncode == 125, r.stderr
-    assert r.stdout == ""
-    assert "minivmm: the guest ended before the command ran" in r.stderr
-    assert "minivmm: the guest kernel crashed: Kernel panic - not syncing:" in r.stderr
+    assert r.stdout == "before\n"
+    assert "minivmm: the guest kernel crashed while the command ran" in r.stderr
+    assert ("minivmm: the guest kernel crashed: Kernel panic - not syncing: Attempted to "
+            "kill init!") in r.stderr
     tail = [ln for ln in r.stderr.splitlines() if ln.startswith("  | ")]
     assert 0 < len(tail) <= 20
     assert any("Kernel panic" in ln for ln in tail)

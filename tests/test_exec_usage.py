@@ -17,7 +17,8 @@ from guests import guest_artifact, run_minivmm
     (["--kernel", "k", "--add", "/no/such/file", "--", "true"], "/no/such/file: no such"),
     (["--kernel", "k", "--add", "/etc:/a/../b", "--", "true"], "without . or .."),
     (["--kernel", "k", "--collect", "relative:x", "--", "true"], "expected /GUESTPATH:HOSTPATH"),
-    (["--kernel", "k", "--collect", "/x:/tmp", "--", "true"], "/tmp is a directory"),
+    (["--kernel", "k", "--collect", "/x:/no/such/dir/out", "--", "true"],
+     "/no/such/dir: no such directory"),
 ])
 def test_usage_errors(args: list[str], message: str) -> None:
     r = run_minivmm("exec", *args)

@@ -74,6 +74,19 @@ def test_put_and_get(guest: minivmm.Guest, tmp_path: Path) -> None:
         guest.get("/no/such/file")
 
 
+def test_collect_a_directory(guest: minivmm.Guest, tmp_path: Path) -> None:
+    guest.run(["sh", "-c", "mkdir -p /tmp/t/a/b && echo one > /tmp/t/a/b/one && "
+               "ln -s a/b/one /tmp/t/ln && ln -s ../../etc /tmp/t/out && "
+               "chmod 500 /tmp/t/a"], timeout=60, check=True)
+    done = guest.collect("/tmp/t", tmp_path / "t")
+    assert sorted(str(p.relative_to(tmp_path / "t")) for p in (tmp_path / "t").rglob("*")) \
+        == ["a", "a/b", "a/b/one", "ln"]
+    assert (tmp_path / "t" / "ln").read_bytes() == b"one\n"
+    assert (tmp_path / "t" / "a").stat().st_mode & 0o777 == 0o700
+    assert (done.files, done.dirs, done.symlinks) == (1, 3, 1)
+    assert done.notes == ["out: a symlink to '../../etc', outside the tree: skipped"]
+
+
 def test_console_log_and_no_crash(guest: minivmm.Guest) -> None:
     assert "minivmm-agent: listening on vsock port 52" in guest.console_log()
     assert guest.crash() is None

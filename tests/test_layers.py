@@ -56,7 +56,7 @@ VIRTIO = ("engine", "devices", "transport")
 LAYERS = (
     _layer(LEAVES, ["minivmm.errors", "minivmm.ratelimit", "minivmm.hostinfo", "minivmm.irq",
                     "minivmm.config", "minivmm.eventloop", "minivmm.agent", "minivmm.cpio",
-                    "minivmm.kmod", "minivmm.version"],
+                    "minivmm.kmod", "minivmm.version", "minivmm.collect"],
            [],
            "helpers anybody may use; they use only each other"),
     # The platform stack, bottom up.
@@ -81,7 +81,7 @@ LAYERS = (
     # Watching the virtio stack: --trace and --check-driver (observers of the transport).
     _layer("observe", ["minivmm.trace", "minivmm.trace_show", "minivmm.check"],
            [LEAVES, *VIRTIO], "the virtio trace and the driver checker"),
-    _layer("console", ["minivmm.console"], [LEAVES],
+    _layer("console", ["minivmm.console", "minivmm.crashwatch"], [LEAVES],
            "console sinks, the raw terminal and the input pump (independent of KVM)"),
     # What joins the stacks: the VM, and the placement of virtio-mmio devices on the
     # platform (MMIO windows from x86.layout, on the MMIO bus, with KVM ioeventfds/irqfds).

@@ -13,7 +13,7 @@
  * PID 1 ignores SIGCHLD, so the kernel reaps its children and every orphan
  * re-parented to it.
  *
- * Build: guest/agent/build.sh OUTDIR (gcc -static -O2 agent.c proto.c modload.c)
+ * Build: guest/agent/build.sh OUTDIR (gcc -static -O2 agent.c proto.c modload.c tree.c)
  */
 #include "agent.h"
 
@@ -137,10 +137,13 @@ static void read_request(int fd, struct request *rq)
 			break;
 		case T_PUT:
 		case T_GET:
+		case T_TREE:
 			if (rq->argc || rq->envc || rq->cwd)
 				fail(fd, EINVAL, "'%c' must be a request's first frame", f.type);
 			if (f.type == T_PUT)
 				put_file(fd, &f);
+			if (f.type == T_TREE)
+				send_tree(fd, &f);
 			get_file(fd, &f);
 			break;
 		case T_EXEC:

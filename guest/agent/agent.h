@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -35,6 +36,8 @@ enum {
 	T_ARG = 'A', T_ENV = 'E', T_CWD = 'D', T_EXEC = 'X', T_STDIN = 'I', T_KILL = 'K',
 	T_STARTED = 'S', T_STDOUT = 'O', T_STDERR = 'R', T_EXITED = 'W', T_SIGNALED = 'G',
 	T_FAILED = 'F', T_PUT = 'P', T_GET = 'Q',
+	/* protocol version 2 */
+	T_TREE = 'T', T_ENTRY = 'Y', T_NOTE = 'N',
 };
 
 struct frame {
@@ -53,5 +56,6 @@ int send_u32(int fd, int type, uint32_t v);
 void fail(int fd, int err, const char *fmt, ...) __attribute__((noreturn, format(printf, 3, 4)));
 int recv_frame(int fd, struct frame *f, uint32_t max);
 void load_modules(void); /* modload.c */
+void send_tree(int fd, struct frame *f) __attribute__((noreturn));
 
 #endif
