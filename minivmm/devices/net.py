@@ -44,6 +44,8 @@ from typing import Final
 from ..config import check_mac
 from ..virtio.chain import DescriptorChain
 from ..virtio.errors import VirtQueueError
+from ..virtio.queue import Queue
+from . import net_accel
 from . import tap as taplib
 from .base import (
     IOV_MAX,
@@ -136,7 +138,7 @@ class NetDevice(VirtioDevice):
     name = "net"
     kernel_option = "CONFIG_VIRTIO_NET"
 
-    def __init__(self, tap: str, *, mac: bytes | None = None) -> None:
+    def __init__(self, tap: str, *, mac: bytes | None = None, accelerate: bool = True) -> None:
         if mac is not None:
             check_mac(mac)
         self.tap_name = tap
@@ -173,6 +175,9 @@ class NetDevice(VirtioDevice):
         self.rx_packets = self.rx_bytes = self.rx_dropped = self.rx_bad_chains = 0
         self.rx_pauses = 0
         self.tx_packets = self.tx_bytes = self.tx_dropped = self.tx_errors = 0
+        #: the C accelerator (minivmm.devices.net_accel), None for the Python path only
+        self._accel = net_accel.load() if accelerate else None
+        self._fast: list[net_accel.Rings | None] = [None, None]  # per queue, while active
 
     def stats(self) -> dict[str, int]:
         return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
@@ -225,8 +230,12 @@ class NetDevice(VirtioDevice):
                     raise ActivationError(f"net: TUNSETOFFLOAD 0x{offload:x}: {e}") from e
                 self._link_lost(e)
         self._watching = self.link_up  # the VMM registers extra_fds() now
+        regions = getattr(self.memory, "regions", None)
+        if self._accel is not None and regions:
+            self._fast = [net_accel.Rings(self._accel, regions, IOV_MAX) for _ in range(2)]
 
     def on_reset(self) -> None:
+        self._release_fast()
         self._set_watching(False)
         self._stash.clear()  # their queue is being reset: nothing to give back to
         del self._iov[:-1]
@@ -236,6 +245,17 @@ class NetDevice(VirtioDevice):
                 taplib.set_offload(self._tap, 0)
             except OSError:
                 pass
+
+    def _release_fast(self) -> None:
+        for f in self._fast:
+            if f is not None:
+                f.release()
+        self._fast = [None, None]
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether the C accelerator serves the queues (from activation to reset)."""
+        return self._fast[0] is not None
 
     def close(self) -> None:
         super().close()
@@ -315,9 +335,24 @@ class NetDevice(VirtioDevice):
         readv = os.readv
         stash = self._stash
         iov = self._iov
+        fast = self._fast[RXQ]
         delivered = 0
         try:
             while delivered < RX_BATCH:
+                if fast is not None and not stash and self._rx_need == 1:
+                    status, frames = self._fast_receive(fast, q, RX_BATCH - delivered)
+                    delivered += frames
+                    if status in (net_accel.AGAIN, net_accel.LIMIT):
+                        return
+                    if status == net_accel.IOERR:
+                        err = fast.out.err
+                        if not self._read_failed(OSError(err, os.strerror(err))):
+                            return
+                        continue
+                    if status == net_accel.SHORT:
+                        self._rx_too_big(fast.out.room)
+                        continue
+                    # EMPTY or DEFER: the Python step below, for one frame
                 if self._stash_bytes < self._rx_need:
                     self._take_buffers()
                     if not stash:
@@ -337,22 +372,44 @@ class NetDevice(VirtioDevice):
                 except BlockingIOError:
                     return
                 except OSError as e:
-                    if e.errno == taplib.EBADFD:
-                        self._link_lost(e)
+                    if not self._read_failed(e):
                         return
-                    self.rx_dropped += 1  # EFAULT: the frame did not fit and is gone
-                    self.log("net: reading tap %s failed: %s", self.tap_name, e.strerror)
                     continue
                 if n > room or n < HDR_SIZE:
-                    self.rx_dropped += 1  # truncated: the buffers stay for the next one
-                    self.log("net: a frame from tap %s did not fit the %d bytes of receive "
-                             "buffers; dropped", self.tap_name, room)
+                    self._rx_too_big(room)
                     continue
                 self._deliver(n)
                 delivered += 1
         finally:
             if delivered:
                 self.signal_used(q)
+
+    def _read_failed(self, e: OSError) -> bool:
+        """A read of the tap failed: False if the link went down with it."""
+        if e.errno == taplib.EBADFD:
+            self._link_lost(e)
+            return False
+        self.rx_dropped += 1  # EFAULT: the frame did not fit and is gone
+        self.log("net: reading tap %s failed: %s", self.tap_name, e.strerror)
+        return True
+
+    def _rx_too_big(self, room: int) -> None:
+        self.rx_dropped += 1  # truncated: the buffers stay for the next one
+        self.log("net: a frame from tap %s did not fit the %d bytes of receive "
+                 "buffers; dropped", self.tap_name, room)
+
+    def _fast_receive(self, fast: net_accel.Rings, q: Queue, budget: int) -> tuple[int, int]:
+        """Frames from the tap into receive chains, in C: (status, frames delivered)."""
+        ring = fast.bind(q.rings(), q.size, q.next_avail, q.next_used)
+        out = fast.out
+        status: int = fast.lib.mv_net_rx(ring, fast.mem, fast.nmem, self._tap, fast.iov,
+                                         fast.iov_max, budget, self._fix_flags, fast.spare,
+                                         out)
+        q.advance(ring.next_avail, ring.next_used)
+        frames: int = out.frames
+        self.rx_packets += frames
+        self.rx_bytes += out.payload
+        return status, frames
 
     def _deliver(self, n: int) -> None:
         """The frame of ``n`` bytes is in the first held chains: write the header's
@@ -388,41 +445,85 @@ class NetDevice(VirtioDevice):
 
     def _transmit(self) -> None:
         q = self.queues[TXQ]
-        tap = self._tap
-        writev = os.writev
-        served = False
-        for chain in self.available(q):
-            served = True
-            with chain:
-                r = chain.reader
-                size = r.total
-                if chain.writer.total or not HDR_SIZE <= size <= MAX_TX_FRAME:
-                    self.tx_dropped += 1
-                    self.log("net: transmit chain %d: %d readable bytes (needs %d..%d) and "
-                             "%d writable (needs 0); dropped", chain.head, size, HDR_SIZE,
-                             MAX_TX_FRAME, chain.writer.total)
-                    continue
+        fast = self._fast[TXQ]
+        served = 0
+        try:
+            if fast is None:
+                for chain in self.available(q):
+                    served += 1
+                    self._send(chain)
+                return
+            q.disable_notification()
+            while True:
                 if not self.link_up:
-                    self.tx_dropped += 1
-                    continue
-                views = r.views()
-                if len(views) > IOV_MAX:  # one writev is one frame: it can't be split
-                    self.tx_dropped += 1
-                    self.log("net: transmit chain %d has %d buffers, more than the %d one "
-                             "write takes; dropped", chain.head, len(views), IOV_MAX)
-                    continue
-                try:
-                    writev(tap, views)
-                except OSError as e:
-                    if e.errno == taplib.EBADFD:
-                        self._link_lost(e)
-                        self.tx_dropped += 1
+                    status = net_accel.DEFER  # the Python path drops what is left
+                else:
+                    status, frames = self._fast_transmit(fast, q)
+                    served += frames
+                if status == net_accel.DEFER:
+                    chain = q.pop()  # a bad chain raises here, as without the accelerator
+                    if chain is not None:
+                        served += 1
+                        self._send(chain)
                         continue
-                    self.tx_errors += 1
-                    self.log("net: tap %s refused a %d-byte frame: %s", self.tap_name, size,
-                             errno.errorcode.get(e.errno or 0, e.strerror))
+                elif status == net_accel.IOERR:
+                    served += 1
+                    err = fast.out.err
+                    self._send_failed(OSError(err, os.strerror(err)), fast.out.bytes)
                     continue
-                self.tx_packets += 1
-                self.tx_bytes += size - HDR_SIZE
-        if served:
-            self.signal_used(q)
+                elif status == net_accel.LIMIT:
+                    continue
+                if not q.enable_notification():
+                    return
+        finally:
+            if served:
+                self.signal_used(q)
+
+    def _fast_transmit(self, fast: net_accel.Rings, q: Queue) -> tuple[int, int]:
+        """Every available chain to the tap, in C: (status, frames sent)."""
+        ring = fast.bind(q.rings(), q.size, q.next_avail, q.next_used)
+        out = fast.out
+        status: int = fast.lib.mv_net_tx(ring, fast.mem, fast.nmem, self._tap, fast.iov,
+                                         fast.iov_max, MAX_TX_FRAME, q.size, out)
+        q.advance(ring.next_avail, ring.next_used)
+        frames: int = out.frames
+        self.tx_packets += frames
+        self.tx_bytes += out.payload
+        return status, frames
+
+    def _send(self, chain: DescriptorChain) -> None:
+        """One transmit chain to the tap (the Python path), returned to the used ring."""
+        with chain:
+            r = chain.reader
+            size = r.total
+            if chain.writer.total or not HDR_SIZE <= size <= MAX_TX_FRAME:
+                self.tx_dropped += 1
+                self.log("net: transmit chain %d: %d readable bytes (needs %d..%d) and "
+                         "%d writable (needs 0); dropped", chain.head, size, HDR_SIZE,
+                         MAX_TX_FRAME, chain.writer.total)
+                return
+            if not self.link_up:
+                self.tx_dropped += 1
+                return
+            views = r.views()
+            if len(views) > IOV_MAX:  # one writev is one frame: it can't be split
+                self.tx_dropped += 1
+                self.log("net: transmit chain %d has %d buffers, more than the %d one "
+                         "write takes; dropped", chain.head, len(views), IOV_MAX)
+                return
+            try:
+                os.writev(self._tap, views)
+            except OSError as e:
+                self._send_failed(e, size)
+                return
+            self.tx_packets += 1
+            self.tx_bytes += size - HDR_SIZE
+
+    def _send_failed(self, e: OSError, size: int) -> None:
+        if e.errno == taplib.EBADFD:
+            self._link_lost(e)
+            self.tx_dropped += 1
+            return
+        self.tx_errors += 1
+        self.log("net: tap %s refused a %d-byte frame: %s", self.tap_name, size,
+                 errno.errorcode.get(e.errno or 0, e.strerror))
