@@ -16,12 +16,9 @@ in the cache keeps later runs quiet until the source changes), otherwise a debug
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -59,8 +56,10 @@ def load(name: str, cdef: str, source: str) -> Any | None:
 
 
 def _load(name: str, cdef: str, source: str) -> ModuleType | None:
+    import hashlib
+
     try:
-        import cffi
+        import cffi  # type: ignore[import-untyped]
     except ImportError:
         log.debug("accelerator %s off: cffi is not installed (pure Python)", name)
         return None
@@ -96,6 +95,8 @@ def _find(where: Path, modname: str) -> Path | None:
 
 
 def _build(where: Path, modname: str, cdef: str, source: str) -> Path:
+    import tempfile
+
     import cffi
 
     where.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,8 @@ def _build(where: Path, modname: str, cdef: str, source: str) -> Path:
 
 
 def _import(modname: str, path: Path) -> ModuleType:
+    import importlib.util
+
     spec = importlib.util.spec_from_file_location(modname, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")

@@ -337,19 +337,23 @@ class NetDevice(VirtioDevice):
         iov = self._iov
         fast = self._fast[RXQ]
         delivered = 0
+        budget = RX_BATCH  # frames read, delivered or dropped
         try:
-            while delivered < RX_BATCH:
+            while budget > 0:
                 if fast is not None and not stash and self._rx_need == 1:
-                    status, frames = self._fast_receive(fast, q, RX_BATCH - delivered)
+                    status, frames = self._fast_receive(fast, q, budget)
                     delivered += frames
+                    budget -= frames
                     if status in (net_accel.AGAIN, net_accel.LIMIT):
                         return
                     if status == net_accel.IOERR:
                         err = fast.out.err
+                        budget -= 1
                         if not self._read_failed(OSError(err, os.strerror(err))):
                             return
                         continue
                     if status == net_accel.SHORT:
+                        budget -= 1
                         self._rx_too_big(fast.out.room)
                         continue
                     # EMPTY or DEFER: the Python step below, for one frame
@@ -372,9 +376,11 @@ class NetDevice(VirtioDevice):
                 except BlockingIOError:
                     return
                 except OSError as e:
+                    budget -= 1
                     if not self._read_failed(e):
                         return
                     continue
+                budget -= 1
                 if n > room or n < HDR_SIZE:
                     self._rx_too_big(room)
                     continue
@@ -461,10 +467,10 @@ class NetDevice(VirtioDevice):
                     status, frames = self._fast_transmit(fast, q)
                     served += frames
                 if status == net_accel.DEFER:
-                    chain = q.pop()  # a bad chain raises here, as without the accelerator
-                    if chain is not None:
+                    deferred = q.pop()  # a bad chain raises here, as without the accelerator
+                    if deferred is not None:
                         served += 1
-                        self._send(chain)
+                        self._send(deferred)
                         continue
                 elif status == net_accel.IOERR:
                     served += 1
