@@ -284,6 +284,8 @@ class NetDevice(VirtioDevice):
     def process_queue(self, index: int) -> None:
         if index == TXQ:
             self._transmit()
+            if self.link_up:
+                self._receive_more()
         elif self.link_up:
             if not self._watching:
                 self.queues[RXQ].disable_notification()
@@ -300,6 +302,16 @@ class NetDevice(VirtioDevice):
             except VirtQueueError as e:
                 self._set_watching(False)  # the tap stays readable: don't spin on it
                 self.fail(str(e))
+
+    def _receive_more(self) -> None:
+        """After a transmit batch, read what the tap has already (the host's answers to
+        what was just sent: a ping's reply, TCP acks) rather than after another trip
+        through epoll: one wake-up serves both directions. Only with receive buffers at
+        hand: a frame that finds none is left to the usual path (the pause)."""
+        q = self.queues[RXQ]
+        if (self._watching and q.is_active() and q.broken is None
+                and (self._stash or q.avail_idx() != q.next_avail)):
+            self._receive()
 
     def _take_buffers(self) -> None:
         """Hold chains until they cover ``_rx_need`` bytes or the ring is empty."""
