@@ -21,7 +21,6 @@ import pstats
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 
 from minivmm.devices.net import HDR_SIZE, VIRTIO_NET_F_MRG_RXBUF, NetDevice
 from minivmm.transport.testing import DeviceHarness
@@ -71,10 +70,6 @@ def rx_round(dev: NetDevice, h: DeviceHarness, peer: socket.socket, frame: bytes
     return (t1 - t0) / n
 
 
-def best(fn: Callable[[], float], rounds: int) -> float:
-    return min(fn() for _ in range(rounds)) * 1e6
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=RING - 8, help="frames per round")
@@ -97,8 +92,9 @@ def main() -> None:
                     print("accelerator: off here (see the log line above)")
                     continue
                 name = "C accelerator" if accelerate else "Python path  "
-                tx = best(lambda: tx_round(h, peer, frame, a.frames), a.rounds)
-                rx = best(lambda: rx_round(dev, h, peer, frame, a.frames), a.rounds)
+                tx = min(tx_round(h, peer, frame, a.frames) for _ in range(a.rounds)) * 1e6
+                rx = min(rx_round(dev, h, peer, frame, a.frames)
+                         for _ in range(a.rounds)) * 1e6
                 print(f"{name}: tx {tx:5.2f} us/frame, rx {rx:5.2f} us/frame "
                       f"({a.size}-byte frames, {a.frames} per wake-up)")
                 if a.profile and not accelerate:
