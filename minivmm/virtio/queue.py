@@ -79,6 +79,7 @@ _unpack_desc = DESC.unpack_from
 
 
 _NO_USED_ELEMS = memoryview(b"")
+_KIND = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT
 
 
 def _no_memory(gpa: int, length: int) -> memoryview:
@@ -153,8 +154,11 @@ class Queue:
         self._translate: Callable[[int, int], memoryview] = _no_memory
         # What the walk needs, in one tuple (one load in ``pop``): the descriptor table,
         # the low RAM window (buffers ending at or below its length are sliced from it
-        # directly), that length, and the bound on the walk in the table.
-        self._walk: tuple[memoryview, memoryview, int, range] = (NO_WINDOW, NO_WINDOW, 0, range(0))
+        # directly), that length, the bound on the walk in the table, the ring's index
+        # mask (size - 1) and the generation (fixed from one activation to the next
+        # deactivation, which every generation change goes with).
+        self._walk: tuple[memoryview, memoryview, int, range, int, int] = (
+            NO_WINDOW, NO_WINDOW, 0, range(0), 0, self._generation)
         self._avail: memoryview | None = None  # None whenever pop must not run
         self._avail_view: memoryview | None = None
         self._rings: tuple[memoryview, memoryview, memoryview] | None = None
@@ -270,7 +274,7 @@ class Queue:
         desc, avail, used = self._check(mem)
         self._translate = mem.translate
         low = low_window(mem)
-        self._walk = (desc, low, len(low), range(self._size))
+        self._walk = (desc, low, len(low), range(self._size), self._size - 1, self._generation)
         # The available ring is only ever read as u16s, and the used ring's flags, idx and
         # avail_event are u16s: both go through "H" views, one aligned 16-bit access per
         # index (see ring.py on why struct.pack_into must not be used for them).
@@ -346,10 +350,11 @@ class Queue:
                 self._avail = None
                 raise self.broken
             self._cached_avail_idx = idx
-        slot = na & self._mask
+        table, low, low_end, hops, mask, generation = self._walk
+        slot = na & mask
         head = avail[_RING + slot]
         self._next_avail = (na + 1) & 0xFFFF
-        limit = self._size
+        limit = mask + 1
         if head >= limit:
             raise InvalidDescriptorIndex(self.index, slot, head, limit)
 
@@ -359,7 +364,6 @@ class Queue:
         # Each descriptor is unpacked once into Python ints, so the guest changing it
         # meanwhile cannot make two checks see different values. At most ``limit``
         # descriptors per table: a longer chain has a loop.
-        table, low, low_end, hops = self._walk
         where = ""  # "" for the descriptor table, else _INDIRECT_TABLE (error messages)
         unpack = _unpack_desc
         readable: list[memoryview] = []
@@ -370,9 +374,8 @@ class Queue:
         while True:
             for _ in hops:
                 addr, length, flags, nxt = unpack(table, index << 4)
-                if flags & VIRTQ_DESC_F_WRITE:
-                    if flags & VIRTQ_DESC_F_INDIRECT:
-                        break  # a table (WRITE is ignored, §2.7.5.3.1): go on in it (below)
+                kind = flags & _KIND
+                if kind == VIRTQ_DESC_F_WRITE:
                     wlen += length
                     seen_write = True
                     if length:
@@ -381,8 +384,8 @@ class Queue:
                             writable.append(low[addr:end])
                         else:
                             writable.append(self._buffer(head, index, addr, length, where))
-                elif flags & VIRTQ_DESC_F_INDIRECT:
-                    break
+                elif kind:
+                    break  # a table (WRITE is ignored, §2.7.5.3.1): go on in it (below)
                 elif seen_write:
                     raise ReadableAfterWritable(self.index, head, index, where)
                 else:
@@ -413,7 +416,7 @@ class Queue:
                         w = NO_WRITER
                     c = DescriptorChain()
                     c._owner = self
-                    c._generation = self._generation
+                    c._generation = generation
                     c.head = head
                     c.reader = r
                     c.writer = w
