@@ -6,7 +6,7 @@ batch instead; the Python path stays the reference, and every accelerated path i
 tested against it. :func:`load` compiles a module's C source with cffi (API mode) into
 ``~/.cache/minivmm/accel/`` (``$XDG_CACHE_HOME`` respected), named by a hash of the
 source, cffi's version and the interpreter, and imports it; later runs import the cached
-library (about a millisecond). The first build takes 1-2 s with gcc.
+library (about a millisecond). The first build takes under a second with gcc.
 
 When the accelerator cannot be had (cffi not installed, no C compiler, the build fails,
 or ``MINIVMM_ACCEL=0`` in the environment) :func:`load` returns None and the caller uses
