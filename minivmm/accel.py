@@ -4,7 +4,7 @@ minivmm is complete in pure Python. Where one Python step per item is the measur
 (the network device's per-frame walk and readv/writev), a C function may do a whole
 batch instead; the Python path stays the reference, and every accelerated path is
 tested against it. :func:`load` compiles a module's C source with cffi (API mode) into
-``~/.cache/minivmm/accel/`` (``$XDG_CACHE_HOME`` respected), named by a hash of the
+``~/.cache/minivmm/accel/`` (see :func:`cache_dir`), named by a hash of the
 source, cffi's version and the interpreter, and imports it; later runs import the cached
 library (about a millisecond). The first build takes under a second with gcc.
 
@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,6 +40,11 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
+    """Where built accelerators live: ``$MINIVMM_ACCEL_DIR``, else
+    ``$XDG_CACHE_HOME/minivmm/accel`` (``~/.cache/minivmm/accel``)."""
+    explicit = os.environ.get("MINIVMM_ACCEL_DIR")
+    if explicit:
+        return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "minivmm" / "accel"
 
@@ -104,10 +110,34 @@ def _build(where: Path, modname: str, cdef: str, source: str) -> Path:
     ffi.cdef(cdef)
     ffi.set_source(modname, source, extra_compile_args=["-O2", "-Wall", "-Werror"])
     with tempfile.TemporaryDirectory(dir=where, prefix=".build-") as tmp:
-        built = Path(ffi.compile(tmpdir=tmp, verbose=False))
+        built = Path(_quietly(lambda: ffi.compile(tmpdir=tmp, verbose=False)))
         final = where / built.name
         os.replace(built, final)  # atomic: a concurrent build of the same source is alike
     return final
+
+
+def _quietly(build: Callable[[], str]) -> str:
+    """Run a build with file descriptor 2 (the compiler's messages) captured: a failure
+    is one line naming its first error, not a screenful."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as err:
+            os.dup2(err.fileno(), 2)
+            try:
+                return build()
+            except Exception as e:
+                os.dup2(saved, 2)
+                err.seek(0)
+                lines = [ln for ln in err.read().decode(errors="replace").splitlines()
+                         if "error" in ln]
+                raise RuntimeError(lines[0].strip() if lines else f"{type(e).__name__}: {e}"
+                                   ) from e
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _import(modname: str, path: Path) -> ModuleType:

@@ -129,8 +129,9 @@ tx_chain = st.tuples(
               st.booleans(), st.integers(0, 255)))
 rx_chain = st.tuples(
     st.just("rx"),
-    st.tuples(st.lists(st.integers(0, 8), max_size=1),  # readable sizes: a bad chain
-              st.lists(st.integers(1, 200), min_size=1, max_size=3),
+    st.tuples(st.one_of(st.just([]), st.just([]), st.just([]),  # readable: a bad chain
+                        st.lists(st.integers(0, 8), min_size=1, max_size=1)),
+              st.lists(st.integers(1, 400), min_size=1, max_size=3),
               st.booleans()))
 send = st.tuples(st.just("send"), st.tuples(st.integers(0, 300), st.integers(0, 255)))
 cheat = st.tuples(st.just("cheat"), st.tuples(
@@ -140,8 +141,11 @@ cheat = st.tuples(st.just("cheat"), st.tuples(
 kick = st.tuples(st.just("kick"), st.tuples(st.sampled_from([RXQ, TXQ])))
 readable = st.tuples(st.just("readable"), st.just(()))
 break_io = st.tuples(st.just("break_io"), st.just(()))
-OPS = st.lists(st.one_of(tx_chain, tx_chain, rx_chain, send, send, kick, kick, readable,
-                         cheat, break_io), max_size=30)
+# a receive buffer that fits, a frame, and the kick that resumes the tap: deliveries
+exchange = st.tuples(st.just("exchange"), st.tuples(st.integers(12, 1500), st.integers(0, 255)))
+OPS = st.lists(st.one_of(tx_chain, tx_chain, rx_chain, rx_chain, send, send, kick, kick,
+                         readable, readable, cheat, break_io, exchange, exchange),
+               max_size=30)
 
 
 def apply(s: Side, op: Op) -> None:
@@ -172,6 +176,11 @@ def apply(s: Side, op: Op) -> None:
             sock.shutdown(socket.SHUT_RDWR)
     elif kind == "cheat":
         cheat_once(s, *args)
+    elif kind == "exchange":
+        size, seed = args
+        publish(s, RXQ, [], [2048], False)
+        apply(s, ("send", (size, seed)))
+        s.h.kick(RXQ)
 
 
 def cheat_once(s: Side, q: int, index: int, what: str, value: int) -> None:
