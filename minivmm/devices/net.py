@@ -352,7 +352,7 @@ class NetDevice(VirtioDevice):
         budget = RX_BATCH  # frames read, delivered or dropped
         try:
             while budget > 0:
-                if fast is not None and not stash and self._rx_need == 1:
+                if fast is not None and not stash:
                     status, frames = self._fast_receive(fast, q, budget)
                     delivered += frames
                     budget -= frames
@@ -422,7 +422,7 @@ class NetDevice(VirtioDevice):
         out = fast.out
         status: int = fast.lib.mv_net_rx(ring, fast.mem, fast.nmem, self._tap, fast.iov,
                                          fast.iov_max, budget, self._fix_flags, fast.spare,
-                                         out)
+                                         self._rx_need, fast.heads, fast.sizes, out)
         q.advance(ring.next_avail, ring.next_used)
         frames: int = out.frames
         self.rx_packets += frames

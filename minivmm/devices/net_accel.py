@@ -43,6 +43,7 @@ IOERR: Final = 2  # readv/writev failed: errno in out.err
 AGAIN: Final = 3  # receive: the tap has no frame (EAGAIN)
 LIMIT: Final = 4  # the budget of frames is used up
 SHORT: Final = 5  # receive: the frame did not fit (out.bytes > the chain's room), dropped
+MAX_QUEUE: Final = 32768  # the longest look-ahead: a queue's size (virtio 1.2 §2.7)
 
 CDEF: Final = """
 struct iovec { void *iov_base; size_t iov_len; ...; };
@@ -58,7 +59,8 @@ int mv_net_tx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
               struct mv_out *out);
 int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
               struct iovec *iov, int iovmax, uint32_t budget, int clear_flags,
-              uint8_t *spare, struct mv_out *out);
+              uint8_t *spare, uint64_t need, uint32_t *heads, uint64_t *sizes,
+              struct mv_out *out);
 """
 
 SOURCE: Final = r"""
@@ -241,25 +243,44 @@ static void poke(struct iovec *iov, int niov, uint64_t off, const uint8_t *src, 
     }
 }
 
+/* Receive: for each frame, look ahead at the chains that would hold it (one, or with
+ * MRG_RXBUF chains until `need` bytes or the ring's end, as Python's stash holds them),
+ * readv into all of them plus the spare byte, then consume the k chains the frame
+ * filled (num_buffers = k, 5.1.6.4); the others stay in the ring for the next frame. */
 int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
               struct iovec *iov, int iovmax, uint32_t budget, int clear_flags,
-              uint8_t *spare, struct mv_out *out)
+              uint8_t *spare, uint64_t need, uint32_t *heads, uint64_t *sizes,
+              struct mv_out *out)
 {
-    static const uint8_t one[2] = {1, 0}, zero[1] = {0};
+    static const uint8_t zero[1] = {0};
     uint16_t idx = q->next_avail;
     out->frames = out->payload = 0;
     out->status = LIMIT;
     while (out->frames < budget) {
-        int head = next_head(q, &idx, out), niov;
-        uint64_t rlen, wlen;
-        if (head < 0)
-            break;
-        /* iovmax - 1: room for the spare byte */
-        if (walk(q, mem, nmem, head, iov, iovmax - 1, &niov, &rlen, &wlen) < 0 || rlen
-                || wlen < HDR) {
-            out->status = DEFER;
-            break;
+        struct mv_ring look = *q;  /* its next_avail walks ahead; q moves on a frame */
+        uint32_t k = 0, used, i;
+        uint64_t room = 0, left;
+        int niov = 0;
+        while (room < need && k < q->size) {
+            int head = next_head(&look, &idx, out), n;
+            uint64_t rlen, wlen;
+            if (head < 0)
+                break;
+            /* iovmax - 1: room for the spare byte */
+            if (walk(&look, mem, nmem, head, iov + niov, iovmax - 1 - niov, &n, &rlen, &wlen)
+                    < 0 || rlen || wlen < HDR) {
+                out->status = DEFER;
+                return DEFER;
+            }
+            heads[k] = head;
+            sizes[k] = wlen;
+            k++;
+            niov += n;
+            room += wlen;
+            look.next_avail++;
         }
+        if (k == 0)
+            break;  /* EMPTY, or DEFER for an index jump: out->status says */
         iov[niov].iov_base = spare;
         iov[niov].iov_len = 1;
         ssize_t n = readv(fd, iov, niov + 1);
@@ -268,17 +289,24 @@ int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
             out->err = errno;
             break;
         }
-        if ((uint64_t)n > wlen || n < HDR) {
-            out->status = SHORT;  /* dropped; the chain stays for the next frame */
+        if ((uint64_t)n > room || n < HDR) {
+            out->status = SHORT;  /* dropped; the chains stay for the next frame */
             out->bytes = n;
-            out->room = wlen;
+            out->room = room;
             break;
         }
-        q->next_avail++;
-        poke(iov, niov, NUM_BUFFERS, one, 2);
+        for (used = 0, left = n; left > 0; used++)
+            left -= left > sizes[used] ? sizes[used] : left;
+        uint8_t count[2] = {(uint8_t)used, (uint8_t)(used >> 8)};
+        poke(iov, niov, NUM_BUFFERS, count, 2);
         if (clear_flags)
             poke(iov, niov, 0, zero, 1);
-        put_used(q, head, (uint32_t)n);
+        for (i = 0, left = n; i < used; i++) {
+            uint64_t part = left > sizes[i] ? sizes[i] : left;
+            q->next_avail++;
+            put_used(q, heads[i], (uint32_t)part);
+            left -= part;
+        }
         out->frames++;
         out->payload += n - HDR;
     }
@@ -312,6 +340,8 @@ class Rings:
         self.out = ffi.new("struct mv_out *")
         self.spare = ffi.new("uint8_t[1]")
         self.ring = ffi.new("struct mv_ring *")
+        self.heads = ffi.new("uint32_t[]", MAX_QUEUE)
+        self.sizes = ffi.new("uint64_t[]", MAX_QUEUE)
         self._views: tuple[memoryview, memoryview, memoryview] | None = None
         self._ring_bufs: list[Any] = []
 

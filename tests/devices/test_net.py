@@ -108,6 +108,7 @@ class Net:
     h: DeviceHarness
     dev: NetDevice
     peer: socket.socket  # the host side of the tap
+    accelerated: bool
     watch: list[tuple[int, bool]] = field(default_factory=list)
 
     def send(self, data: bytes) -> None:
@@ -164,7 +165,7 @@ def net(netns: str, request: pytest.FixtureRequest) -> Iterator[Net]:
         dev = NetDevice(name, accelerate=request.param == "accelerated")
         peer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TEST))
     h = DeviceHarness(dev, event_idx=True)
-    n = Net(netns, h, dev, peer)
+    n = Net(netns, h, dev, peer, request.param == "accelerated")
     dev.fd_watch = lambda fd, cb: n.watch.append((fd, cb is not None))
     try:
         ip("-n", netns, "link", "set", name, "mtu", "9000", "up")
@@ -464,7 +465,8 @@ def test_reset_drops_held_buffers_and_the_device_starts_again(net: Net) -> None:
         rx.publish(writable=[1500])
     net.send(frame(100))
     net.pump()
-    assert len(rx.used()) == 1 and net.dev.rx_held == 3
+    # the Python path holds the other three (its stash); the C path leaves them in the ring
+    assert len(rx.used()) == 1 and net.dev.rx_held == (0 if net.accelerated else 3)
     net.h.write32(0x070, 0)  # reset
     assert net.dev.rx_held == 0
     net.h.drivers = [FakeDriver(d.size, mem=d.mem, base=d.desc_addr, heap_size=1 << 20,

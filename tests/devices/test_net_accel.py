@@ -6,7 +6,8 @@ SOCK_SEQPACKET socketpair (one message is one frame, as on a tap). Hypothesis dr
 them and, after every step, both must show the same used ring (ids, lengths and the
 bytes written), the same frames on the wire, the same counters and the same failures
 (DEVICE_NEEDS_RESET and the reason). tests/devices/test_net.py runs its whole suite on
-both paths too, with real taps.
+both paths too, with real taps. ``NET_ACCEL_EXAMPLES=400`` runs a longer hunt (about a
+minute here).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun"),
 
 RXQ, TXQ = 0, 1
 QSIZE = 16
+EXAMPLES = int(os.environ.get("NET_ACCEL_EXAMPLES", "60"))  # more for a longer hunt
 
 
 @dataclass
@@ -212,7 +214,7 @@ def publish(s: Side, q: int, readable: list[bytes], writable: list[int],
 
 @pytest.mark.parametrize("mrg_rxbuf", [False, True])
 @pytest.mark.parametrize("event_idx", [True, False])
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=OPS)
 def test_both_paths_do_the_same(netns_name: str, mrg_rxbuf: bool, event_idx: bool,
