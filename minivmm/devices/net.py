@@ -27,6 +27,11 @@ included. A chain with a writable buffer, shorter than the header or longer than
 kernel refuses (a bad header) is counted in ``tx_errors``. Both directions process
 everything available, then interrupt once.
 
+With the C accelerator (minivmm.devices.net_accel, built with cffi when it can be) the
+per-frame loops of both directions run in C for whole batches; everything it does not
+accept (a chain the engine would reject, one the device drops or logs) comes back to
+the Python path above, which stays complete. Its receive path holds no stash.
+
 The tap going away (its interface deleted: reads and writes fail with EBADFD) turns the
 link down: STATUS reads 0 after a configuration-change interrupt, transmitted frames
 are dropped, and the VM keeps running.

@@ -5,11 +5,14 @@ faster twin of its two hot loops for the common case, written so the two cannot
 disagree about anything but speed:
 
 - transmit: pop every available chain, ``writev`` it to the tap, publish it used;
-- receive (without VIRTIO_NET_F_MRG_RXBUF, nothing held in Python's stash): for each
-  frame the tap has, walk the next chain, ``readv`` the frame into it (plus one spare
-  byte that tells a frame too large for it), write the header's ``num_buffers``, publish
-  it used. A chain is consumed only once a frame is in it: when the tap has nothing
-  (EAGAIN) the chain stays in the ring, so nothing is held.
+- receive (while Python's stash is empty): for each frame the tap has, walk the chains
+  that may hold it (the next one; with VIRTIO_NET_F_MRG_RXBUF, chains until 65562 bytes
+  or the ring's end, as the stash would hold them), ``readv`` the frame into them (plus
+  one spare byte that tells a frame too large for them), write the header's
+  ``num_buffers`` (k, the chains it filled), publish those k used. A chain is consumed
+  only once a frame is in it: the others, and all of them when the tap has nothing
+  (EAGAIN), stay in the ring, so nothing is held (and a snapshot has nothing to rewind).
+  The price is walking the look-ahead again for each frame, in C.
 
 The C walk keeps every guard of :meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>`
 (virtio 1.2 §2.7.5, §2.7.5.3: available-index jump, head and next below the table
