@@ -189,7 +189,7 @@ class NetDevice(VirtioDevice):
                 "rx_dropped": self.rx_dropped, "rx_bad_chains": self.rx_bad_chains,
                 "rx_pauses": self.rx_pauses, "tx_packets": self.tx_packets,
                 "tx_bytes": self.tx_bytes, "tx_dropped": self.tx_dropped,
-                "tx_errors": self.tx_errors}
+                "tx_errors": self.tx_errors, "accelerated": int(self.accelerated)}
 
     @property
     def tap_fd(self) -> int:
