@@ -423,15 +423,10 @@ class NetDevice(VirtioDevice):
 
     def _fast_receive(self, fast: net_accel.Rings, q: Queue, budget: int) -> tuple[int, int]:
         """Frames from the tap into receive chains, in C: (status, frames delivered)."""
-        ring = fast.bind(q.rings(), q.size, q.next_avail, q.next_used)
-        out = fast.out
-        status: int = fast.lib.mv_net_rx(ring, fast.mem, fast.nmem, self._tap, fast.iov,
-                                         fast.iov_max, budget, self._fix_flags, fast.spare,
-                                         self._rx_need, fast.heads, fast.sizes, out)
-        q.advance(ring.next_avail, ring.next_used)
-        frames: int = out.frames
+        status = fast.receive(q, self._tap, budget, self._fix_flags, self._rx_need)
+        frames: int = fast.out.frames
         self.rx_packets += frames
-        self.rx_bytes += out.payload
+        self.rx_bytes += fast.out.payload
         return status, frames
 
     def _deliver(self, n: int) -> None:
@@ -504,14 +499,10 @@ class NetDevice(VirtioDevice):
 
     def _fast_transmit(self, fast: net_accel.Rings, q: Queue) -> tuple[int, int]:
         """Every available chain to the tap, in C: (status, frames sent)."""
-        ring = fast.bind(q.rings(), q.size, q.next_avail, q.next_used)
-        out = fast.out
-        status: int = fast.lib.mv_net_tx(ring, fast.mem, fast.nmem, self._tap, fast.iov,
-                                         fast.iov_max, MAX_TX_FRAME, q.size, out)
-        q.advance(ring.next_avail, ring.next_used)
-        frames: int = out.frames
+        status = fast.transmit(q, self._tap, MAX_TX_FRAME)
+        frames: int = fast.out.frames
         self.tx_packets += frames
-        self.tx_bytes += out.payload
+        self.tx_bytes += fast.out.payload
         return status, frames
 
     def _send(self, chain: DescriptorChain) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from .. import accel
+from ..virtio.queue import Queue
 
 EMPTY: Final = 0  # the available ring is empty
 DEFER: Final = 1  # the next chain is for the Python path (not consumed)
@@ -48,8 +49,7 @@ LIMIT: Final = 4  # the budget of frames is used up
 SHORT: Final = 5  # receive: the frame did not fit (out.bytes > the chain's room), dropped
 MAX_QUEUE: Final = 32768  # the longest look-ahead: a queue's size (virtio 1.2 §2.7)
 
-CDEF: Final = """
-struct iovec { void *iov_base; size_t iov_len; ...; };
+_STRUCTS: Final = """
 struct mv_region { uint64_t gpa; uint64_t size; uint8_t *host; };
 struct mv_ring {
     uint8_t *desc; uint8_t *avail; uint8_t *used;
@@ -57,6 +57,10 @@ struct mv_ring {
 };
 struct mv_out { int status; int err; uint64_t bytes; uint64_t room; uint64_t frames;
                 uint64_t payload; };
+"""
+CDEF: Final = """
+struct iovec { void *iov_base; size_t iov_len; ...; };
+""" + _STRUCTS + """
 int mv_net_tx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
               struct iovec *iov, int iovmax, uint64_t maxframe, uint32_t budget,
               struct mv_out *out);
@@ -80,14 +84,7 @@ SOURCE: Final = r"""
 #define MAX_CHAIN 0xFFFFFFFFull
 #define MAX_INDIRECT (32768u * 16u)
 enum { EMPTY, DEFER, IOERR, AGAIN, LIMIT, SHORT };
-
-struct mv_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct mv_ring {
-    uint8_t *desc; uint8_t *avail; uint8_t *used;
-    uint32_t size; uint16_t next_avail; uint16_t next_used;
-};
-struct mv_out { int status; int err; uint64_t bytes; uint64_t room; uint64_t frames;
-                uint64_t payload; };
+""" + _STRUCTS + r"""
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 
 #define BARRIER() __asm__ __volatile__("" ::: "memory")
@@ -348,20 +345,38 @@ class Rings:
         self._views: tuple[memoryview, memoryview, memoryview] | None = None
         self._ring_bufs: list[Any] = []
 
-    def bind(self, views: tuple[memoryview, memoryview, memoryview], size: int,
-             next_avail: int, next_used: int) -> Any:
-        """The ring struct for these views, with the queue's indices."""
+    def bind(self, q: Queue) -> Any:
+        """The ring struct for ``q``'s rings (rebuilt when they change: a reactivation),
+        with its indices."""
+        views = q.rings()
         ring = self.ring
         if views is not self._views:
             ffi = self.ffi
             self._ring_bufs = [ffi.from_buffer(v, require_writable=True) for v in views]
             ring.desc, ring.avail, ring.used = (ffi.cast("uint8_t *", b)
                                                 for b in self._ring_bufs)
-            ring.size = size
+            ring.size = q.size
             self._views = views
-        ring.next_avail = next_avail
-        ring.next_used = next_used
+        ring.next_avail = q.next_avail
+        ring.next_used = q.next_used
         return ring
+
+    def transmit(self, q: Queue, fd: int, max_frame: int) -> int:
+        """mv_net_tx: its status; ``out.frames`` and ``out.payload`` say what was sent."""
+        return self._run(self.lib.mv_net_tx, q, fd, max_frame, q.size)
+
+    def receive(self, q: Queue, fd: int, budget: int, clear_flags: bool, need: int) -> int:
+        """mv_net_rx for at most ``budget`` frames, holding ``need`` bytes of buffers per
+        frame: its status; ``out.frames`` and ``out.payload`` say what was delivered."""
+        return self._run(self.lib.mv_net_rx, q, fd, budget, clear_flags, self.spare, need,
+                         self.heads, self.sizes)
+
+    def _run(self, fn: Any, q: Queue, fd: int, *args: Any) -> int:
+        ring = self.bind(q)
+        status: int = fn(ring, self.mem, self.nmem, fd, self.iov, self.iov_max, *args,
+                         self.out)
+        q.advance(ring.next_avail, ring.next_used)
+        return status
 
     def release(self) -> None:
         """Drop every reference into guest memory (reset, close)."""
