@@ -6,7 +6,9 @@ No VM and no tap: a NetDevice on a DeviceHarness (fake driver, fake guest memory
 tap fd swapped for one end of a SOCK_SEQPACKET socketpair (one message = one frame, as
 on a tap; it still needs /dev/net/tun and root to open a tap first, in a private network
 namespace). tx: the driver publishes a ring of one-descriptor frames, one kick serves
-them all; rx: the peer sends a ring's worth of frames, one tap wake-up delivers them.
+them all; rx: the peer sends a ring's worth of frames, one tap wake-up delivers them;
+rr: one frame out and its answer already waiting on the socketpair (as a host answers a
+ping inside the writev), one kick: the device side of one round trip.
 Prints microseconds per frame for each path (the best of several rounds) and, with
 --profile, the top of a cProfile of the Python path's transmit (the kicks only).
 """
@@ -70,6 +72,22 @@ def rx_round(dev: NetDevice, h: DeviceHarness, peer: socket.socket, frame: bytes
     return (t1 - t0) / n
 
 
+def rr_round(h: DeviceHarness, peer: socket.socket, frame: bytes, n: int) -> float:
+    tx, rx = h.drivers[1], h.drivers[0]
+    best = float("inf")
+    for _ in range(n):
+        rx.publish(writable=[256], kick=False)
+        tx.publish([frame], kick=False)
+        peer.send(frame)
+        t0 = time.perf_counter()
+        h.kick(1)
+        best = min(best, time.perf_counter() - t0)
+        assert len(rx.used()) == 1, "the answer was not delivered with the kick"
+        tx.used()
+        peer.recv(1 << 16)
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=RING - 8, help="frames per round")
@@ -95,8 +113,11 @@ def main() -> None:
                 tx = min(tx_round(h, peer, frame, a.frames) for _ in range(a.rounds)) * 1e6
                 rx = min(rx_round(dev, h, peer, frame, a.frames)
                          for _ in range(a.rounds)) * 1e6
+                h.drivers[0].publish(writable=[256])  # a spare, and the kick that resumes rx
+                rr = min(rr_round(h, peer, frame, 50) for _ in range(a.rounds)) * 1e6
                 print(f"{name}: tx {tx:5.2f} us/frame, rx {rx:5.2f} us/frame "
-                      f"({a.size}-byte frames, {a.frames} per wake-up)")
+                      f"({a.size}-byte frames, {a.frames} per wake-up), "
+                      f"rr {rr:5.2f} us per round trip")
                 if a.profile and not accelerate:
                     prof = cProfile.Profile()
                     for _ in range(20):
