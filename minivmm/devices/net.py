@@ -200,6 +200,11 @@ class NetDevice(VirtioDevice):
         """Receive chains popped and held for the next frames (the stash)."""
         return len(self._stash)
 
+    @property
+    def accelerated(self) -> bool:
+        """Whether the C accelerator serves the queues (from activation to reset)."""
+        return self._fast[0] is not None
+
     def config(self) -> bytes:
         return self._config
 
@@ -251,17 +256,6 @@ class NetDevice(VirtioDevice):
             except OSError:
                 pass
 
-    def _release_fast(self) -> None:
-        for f in self._fast:
-            if f is not None:
-                f.release()
-        self._fast = [None, None]
-
-    @property
-    def accelerated(self) -> bool:
-        """Whether the C accelerator serves the queues (from activation to reset)."""
-        return self._fast[0] is not None
-
     def close(self) -> None:
         super().close()
         if self._tap >= 0:
@@ -274,6 +268,12 @@ class NetDevice(VirtioDevice):
         self._watching = on
         if self.fd_watch is not None:
             self.fd_watch(self._tap, self.on_tap_readable if on else None)
+
+    def _release_fast(self) -> None:
+        for f in self._fast:
+            if f is not None:
+                f.release()
+        self._fast = [None, None]
 
     def _link_lost(self, e: OSError) -> None:
         """The tap's interface is gone: link down (§5.1.4), the VM carries on."""
