@@ -261,6 +261,7 @@ int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
         uint32_t k = 0, used, i;
         uint64_t room = 0, left;
         int niov = 0;
+        out->status = LIMIT;
         while (room < need && k < q->size) {
             int head = next_head(&look, &idx, out), n;
             uint64_t rlen, wlen;
@@ -279,8 +280,11 @@ int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
             room += wlen;
             look.next_avail++;
         }
+        if (out->status == DEFER)
+            return DEFER;  /* an index jump: pop raises it before any read */
         if (k == 0)
-            break;  /* EMPTY, or DEFER for an index jump: out->status says */
+            break;  /* EMPTY */
+        out->status = LIMIT;  /* the ring's end before `need`: read into what there is */
         iov[niov].iov_base = spare;
         iov[niov].iov_len = 1;
         ssize_t n = readv(fd, iov, niov + 1);

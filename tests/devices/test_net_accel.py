@@ -352,14 +352,16 @@ GUARDS = ["head beyond the queue", "next beyond the queue", "a loop", "readable 
           "available index jump"]
 
 
+@pytest.mark.parametrize("mrg_rxbuf", [False, True])
 @pytest.mark.parametrize("queue", [TXQ, RXQ])
 @pytest.mark.parametrize("guard", GUARDS)
 def test_every_guard_of_the_engine_holds_on_both_paths(netns_name: str, guard: str,
-                                                      queue: int) -> None:
+                                                      queue: int, mrg_rxbuf: bool) -> None:
     """A good chain, a broken one, a good one: the same used ring, frames, counters and
     failure (the engine's error, raised by the Python pop the C walk defers to)."""
     indirect = "indirect" in guard
-    sides = [make_side(netns_name, a, (VIRTIO_NET_F_MRG_RXBUF,), True) for a in (False, True)]
+    off = () if mrg_rxbuf else (VIRTIO_NET_F_MRG_RXBUF,)
+    sides = [make_side(netns_name, a, off, True) for a in (False, True)]
     try:
         for s in sides:
             d = s.h.drivers[queue]
@@ -377,7 +379,9 @@ def test_every_guard_of_the_engine_holds_on_both_paths(netns_name: str, guard: s
         python, fast = (s.observe() for s in sides)
         assert python == fast
         assert python[3] and python[4], f"{guard}: the device did not fail"
-        if guard != "available index jump":  # (that one stops the queue at once)
+        # (an index jump stops the queue at once; with MRG_RXBUF the device takes every
+        # buffer before reading a frame, and fails at the broken one)
+        if guard != "available index jump" and not (queue == RXQ and mrg_rxbuf):
             assert python[0][0][0] == 0, "the good chain before the broken one was served"
     finally:
         for s in sides:
