@@ -1,6 +1,6 @@
 """minivmm next to QEMU: the same probe guest, the same host, the same run.
 
-    python -m bench [--reps N] [--smoke] [--no-io-uring] [--out DIR]
+    python -m bench [--reps N] [--smoke] [--no-io-uring] [--only net] [--out DIR]
     python -m bench --hwvirt [--reps N]   Linux boot time on a hardware-virtualization KVM
                                           (bench/hwvirt.py; in L1 on kvm_pvm hosts;
                                           --exec: `minivmm exec -- true` instead)
@@ -161,6 +161,9 @@ class Bench:
             self.failures.append(f"floor: exit status {fl['error']:.0f}")
         self.khz = self.khz or fl.get("tsc_khz", 0.0)
         order = [mini, *qemus[:1]] if i % 2 == 0 else [*qemus[:1], mini]
+        if self.args.only == "net":
+            self.rep_net(order)
+            return
         for vmm in order:  # start-up
             r = self.launch(vmm, "startup", "probe.check=virtio",
                             ["startup_first_line", "startup_exit"], timeline=vmm is mini)
@@ -184,6 +187,10 @@ class Bench:
                 self.guest_tsc_src.update(kv.get("tsc_src", "?") for kv in r.bench.values())
                 for k, v in guest_figures(r, self.khz).items():
                     self.add(vmm.label if vmm in order else "qemu_" + vmm.qemu_aio, k, v)
+        self.rep_net(order)
+
+    def rep_net(self, order: list[Vmm]) -> None:
+        s = self.sizes
         if self.net_skip:
             return
         for vmm in order:  # net
@@ -301,6 +308,7 @@ class Bench:
             print(f"plot: {png}")
         missing = [r.key for r in report.ROWS
                    if not (self.net_skip and r.key in netbench.ROWS)
+                   and (self.args.only != "net" or r.key in netbench.ROWS)
                    and (not self.samples.get("minivmm", {}).get(r.key)
                         or (qemus and not report.best_qemu(self.samples, r)[1]))]
         if missing:
@@ -323,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeat a failed run up to N times (default 2; never with --smoke)")
     p.add_argument("--no-io-uring", dest="io_uring", action="store_false",
                    help="don't try QEMU with aio=io_uring")
+    p.add_argument("--only", choices=["net"],
+                   help="only these rows (net: the three network workloads, with the C "
+                        "floor run for the TSC rate)")
     p.add_argument("--out", default=str(REPO / "bench" / "out"), help="build/output dir")
     p.add_argument("--hwvirt", action="store_true",
                    help="Linux boot time, minivmm vs QEMU, on a hardware-virtualization KVM "

@@ -56,7 +56,8 @@ VIRTIO = ("engine", "devices", "transport")
 LAYERS = (
     _layer(LEAVES, ["minivmm.errors", "minivmm.ratelimit", "minivmm.hostinfo", "minivmm.irq",
                     "minivmm.config", "minivmm.eventloop", "minivmm.agent", "minivmm.cpio",
-                    "minivmm.kmod", "minivmm.version", "minivmm.collect"],
+                    "minivmm.kmod", "minivmm.version", "minivmm.collect",
+                    "minivmm.accel"],
            [],
            "helpers anybody may use; they use only each other"),
     # The platform stack, bottom up.

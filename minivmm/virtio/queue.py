@@ -80,6 +80,7 @@ _unpack_desc = DESC.unpack_from
 
 
 _NO_USED_ELEMS = memoryview(b"")
+_KIND = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT
 
 
 def _no_memory(gpa: int, length: int) -> memoryview:
@@ -112,6 +113,7 @@ class Queue:
         "_next_avail",
         "_next_used",
         "_ready",
+        "_rings",
         "_signalled_used",
         "_size",
         "_translate",
@@ -154,10 +156,14 @@ class Queue:
         self._translate: Callable[[int, int], memoryview] = _no_memory
         # What the walk needs, in one tuple (one load in ``pop``): the descriptor table,
         # the low RAM window (buffers ending at or below its length are sliced from it
-        # directly), that length, and the bound on the walk in the table.
-        self._walk: tuple[memoryview, memoryview, int, range] = (NO_WINDOW, NO_WINDOW, 0, range(0))
+        # directly), that length, the bound on the walk in the table, the ring's index
+        # mask (size - 1) and the generation (fixed from one activation to the next
+        # deactivation, which every generation change goes with).
+        self._walk: tuple[memoryview, memoryview, int, range, int, int] = (
+            NO_WINDOW, NO_WINDOW, 0, range(0), 0, self._generation)
         self._avail: memoryview | None = None  # None whenever pop must not run
         self._avail_view: memoryview | None = None
+        self._rings: tuple[memoryview, memoryview, memoryview] | None = None
         # Empty while inactive; only written through a chain of the current generation
         # (every deactivation starts a new one) or ``add_used``, which checks first.
         self._used_elems = _NO_USED_ELEMS
@@ -278,7 +284,7 @@ class Queue:
         desc, avail, used = self._check(mem)
         self._translate = mem.translate
         low = low_window(mem)
-        self._walk = (desc, low, len(low), range(self._size))
+        self._walk = (desc, low, len(low), range(self._size), self._size - 1, self._generation)
         # The available ring is only ever read as u16s, and the used ring's flags, idx and
         # avail_event are u16s: both go through "H" views, one aligned 16-bit access per
         # index (see ring.py on why struct.pack_into must not be used for them).
@@ -293,6 +299,7 @@ class Queue:
         self._signalled_used = None
         self._used_event_off = ring.used_event_offset(self._size) // 2
         self._avail_event_off = ring.avail_event_offset(self._size) // 2
+        self._rings = (desc, avail, used)
 
     def is_active(self) -> bool:
         """True between a successful ``activate`` and ``reset``/``set_ready(False)``."""
@@ -353,10 +360,11 @@ class Queue:
                 self._avail = None
                 raise self.broken
             self._cached_avail_idx = idx
-        slot = na & self._mask
+        table, low, low_end, hops, mask, generation = self._walk
+        slot = na & mask
         head = avail[_RING + slot]
         self._next_avail = (na + 1) & 0xFFFF
-        limit = self._size
+        limit = mask + 1
         if head >= limit:
             raise InvalidDescriptorIndex(self.index, slot, head, limit)
 
@@ -366,7 +374,6 @@ class Queue:
         # Each descriptor is unpacked once into Python ints, so the guest changing it
         # meanwhile cannot make two checks see different values. At most ``limit``
         # descriptors per table: a longer chain has a loop.
-        table, low, low_end, hops = self._walk
         where = ""  # "" for the descriptor table, else _INDIRECT_TABLE (error messages)
         unpack = _unpack_desc
         readable: list[memoryview] = []
@@ -377,9 +384,8 @@ class Queue:
         while True:
             for _ in hops:
                 addr, length, flags, nxt = unpack(table, index << 4)
-                if flags & VIRTQ_DESC_F_WRITE:
-                    if flags & VIRTQ_DESC_F_INDIRECT:
-                        break  # a table (WRITE is ignored, §2.7.5.3.1): go on in it (below)
+                kind = flags & _KIND
+                if kind == VIRTQ_DESC_F_WRITE:
                     wlen += length
                     seen_write = True
                     if length:
@@ -388,8 +394,8 @@ class Queue:
                             writable.append(low[addr:end])
                         else:
                             writable.append(self._buffer(head, index, addr, length, where))
-                elif flags & VIRTQ_DESC_F_INDIRECT:
-                    break
+                elif kind:
+                    break  # a table (WRITE is ignored, §2.7.5.3.1): go on in it (below)
                 elif seen_write:
                     raise ReadableAfterWritable(self.index, head, index, where)
                 else:
@@ -420,7 +426,7 @@ class Queue:
                         w = NO_WRITER
                     c = DescriptorChain()
                     c._owner = self
-                    c._generation = self._generation
+                    c._generation = generation
                     c.head = head
                     c.reader = r
                     c.writer = w
@@ -454,6 +460,28 @@ class Queue:
         if view is None:
             raise DescriptorOutOfMemory(self.index, head, index, addr, length, where)
         return view
+
+    # --- accelerators (C code that serves chains itself) ---------------------------------
+
+    def rings(self) -> tuple[memoryview, memoryview, memoryview]:
+        """The descriptor table, the available ring and the used ring as byte views, for
+        an accelerator (minivmm.accel) that walks and publishes chains in C. It must keep
+        every guard of :meth:`pop` and leave a chain it would not accept to ``pop`` (which
+        raises the typed error), and report its progress with :meth:`advance`. The same
+        tuple object is returned until the queue is deactivated (a cache key). Raises as
+        ``pop`` does on a stopped or inactive queue."""
+        if self._avail is None or self._rings is None:
+            raise self.broken or QueueNotReady(self.index)
+        return self._rings
+
+    def advance(self, next_avail: int, next_used: int) -> None:
+        """Record what an accelerator did: the available index it consumed up to and the
+        used index it published (both already in guest memory). Unlike the setters of
+        ``next_avail``/``next_used`` this keeps the notification state: the chains it
+        published are interrupted for, or not, by the next ``needs_notification``."""
+        self._next_avail = next_avail & 0xFFFF
+        self._cached_avail_idx = self._next_avail
+        self._next_used = next_used & 0xFFFF
 
     def iter(self) -> Iterator[DescriptorChain]:
         """Pop chains until the ring is empty (errors propagate as from ``pop``)."""

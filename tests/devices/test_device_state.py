@@ -218,7 +218,7 @@ class Tap:
     def __init__(self, ns: str) -> None:
         self.name = f"mvs{uuid.uuid4().hex[:8]}"
         with inside(ns):
-            self.dev = NetDevice(self.name)
+            self.dev = NetDevice(self.name, accelerate=False)
             self.peer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
                                       socket.htons(ETH_TEST))
         self.dev.fd_watch = lambda fd, cb: None
