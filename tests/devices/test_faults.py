@@ -30,18 +30,13 @@ from minivmm.transport.mmio import DEVICE_NEEDS_RESET
 from minivmm.transport.testing import DeviceHarness, WatchdogError
 from minivmm.virtio.testing import UsedElem
 
-SECTORS = 64
-
-
-def pattern(n: int, seed: int = 1) -> bytes:
-    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+from .test_blk import SECTORS, pattern
 
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    p = tmp_path / "disk.img"
-    p.write_bytes(pattern(SECTORS * 512))
-    return p
+    (tmp_path / "disk.img").write_bytes(pattern(SECTORS * 512))
+    return tmp_path / "disk.img"
 
 
 def read_request(h: DeviceHarness, sector: int) -> int:
