@@ -240,7 +240,7 @@ class DeviceHarness:
             deadline = time.monotonic() + self.watchdog
             while self._unanswered() and time.monotonic() < deadline:
                 time.sleep(0.01)
-        if self.status & DEVICE_NEEDS_RESET:
+        if self.transport.status & DEVICE_NEEDS_RESET:  # (not a register read: no trace)
             return  # the device said it failed: its chains are abandoned, not late
         now = time.monotonic()
         for index in sorted(self.watched):
