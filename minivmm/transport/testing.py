@@ -35,6 +35,7 @@ import traceback
 from collections.abc import Iterable, Sequence
 
 from ..devices.base import VIRTIO_F_VERSION_1, VirtioDevice
+from ..virtio.ring import RING_OFFSET, USED_ELEM_SIZE
 from ..virtio.testing import FakeDriver, FakeGuestMemory
 from .faults import FaultInjector
 from .mmio import ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK, MmioTransport
@@ -60,9 +61,9 @@ class DeviceHarness:
         self.watchdog = watchdog
         self.watched = set(range(len(device.queues)) if watched is None else watched)
         self._faults: FaultInjector | None = None
-        # per queue: [avail index, head, kick time] of chains kicked and not yet used,
-        # the avail index recorded up to and the used index seen up to
-        self._waiting: list[list[tuple[int, int, float]]] = [[] for _ in device.queues]
+        # per queue: (head, kick time) of the chains kicked and not yet used, the avail
+        # index recorded up to and the used index seen up to
+        self._waiting: list[list[tuple[int, float]]] = [[] for _ in device.queues]
         self._avail_seen = [0] * len(device.queues)
         self._used_seen = [0] * len(device.queues)
         self._kicker: threading.Thread | None = None
@@ -195,8 +196,9 @@ class DeviceHarness:
         now = time.monotonic()
         while self._avail_seen[index] != drv.avail_idx:
             slot = self._avail_seen[index] % drv.size
-            head = int.from_bytes(drv.read(drv.avail_addr + 4 + 2 * slot, 2), "little")
-            self._waiting[index].append((self._avail_seen[index], head, now))
+            head = int.from_bytes(drv.read(drv.avail_addr + RING_OFFSET + 2 * slot, 2),
+                                  "little")
+            self._waiting[index].append((head, now))
             self._avail_seen[index] = (self._avail_seen[index] + 1) & 0xFFFF
 
     def _note_used(self, index: int) -> None:
@@ -204,9 +206,10 @@ class DeviceHarness:
         waiting = self._waiting[index]
         while self._used_seen[index] != drv.used_idx:
             slot = self._used_seen[index] % drv.size
-            head = int.from_bytes(drv.read(drv.used_addr + 4 + 8 * slot, 4), "little")
+            head = int.from_bytes(
+                drv.read(drv.used_addr + RING_OFFSET + USED_ELEM_SIZE * slot, 4), "little")
             self._used_seen[index] = (self._used_seen[index] + 1) & 0xFFFF
-            for i, (_, h, _) in enumerate(waiting):
+            for i, (h, _) in enumerate(waiting):
                 if h == head:
                     del waiting[i]
                     break
@@ -245,7 +248,7 @@ class DeviceHarness:
         now = time.monotonic()
         for index in sorted(self.watched):
             self._note_used(index)
-            for _, head, kicked in self._waiting[index]:
+            for head, kicked in self._waiting[index]:
                 if now - kicked > self.watchdog:
                     self._forget()  # report it once
                     raise WatchdogError(self._overdue(index, head, now - kicked))
