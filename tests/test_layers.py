@@ -89,7 +89,8 @@ LAYERS = (
     _layer("join", ["minivmm.vm", "minivmm.transport.placement", "minivmm.snapshot"],
            [LEAVES, *PLATFORM, *VIRTIO, "console", "observe"], "what joins the two stacks"),
     _layer("front-ends", ["minivmm", "minivmm.cli", "minivmm.__main__", "minivmm.firecracker",
-                          "minivmm.exec", "minivmm.exec_options", "minivmm.guest"],
+                          "minivmm.exec", "minivmm.exec_options", "minivmm.guest",
+                          "minivmm.pytest_plugin"],
            [LEAVES, *PLATFORM, *VIRTIO, "console", "join", "shared-package", "observe"],
            "the public API package, the command line, the Firecracker config reader"),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from guests import ROOT, guest_artifact
@@ -34,3 +35,15 @@ def test_python_api_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     exec(compile(block, "README.md", "exec"), namespace)
     result = namespace["result"]
     assert isinstance(result, minivmm.RunResult) and result.status == 0, result
+
+
+def test_fault_injection_example_runs(tmp_path: Path) -> None:
+    """README's "When the host fails" block, as written."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### When the host fails") :]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)[:1]
+    namespace: dict[str, object] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    test = namespace["test_disk_fails_once"]
+    assert callable(test)
+    test(tmp_path)

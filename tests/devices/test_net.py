@@ -11,6 +11,7 @@ failure) removes whatever is left.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import importlib.util
 import os
@@ -43,7 +44,7 @@ from minivmm.devices.net import (
 )
 from minivmm.errors import UsageError
 from minivmm.transport.mmio import DEVICE_NEEDS_RESET
-from minivmm.transport.testing import DeviceHarness
+from minivmm.transport.testing import DeviceHarness, WatchdogError
 from minivmm.virtio.testing import FakeDriver
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/net/tun"),
@@ -588,3 +589,54 @@ def test_tap_deleted_noticed_on_transmit(net: Net) -> None:
     tx.publish(readable=[bytes(HDR_SIZE) + frame(60)])
     assert not net.dev.link_up and net.dev.tx_dropped == 1
     assert net.h.read_config(6, 2) == b"\x00\x00"
+
+
+# -- host-side faults through DeviceHarness.faults (minivmm.transport.faults) --------
+
+
+def test_tap_gone_under_receive_is_link_down(net: Net) -> None:
+    net.h.watchdog, net.h.watched = 5.0, {1}  # receive buffers are held: only transmit
+    net.initialise()
+    rx = net.h.drivers[0]
+    rx.publish(writable=[2048])
+    net.h.ack_interrupt()
+    net.h.faults.detach_tap(net.dev.tap_fd)
+    net.pump()  # the fd reports an error: the read fails with EBADFD
+    assert not net.dev.link_up and net.h.read_config(6, 2) == b"\x00\x00"
+    assert net.h.interrupt_status & VIRTIO_MMIO_INT_CONFIG
+    assert not net.h.status & DEVICE_NEEDS_RESET
+    tx = net.h.drivers[1]
+    tx.publish(readable=[bytes(HDR_SIZE) + frame(60)])
+    assert len(tx.used()) == 1 and net.dev.tx_dropped == 1 and net.dev.tx_packets == 0
+    assert rx.used() == []
+
+
+def test_tap_gone_under_transmit_drops_and_counts(net: Net) -> None:
+    net.h.watchdog, net.h.watched = 5.0, {1}
+    net.initialise(all_but(net.h, VIRTIO_NET_F_GUEST_TSO4, 8, 9, 10))
+    tx = net.h.drivers[1]
+    tx.publish(readable=[bytes(HDR_SIZE) + frame(60)])
+    assert net.received()[:60] == frame(60)  # the link works
+    net.h.faults.detach_tap(net.dev.tap_fd)
+    for _ in range(3):
+        tx.publish(readable=[bytes(HDR_SIZE) + frame(60)])
+    assert len(tx.used()) == 4
+    assert (net.dev.tx_packets, net.dev.tx_dropped, net.dev.link_up) == (1, 3, False)
+    assert net.h.read_config(6, 2) == b"\x00\x00"
+    assert not net.h.status & DEVICE_NEEDS_RESET
+
+
+def test_tap_write_errors_are_counted_and_slow_writes_trip_the_watchdog(net: Net) -> None:
+    net.h.watchdog, net.h.watched = 0.3, {1}
+    net.initialise(all_but(net.h, VIRTIO_NET_F_GUEST_TSO4, 8, 9, 10))
+    tx = net.h.drivers[1]
+    refused = net.h.faults.io_error(net.dev.tap_fd, ops=["write"], errno=errno.EINVAL)
+    tx.publish(readable=[bytes(HDR_SIZE) + frame(60)])
+    tx.publish(readable=[bytes(HDR_SIZE) + frame(60, seed=1)])
+    assert len(tx.used()) == 2 and refused.hits == 1
+    assert (net.dev.tx_errors, net.dev.tx_packets, net.dev.link_up) == (1, 1, True)
+    assert net.received()[:60] == frame(60, seed=1)
+    net.h.faults.delay(net.dev.tap_fd, 2.0, ops=["write"])
+    with pytest.raises(WatchdogError, match=r"^net: queue 1: the chain with head \d+ was "
+                       r"kicked 0\.3\d s ago and is unanswered"):
+        tx.publish(readable=[bytes(HDR_SIZE) + frame(60, seed=2)])
