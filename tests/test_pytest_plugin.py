@@ -215,7 +215,7 @@ BAD = [
     ({"kernel": "k/vmlinux", "boot_timeout": "0"}, "", "test_x.py::test_x: ini option "
      "minivmm_boot_timeout: '0': give seconds > 0"),
     ({"kernel": "k/vmlinux"}, "bogus=1", "test_x.py::test_x: @pytest.mark.minivmm(bogus=...): "
-     "unknown keyword; use acpi, boot_timeout, cmdline, *"),
+     "unknown keyword; use acpi, boot_timeout, *, cmdline, *"),
     ({"kernel": "k/vmlinux"}, "'k/vmlinux'", "test_x.py::test_x: @pytest.mark.minivmm: takes "
      "keywords only (kernel=..., mem=...), not 'k/vmlinux'"),
     ({"kernel": "k/vmlinux"}, "cpus=999", "test_x.py::test_x: @pytest.mark.minivmm(cpus=...): "
