@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from minivmm.devices.base import VirtioDevice
 from minivmm.virtio.testing import FakeDriver, FakeGuestMemory
@@ -51,3 +55,20 @@ def attach(device: VirtioDevice, *, size: int = 16, event_idx: bool = False,
     if activate:
         device.activate(mem, att.irq)
     return att
+
+
+def io_uring_missing() -> str | None:
+    """Why this host cannot run blk's io_uring path (None: it must, so tests of it fail,
+    never skip, here): cffi, a C compiler, liburing's header, a kernel that allows it."""
+    if importlib.util.find_spec("cffi") is None:
+        return "cffi is not installed"
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        return "no C compiler"
+    if not Path("/usr/include/liburing.h").exists():
+        return "liburing-dev is not installed"
+    try:
+        if Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() != "0":
+            return "sysctl kernel.io_uring_disabled is set"
+    except OSError:
+        pass
+    return None

@@ -27,7 +27,7 @@ from minivmm.devices.blk import (
 from minivmm.errors import UsageError
 from minivmm.virtio.testing import UsedElem
 
-from . import Attached, attach
+from . import Attached, attach, io_uring_missing
 
 SECTORS = 128
 
@@ -67,9 +67,24 @@ def status(used: UsedElem) -> int:
     return used.written[used.len - 1]
 
 
+@pytest.fixture(params=["io_uring", "sync"], autouse=True)
+def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both paths: io_uring (where the host has it) and the
+    synchronous one, forced with MINIVMM_IO_URING=off."""
+    if request.param == "sync":
+        monkeypatch.setenv("MINIVMM_IO_URING", "off")
+    else:
+        monkeypatch.delenv("MINIVMM_IO_URING", raising=False)
+        why = io_uring_missing()
+        if why:
+            pytest.skip(f"io_uring path: {why}")
+    return str(request.param)
+
+
 @pytest.fixture
-def disk(image: Path) -> Iterator[Attached]:
+def disk(image: Path, io_path: str) -> Iterator[Attached]:
     dev = BlockDevice(image, serial="vol-1")
+    assert dev.io_uring == (io_path == "io_uring")
     att = attach(dev)
     yield att
     dev.close()
