@@ -1,6 +1,6 @@
 """minivmm next to QEMU: the same probe guest, the same host, the same run.
 
-    python -m bench [--reps N] [--smoke] [--blk-only] [--no-io-uring] [--out DIR]
+    python -m bench [--reps N] [--smoke] [--no-io-uring] [--only blk] [--out DIR]
     python -m bench --hwvirt [--reps N]   Linux boot time on a hardware-virtualization KVM
                                           (bench/hwvirt.py; in L1 on kvm_pvm hosts)
 
@@ -141,7 +141,7 @@ class Bench:
             self.failures.append(f"floor: exit status {fl['error']:.0f}")
         self.khz = self.khz or fl.get("tsc_khz", 0.0)
         order = [mini, *qemus[:1]] if i % 2 == 0 else [*qemus[:1], mini]
-        if self.args.blk_only:
+        if self.args.only == "blk":
             for vmm in order + qemus[1:]:
                 r = self.launch(vmm, "main", cmdline(BLK, s.n, s.mb), BLK)
                 if r:
@@ -286,7 +286,7 @@ class Bench:
             print(f"plot: {png}")
         missing = [r.key for r in report.ROWS
                    if not (self.net_skip and r.key in netbench.ROWS)
-                   and not (self.args.blk_only and r.key not in BLK)
+                   and (self.args.only != "blk" or r.key in BLK)
                    and (not self.samples.get("minivmm", {}).get(r.key)
                         or (qemus and not report.best_qemu(self.samples, r)[1]))]
         if missing:
@@ -307,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="every workload once with tiny sizes; checks only that it completes")
     p.add_argument("--retries", type=int, default=2,
                    help="repeat a failed run up to N times (default 2; never with --smoke)")
-    p.add_argument("--blk-only", action="store_true",
-                   help="only the virtio-blk workloads (one guest per VMM and repetition)")
     p.add_argument("--no-io-uring", dest="io_uring", action="store_false",
                    help="don't try QEMU with aio=io_uring")
+    p.add_argument("--only", choices=["blk"],
+                   help="only these rows (blk: the four block workloads, one guest per VMM "
+                        "and repetition, with the C floor run for the TSC rate)")
     p.add_argument("--out", default=str(REPO / "bench" / "out"), help="build/output dir")
     p.add_argument("--hwvirt", action="store_true",
                    help="Linux boot time, minivmm vs QEMU, on a hardware-virtualization KVM "

@@ -267,6 +267,10 @@ class BlockDevice(VirtioDevice):
         return {"io_uring": int(b.active), "io_uring_batches": b.batches,
                 "io_uring_requests": b.requests}
 
+    def on_reset(self) -> None:
+        if self._batch is not None:
+            self._batch.release()
+
     def close(self) -> None:
         super().close()
         if self._batch is not None:

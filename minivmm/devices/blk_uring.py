@@ -1,28 +1,31 @@
 """blk_uring: the block device's batch path: a wake-up's requests through one io_uring.
 
-Per wake-up (a kick), :meth:`BatchPath.drain` pops every available chain, checks each
-with the same code as the synchronous path (``BlockDevice._parse``), and turns each
-read or write into one SQE whose user_data is its index in this batch's ``pending``
-list (not the head: a hostile driver may publish one head twice). Then one
-``io_uring_enter`` submits them all and waits for all of them; each completion says
-which request finished, and that chain gets its status and goes to the used ring.
-Completion order is the kernel's; one interrupt per wake-up.
+Per wake-up (a kick), :meth:`BatchPath.drain` calls the C loop ``mv_blk_run``
+(minivmm.devices.uring_build) until the ring is empty. The C loop walks the available
+chains itself, with every guard of :meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>`
+and every buffer checked against the guest memory map, and serves the common requests,
+IN and OUT of the shape Linux sends (the header in the first readable buffer, sector
+multiples on the disk, the status the chain's last byte): one SQE each, whose user_data
+is its slot in the batch (not the head: a hostile driver may publish one head twice),
+all submitted and waited for with one ``io_uring_enter``; each completion writes that
+request's status and its used element (head and length: which request finished, in
+completion order). One interrupt per wake-up. No Python runs per request.
 
-Ordering, as the synchronous path (one request after the other) defines it:
-- a request that overlaps one in flight, where either writes, first waits for
-  everything in flight (a *barrier*), so a read after a write of the same sectors in
-  one batch sees the new data;
-- FLUSH, DISCARD and WRITE_ZEROES are barriers too, then done synchronously: FLUSH's
-  fdatasync comes after every earlier write completed (virtio 1.2 §5.2.6.1);
-- a chain that fails its checks is answered at once (its status), without waiting for
-  the batch; GET_ID is answered at once.
+Anything else is left in the ring (DEFER) and Python pops it and serves it with the
+synchronous path's code (``BlockDevice._serve``), after everything before it has
+completed: a chain that fails a guard raises the engine's typed error there, a bad
+request gets its status and log line, and FLUSH's fdatasync comes after every earlier
+write completed (virtio 1.2 §5.2.6.1) because nothing is in flight when C returns.
+
+Ordering, as the synchronous path (one request after the other) defines it: a request
+overlapping one in flight, where either writes, waits until the batch before it has
+completed, so a read after a write of the same sectors sees the new data.
 
 A failed request fails only itself: a negative result is its S_IOERR; a short transfer
-is finished synchronously from where it stopped (``preadv``/``pwritev``: end of file is
-S_IOERR, as in the synchronous path). If io_uring itself fails under a batch (a submit
-error other than EINTR), the device drops the ring for good, logs it once, and redoes
-every request of the batch that had not completed synchronously (a read or a write of
-the same bytes again is harmless).
+is finished synchronously from where it stopped (end of file is S_IOERR, as in the
+synchronous path); C reports each error and Python logs it as the synchronous path
+would. If io_uring itself fails (a submit error other than EINTR/EAGAIN), C finishes
+the batch synchronously and the device drops the ring for good (one log line).
 """
 
 from __future__ import annotations
@@ -31,43 +34,42 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any, Final
 
-from ..virtio.chain import DescriptorChain
 from ..virtio.queue import Queue
-from .base import IOV_MAX
-from .blk import (
-    VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_T_GET_ID,
-    VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
-    BlkRequestError,
-    NoStatusByte,
-    read_into,
-    write_from,
-)
-from .uring import ENTRIES, Ring, RingError
+from .blk import ImageEnded
+from .uring import Ring
 
 if TYPE_CHECKING:
     from .blk import BlockDevice
 
-_IN: Final = VIRTIO_BLK_T_IN
-_OUT: Final = VIRTIO_BLK_T_OUT
-assert (_IN, _OUT) == (0, 1)  # the type doubles as the write flag of mv_prep
-_MAX_INFLIGHT: Final = ENTRIES  # the completion queue (2x) can never overflow
+# What mv_blk_run returns, and the kinds of its error records (uring_build.SOURCE)
+EMPTY: Final = 0
+DEFER: Final = 1
+LIMIT: Final = 2
+RINGFAIL: Final = 3
+E_ERRNO: Final = 0
+E_ENDED: Final = 1
+E_NOBYTES: Final = 2
 
 
 class BatchPath:
     """The io_uring path of one BlockDevice (see the module docstring)."""
 
-    __slots__ = ("_completed", "_dev", "_pending", "_ring", "_writes", "batches", "requests")
+    __slots__ = ("_dev", "_disk", "_key", "_mem", "_nmem", "_out", "_q", "_ring",
+                 "batches", "requests")
 
     def __init__(self, dev: BlockDevice, ring: Ring) -> None:
         self._dev = dev
         self._ring: Ring | None = ring
-        #: this batch's requests by user_data: (chain, write, offset, length, iovecs)
-        self._pending: list[tuple[DescriptorChain, int, int, int, Any]] = []
-        self._writes = 0  # writes among them
-        self._completed = 0  # chains returned to the used ring in this drain
+        ffi = ring.ffi
+        self._q = ffi.new("struct mv_queue *")
+        self._out = ffi.new("struct mv_out *")
+        self._disk = ffi.new("struct mv_disk *")
+        self._disk.fd = dev._fd
+        self._disk.read_only = int(dev.read_only)
+        self._disk.capacity = dev.capacity
+        self._key: tuple[object, object] | None = None  # (rings, memory) last set up
+        self._mem: Any = None
+        self._nmem = 0
         self.batches = 0  #: io_uring batches run (--stats)
         self.requests = 0  #: reads and writes they carried
 
@@ -76,9 +78,51 @@ class BatchPath:
         return self._ring is not None
 
     def close(self) -> None:
+        self.release()
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+
+    def release(self) -> None:
+        """Let go of the guest memory (its views' exports), e.g. before it is unmapped:
+        the device's reset and close call this."""
+        if self._mem is not None and self._ring is not None:
+            for buf in self._mem[1]:
+                self._ring.ffi.release(buf)
+        self._mem = None
+        self._key = None
+
+    def _setup(self, queue: Queue, ring: Ring) -> bool:
+        """Point the C side at the queue's rings and the guest memory map (again only
+        when either changed). False when the memory offers no map: the C loop needs
+        the regions (gpa, writable view) that GuestMemory and FakeGuestMemory have."""
+        rings = queue.rings()
+        memory = self._dev.memory
+        if self._key is not None and self._key[0] is rings and self._key[1] is memory:
+            return self._mem is not None
+        self._key = (rings, memory)
+        self._mem = None
+        regions = getattr(memory, "regions", None)
+        views = [getattr(r, "view", None) for r in regions or ()]
+        if not views or not all(isinstance(v, memoryview) and not v.readonly and v.nbytes
+                                for v in views):
+            return False
+        ffi = ring.ffi
+        desc, avail, used = rings
+        q = self._q
+        bufs = [ffi.from_buffer(desc), ffi.from_buffer(avail), ffi.from_buffer(used)]
+        q.desc, q.avail, q.used = bufs  # bufs pin the views while C may use them
+        q.size = queue.size
+        mem = ffi.new("struct mv_region[]", len(views))
+        for i, (r, v) in enumerate(zip(regions or (), views, strict=True)):
+            buf = ffi.from_buffer(v)
+            bufs.append(buf)
+            mem[i].gpa = r.gpa
+            mem[i].size = v.nbytes  # type: ignore[union-attr]
+            mem[i].host = buf
+        self._mem = (mem, bufs)
+        self._nmem = len(views)
+        return True
 
     def drain(self, queue: Queue) -> None:
         """Serve every available chain of ``queue``; one interrupt at the end (also when
@@ -86,183 +130,59 @@ class BatchPath:
         dev = self._dev
         ring = self._ring
         assert ring is not None
-        ffi = ring.ffi
-        prep = ring.lib.mv_prep
+        if not self._setup(queue, ring):
+            dev.drain(queue, dev._serve)
+            return
+        run = ring.lib.mv_blk_run
         ptr = ring.ptr
-        from_buffer = ffi.from_buffer
-        fd = dev._fd
-        parse = dev._parse
-        pending = self._pending
-        self._completed = 0
+        q = self._q
+        out = self._out
+        mem = self._mem[0]
+        nmem = self._nmem
+        disk = self._disk
+        served = 0
+        queue.disable_notification()
         try:
-            for chain in dev.available(queue):
-                w = chain.writer
-                if w.total == 0:
-                    dev.log("blk: %s; returned unanswered", NoStatusByte())
-                    self._answer(chain, -1)
+            while True:
+                q.next_avail = queue.next_avail
+                q.next_used = queue.next_used
+                rc = run(ptr, q, mem, nmem, disk, out)
+                queue.advance(q.next_avail, q.next_used)
+                served += out.done
+                if out.nerr:
+                    self._log_errors(out)
+                if rc == LIMIT:
                     continue
-                r = chain.reader
-                try:
-                    kind, offset = parse(r, w)
-                    if kind == _IN:
-                        length = w.remaining - 1
-                        views = w.views(length)
-                    elif kind == _OUT:
-                        length = r.remaining
-                        views = r.views()
-                    else:
-                        if kind != VIRTIO_BLK_T_GET_ID:  # it touches the image: a barrier
-                            self._finish()
-                        dev._other(kind, r, w)
-                        self._answer(chain, VIRTIO_BLK_S_OK)
-                        continue
-                except BlkRequestError as e:
-                    dev.log("blk: %s", e)
-                    self._answer(chain, e.status)
+                if rc == DEFER:
+                    chain = queue.pop()  # a bad chain raises its typed error here
+                    if chain is not None:
+                        with chain:
+                            dev._serve(chain)
+                        served += 1
                     continue
-                except OSError as e:
-                    dev.log("blk: I/O error on %s: %s", dev.path, e)
-                    self._answer(chain, VIRTIO_BLK_S_IOERR)
-                    continue
-                if not length:
-                    self._answer(chain, VIRTIO_BLK_S_OK)
-                    continue
-                write = kind  # _OUT == 1, _IN == 0
-                if pending and (write or self._writes) and self._overlaps(write, offset,
-                                                                          length):
-                    self._finish()
-                if len(views) > IOV_MAX:  # a huge indirect table: the synchronous way
-                    self._finish()
-                    self._sync(chain, write, offset, length)
-                    continue
-                ud = len(pending)
-                if len(views) == 1:
-                    iov = None
-                    rc = prep(ptr, write, fd, offset, from_buffer(views[0]), length, ud)
-                else:
-                    iov = ffi.new("struct iovec[]", len(views))
-                    for i, v in enumerate(views):
-                        iov[i].iov_base = from_buffer(v)
-                        iov[i].iov_len = len(v)
-                    rc = ring.lib.mv_prepv(ptr, write, fd, offset, iov, len(views), ud)
-                pending.append((chain, write, offset, length, iov))
-                self._writes += write
-                if rc < 0:
-                    raise RingError(-rc, os.strerror(-rc))
-                if ud + 1 >= _MAX_INFLIGHT:
-                    self._finish()
-        except RingError as e:
-            self._give_up(e)
+                if rc == RINGFAIL:
+                    break
+                if not queue.enable_notification():
+                    break
         finally:
-            try:
-                if self._pending and self._ring is not None:
-                    self._finish()
-            except RingError as e:
-                self._give_up(e)
-            finally:
-                if self._completed:
-                    dev.signal_used(queue)
-        if self._ring is None:  # given up under this batch: the rest the synchronous way
+            self.batches += out.batches
+            self.requests += out.requests
+            out.batches = out.requests = 0
+            if served:
+                dev.signal_used(queue)
+        if rc == RINGFAIL:
+            dev.log("blk: io_uring failed under a batch; %s goes on with synchronous I/O",
+                    dev.path)
+            self.close()
             dev.drain(queue, dev._serve)
 
-    def _overlaps(self, write: int, offset: int, length: int) -> bool:
-        end = offset + length
-        for _, w, off, n, _ in self._pending:
-            if (write or w) and off < end and offset < off + n:
-                return True
-        return False
-
-    def _finish(self) -> None:
-        """The barrier: submit what is prepared, wait until every pending request
-        completed, answer each. Raises RingError if io_uring failed."""
-        pending = self._pending
-        if not pending:
-            return
-        ring = self._ring
-        assert ring is not None
-        run = ring.lib.mv_run
-        ptr = ring.ptr
-        uds = ring.user_data
-        res = ring.res
-        outstanding = len(pending)
-        self.batches += 1
-        self.requests += outstanding
-        done = [False] * outstanding
-        while outstanding:
-            got = run(ptr, outstanding, uds, res, len(res))
-            if got < 0:
-                if got == -errno.EINTR or got == -errno.EAGAIN:
-                    continue
-                # Leave the unfinished ones in pending for _give_up.
-                self._pending = [p for p, d in zip(pending, done, strict=True) if not d]
-                raise RingError(-got, os.strerror(-got))
-            for i in range(got):
-                ud = uds[i]
-                if not 0 <= ud < len(done) or done[ud]:
-                    continue  # cannot happen: user_data is ours
-                done[ud] = True
-                outstanding -= 1
-                self._complete(pending[ud], res[i])
-        pending.clear()
-        self._writes = 0
-
-    def _complete(self, rec: tuple[DescriptorChain, int, int, int, Any], res: int) -> None:
-        chain, write, offset, length, _ = rec
-        if res == length:
-            if not write:
-                chain.writer.advance(length)
-            self._answer(chain, 0)
-            return
-        if res < 0:
-            dev = self._dev
-            dev.log("blk: I/O error on %s: %s", dev.path, OSError(-res, os.strerror(-res)))
-            self._answer(chain, 1)
-            return
-        # A short transfer: the rest the synchronous way, from where it stopped.
-        if write:
-            chain.reader.consume(res)
-        else:
-            chain.writer.advance(res)
-        self._sync(chain, write, offset + res, length - res)
-
-    def _sync(self, chain: DescriptorChain, write: int, offset: int, length: int) -> None:
+    def _log_errors(self, out: Any) -> None:
         dev = self._dev
-        try:
-            if write:
-                write_from(dev._fd, chain.reader, offset)
-            else:
-                read_into(dev._fd, chain.writer, offset)
-            status = 0
-        except BlkRequestError as e:
-            dev.log("blk: %s", e)
-            status = e.status
-        except OSError as e:
-            dev.log("blk: I/O error on %s: %s", dev.path, e)
-            status = VIRTIO_BLK_S_IOERR
-        self._answer(chain, status)
-
-    def _answer(self, chain: DescriptorChain, status: int) -> None:
-        """The status byte (the chain's last; none for -1) and the used ring."""
-        if status >= 0:
-            w = chain.writer
-            if w.remaining > 1:
-                w.advance(w.remaining - 1)
-            w.write(_STATUS[status])
-        chain.complete()
-        self._completed += 1
-
-    def _give_up(self, e: RingError) -> None:
-        """io_uring failed: drop it for good and redo this batch's unfinished requests
-        synchronously."""
-        dev = self._dev
-        dev.log("blk: io_uring failed (%s); %s goes on with synchronous I/O", e, dev.path)
-        self.close()
-        pending, self._pending = self._pending, []
-        self._writes = 0
-        for chain, write, offset, length, _ in pending:
-            if chain.done:
+        for i in range(out.nerr):
+            e = out.errs[i]
+            if e.kind == E_ENDED:
+                dev.log("blk: %s", ImageEnded(e.offset))
                 continue
-            self._sync(chain, write, offset, length)
-
-
-_STATUS: Final = (b"\x00", b"\x01", b"\x02")
+            err = OSError(errno.EIO, "the image took no bytes") if e.kind == E_NOBYTES else (
+                OSError(e.err, os.strerror(e.err)))
+            dev.log("blk: I/O error on %s: %s", dev.path, err)

@@ -44,10 +44,6 @@ _loaded: tuple[Any, Any] | None = None
 _said: set[str] = set()
 
 
-class RingError(OSError):
-    """io_uring failed under a running batch (the batch path then falls back)."""
-
-
 def forced_off() -> bool:
     """Whether the environment forces the synchronous path."""
     return os.environ.get(ENV, "").strip().lower() in OFF_VALUES
@@ -130,14 +126,12 @@ def accelerator() -> tuple[Any, Any] | None:
 
 
 class Ring:
-    """One io_uring (ENTRIES deep) and the buffers its completions are copied into."""
+    """One io_uring (ENTRIES deep) with the C side's batch state."""
 
     def __init__(self, ffi: Any, lib: Any, ring: Any) -> None:
         self.ffi = ffi
         self.lib = lib
         self.ptr = ring
-        self.user_data = ffi.new("uint64_t[]", 2 * ENTRIES)
-        self.res = ffi.new("int32_t[]", 2 * ENTRIES)
 
     def close(self) -> None:
         """Free the ring (the kernel waits for or cancels what is still in flight)."""

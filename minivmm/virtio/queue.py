@@ -111,6 +111,7 @@ class Queue:
         "_next_avail",
         "_next_used",
         "_ready",
+        "_rings",
         "_signalled_used",
         "_size",
         "_translate",
@@ -156,6 +157,7 @@ class Queue:
         self._walk: tuple[memoryview, memoryview, int, range] = (NO_WINDOW, NO_WINDOW, 0, range(0))
         self._avail: memoryview | None = None  # None whenever pop must not run
         self._avail_view: memoryview | None = None
+        self._rings: tuple[memoryview, memoryview, memoryview] | None = None
         # Empty while inactive; only written through a chain of the current generation
         # (every deactivation starts a new one) or ``add_used``, which checks first.
         self._used_elems = _NO_USED_ELEMS
@@ -283,6 +285,7 @@ class Queue:
         self._signalled_used = None
         self._used_event_off = ring.used_event_offset(self._size) // 2
         self._avail_event_off = ring.avail_event_offset(self._size) // 2
+        self._rings = (desc, avail, used)
 
     def is_active(self) -> bool:
         """True between a successful ``activate`` and ``reset``/``set_ready(False)``."""
@@ -444,6 +447,28 @@ class Queue:
         if view is None:
             raise DescriptorOutOfMemory(self.index, head, index, addr, length, where)
         return view
+
+    # --- accelerators (C code that serves chains itself) ---------------------------------
+
+    def rings(self) -> tuple[memoryview, memoryview, memoryview]:
+        """The descriptor table, the available ring and the used ring as byte views, for
+        an accelerator (minivmm.accel) that walks and publishes chains in C. It must keep
+        every guard of :meth:`pop` and leave a chain it would not accept to ``pop`` (which
+        raises the typed error), and report its progress with :meth:`advance`. The same
+        tuple object is returned until the queue is deactivated (a cache key). Raises as
+        ``pop`` does on a stopped or inactive queue."""
+        if self._avail is None or self._rings is None:
+            raise self.broken or QueueNotReady(self.index)
+        return self._rings
+
+    def advance(self, next_avail: int, next_used: int) -> None:
+        """Record what an accelerator did: the available index it consumed up to and the
+        used index it published (both already in guest memory). Unlike the setters of
+        ``next_avail``/``next_used`` this keeps the notification state: the chains it
+        published are interrupted for, or not, by the next ``needs_notification``."""
+        self._next_avail = next_avail & 0xFFFF
+        self._cached_avail_idx = self._next_avail
+        self._next_used = next_used & 0xFFFF
 
     def iter(self) -> Iterator[DescriptorChain]:
         """Pop chains until the ring is empty (errors propagate as from ``pop``)."""
