@@ -51,6 +51,16 @@ E_ENDED: Final = 1
 E_NOBYTES: Final = 2
 
 
+def _address(ffi: Any, view: memoryview) -> Any:
+    """The host address of a guest-memory view, as a ``uint8_t *``, holding no export of
+    the view (an export would keep the memory from being unmapped, and cffi's buffers
+    in garbage cycles with memoryviews are not safe to collect). The address stays
+    valid while the guest memory is mapped: from activation to reset or close, which
+    call :meth:`BatchPath.release`."""
+    with ffi.from_buffer(view) as buf:
+        return ffi.cast("uint8_t *", ffi.cast("uintptr_t", buf))
+
+
 class BatchPath:
     """The io_uring path of one BlockDevice (see the module docstring)."""
 
@@ -84,11 +94,8 @@ class BatchPath:
             self._ring = None
 
     def release(self) -> None:
-        """Let go of the guest memory (its views' exports), e.g. before it is unmapped:
-        the device's reset and close call this."""
-        if self._mem is not None and self._ring is not None:
-            for buf in self._mem[1]:
-                self._ring.ffi.release(buf)
+        """Forget the guest memory's addresses (set up again at the next drain): the
+        device's reset and close call this, before the memory may be unmapped."""
         self._mem = None
         self._key = None
 
@@ -108,19 +115,15 @@ class BatchPath:
                                 for v in views):
             return False
         ffi = ring.ffi
-        desc, avail, used = rings
         q = self._q
-        bufs = [ffi.from_buffer(desc), ffi.from_buffer(avail), ffi.from_buffer(used)]
-        q.desc, q.avail, q.used = bufs  # bufs pin the views while C may use them
+        q.desc, q.avail, q.used = (_address(ffi, v) for v in rings)
         q.size = queue.size
         mem = ffi.new("struct mv_region[]", len(views))
         for i, (r, v) in enumerate(zip(regions or (), views, strict=True)):
-            buf = ffi.from_buffer(v)
-            bufs.append(buf)
             mem[i].gpa = r.gpa
             mem[i].size = v.nbytes  # type: ignore[union-attr]
-            mem[i].host = buf
-        self._mem = (mem, bufs)
+            mem[i].host = _address(ffi, v)  # type: ignore[arg-type]
+        self._mem = mem
         self._nmem = len(views)
         return True
 
@@ -137,7 +140,7 @@ class BatchPath:
         ptr = ring.ptr
         q = self._q
         out = self._out
-        mem = self._mem[0]
+        mem = self._mem
         nmem = self._nmem
         disk = self._disk
         served = 0

@@ -134,9 +134,10 @@ class Ring:
         self.ptr = ring
 
     def close(self) -> None:
-        """Free the ring (the kernel waits for or cancels what is still in flight)."""
+        """Free the ring now (else when it is garbage: ``ffi.gc``). Nothing is in
+        flight between calls of the C side."""
         if self.ptr is not None:
-            self.lib.mv_ring_free(self.ptr)
+            self.ffi.release(self.ptr)
             self.ptr = None
 
 
@@ -158,4 +159,4 @@ def open_ring(enabled: bool = True) -> Ring | None:
         _say_once(logging.INFO, f"the kernel refused io_uring: {os.strerror(-err)}; see "
                                 "sysctl kernel.io_uring_disabled and seccomp")
         return None
-    return Ring(ffi, lib, out[0])
+    return Ring(ffi, lib, ffi.gc(out[0], lib.mv_ring_free))
