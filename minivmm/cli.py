@@ -113,7 +113,7 @@ def _add_vm_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--console-device", choices=["serial", "virtio"],
                    help="the guest's console: the 8250 UART (ttyS0, default) or "
                         "virtio-console (hvc0)")
-    r.add_argument("--disk", action="append", metavar="PATH[,ro][,serial=ID]",
+    r.add_argument("--disk", action="append", metavar="PATH[,ro][,cow][,serial=ID]",
                    help="a raw disk image as virtio-blk (repeatable; /dev/vda, vdb, ...)")
     r.add_argument("--net", action="append", metavar="tap=NAME[,mac=MAC]",
                    help="virtio-net on a Linux tap (repeatable; created if absent and "
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_disk(text: str) -> DriveConfig:
-    """``PATH[,ro][,serial=ID]``"""
+    """``PATH[,ro][,cow][,serial=ID]``"""
     from .config import DriveConfig
     from .errors import UsageError
 
@@ -170,10 +170,12 @@ def parse_disk(text: str) -> DriveConfig:
     for opt in opts:
         if opt == "ro":
             kw["read_only"] = True
+        elif opt == "cow":
+            kw["cow"] = True
         elif opt.startswith("serial="):
             kw["serial"] = opt.removeprefix("serial=")
         else:
-            raise UsageError(f"{text!r}: unknown option {opt!r} (known: ro, serial=ID)",
+            raise UsageError(f"{text!r}: unknown option {opt!r} (known: ro, cow, serial=ID)",
                              field="drives")
     drive: DriveConfig = _item(DriveConfig, "drives", text, path=path, **kw)
     return drive

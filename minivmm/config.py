@@ -167,10 +167,13 @@ class DriveConfig:
     id: str | None = None
     #: the guest's root filesystem: adds ``root=/dev/vdX`` (and ``ro``) to the command line
     root: bool = False
+    #: copy-on-write: the image is never written; the guest's writes go to a private
+    #: overlay that disappears with the VM
+    cow: bool = False
 
     if TYPE_CHECKING:
         def __init__(self, path: StrPath, read_only: bool = False, serial: str | None = None,
-                     id: str | None = None, root: bool = False) -> None: ...
+                     id: str | None = None, root: bool = False, cow: bool = False) -> None: ...
 
     def __post_init__(self) -> None:
         _set(self, "path", _path(self.path, "path"))
@@ -368,7 +371,8 @@ class VmConfig:
         interfaces, rng, vsock) as the built-in devices, then ``devices``."""
         out = [("drives", DeviceConfig("blk", {
             "path": str(d.path), "read_only": d.read_only,
-            **({"serial": d.serial} if d.serial is not None else {})})) for d in self.drives]
+            **({"serial": d.serial} if d.serial is not None else {}),
+            **({"cow": True} if d.cow else {})})) for d in self.drives]
         out += [("network_interfaces", DeviceConfig("net", {
             "tap": n.tap, **({"mac": format_mac(n.mac)} if n.mac else {})}))
             for n in self.network_interfaces]
@@ -448,7 +452,7 @@ class VmConfig:
 
 def _drive_dict(d: DriveConfig) -> dict[str, Any]:
     return {"path": str(d.path), "read_only": d.read_only, "serial": d.serial, "id": d.id,
-            "root": d.root}
+            "root": d.root, "cow": d.cow}
 
 
 def _from_items(kind: type[Any], items: object, name: str) -> list[Any]:

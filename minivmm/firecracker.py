@@ -13,11 +13,12 @@ its field names, and ``minivmm config`` writes one. Supported::
       "entropy": {},
       "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"},
       "minivmm": {"console": "stdio", "console_device": "serial", "host_quirks": "auto",
-                  "acpi": true,
+                  "acpi": true, "cow_drives": ["rootfs"],
                   "devices": [{"device": "mypkg.ramdisk:RamDisk", "options": {"size": "1M"}}]}
     }
 
-``minivmm`` holds what Firecracker has no field for. ``devices`` (``--device``: see
+``minivmm`` holds what Firecracker has no field for. ``cow_drives`` names the drives
+(by ``drive_id``) that are copy-on-write (``--disk PATH,cow``). ``devices`` (``--device``: see
 minivmm.config.DeviceConfig) may also be a top-level field, but only in one of the two
 places. Any other field, or a supported
 object with an unsupported field (a rate limiter, ``cpu_template`` ...), is a UsageError
@@ -26,6 +27,7 @@ whose ``field`` is the field's path (``drives[0].rate_limiter``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Final
@@ -42,7 +44,7 @@ _FIELDS: Final = {
     "network-interfaces": ("iface_id", "host_dev_name", "guest_mac"),
     "entropy": (),
     "vsock": ("guest_cid", "uds_path", "vsock_id"),
-    "minivmm": ("console", "console_device", "host_quirks", "acpi", "devices"),
+    "minivmm": ("console", "console_device", "host_quirks", "acpi", "cow_drives", "devices"),
     "devices": (),
 }
 #: minivmm's names for the fields, for messages about a value (see UsageError.field)
@@ -131,7 +133,9 @@ def fields_from_firecracker(doc: object) -> dict[str, Any]:
         kw["vsock"] = _build(VsockConfig, "vsock", guest_cid=v.get("guest_cid"),
                              uds_path=v.get("uds_path"))
     own = _object(doc, "minivmm")
-    kw.update({k: v for k, v in own.items() if k != "devices"})
+    kw.update({k: v for k, v in own.items() if k not in ("devices", "cow_drives")})
+    if "cow_drives" in own:
+        kw["drives"] = _cow(kw.get("drives", ()), own["cow_drives"])
     if "devices" in doc and "devices" in own:
         raise UsageError("devices: give it at the top level or in minivmm, not both")
     for where, devices in (("devices", doc.get("devices")), ("minivmm.devices",
@@ -145,6 +149,19 @@ def fields_from_firecracker(doc: object) -> dict[str, Any]:
                                          options=d.get("options"))
                                   for i, d in enumerate(devices))
     return kw
+
+
+def _cow(drives: tuple[DriveConfig, ...], names: object) -> tuple[DriveConfig, ...]:
+    """The drives, those named in ``minivmm.cow_drives`` made copy-on-write."""
+    ids = [d.id or f"drive{i}" for i, d in enumerate(drives)]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UsageError("minivmm.cow_drives: expected a list of drive_id strings")
+    for name in names:
+        if name not in ids:
+            raise UsageError(f"minivmm.cow_drives: no drive has drive_id {name!r} (drives: "
+                             f"{', '.join(ids) or 'none'})")
+    return tuple(dataclasses.replace(d, cow=True) if ids[i] in names else d
+                 for i, d in enumerate(drives))
 
 
 def _build(kind: type[Any], where: str, **kw: Any) -> Any:
@@ -198,6 +215,9 @@ def to_firecracker(cfg: VmConfig) -> dict[str, Any]:
         doc["vsock"] = {"guest_cid": cfg.vsock.guest_cid, "uds_path": str(cfg.vsock.uds_path)}
     doc["minivmm"] = {"console": cfg.console, "console_device": cfg.console_device,
                       "host_quirks": cfg.host_quirks, "acpi": cfg.acpi}
+    if any(d.cow for d in cfg.drives):
+        doc["minivmm"]["cow_drives"] = [d.id or f"drive{i}" for i, d in enumerate(cfg.drives)
+                                        if d.cow]
     if cfg.devices:
         doc["minivmm"]["devices"] = [d.to_dict() for d in cfg.devices]
     return doc

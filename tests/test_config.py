@@ -71,7 +71,8 @@ _configs = st.builds(
     console=st.sampled_from(["stdio", "none", "file:x.log"]),
     console_device=st.sampled_from(["serial", "virtio"]),
     drives=st.lists(st.builds(DriveConfig, path=_names, read_only=st.booleans(),
-                              serial=st.none() | _names, id=st.none() | _names),
+                              serial=st.none() | _names, id=st.none() | _names,
+                              cow=st.booleans()),
                     max_size=3),
     network_interfaces=st.lists(st.builds(NetConfig, tap=_names, mac=st.none() | st.just(
         "52:54:00:12:34:56")), max_size=2),
@@ -96,14 +97,17 @@ def test_firecracker_fields() -> None:
         "boot-source": {"kernel_image_path": "vmlinux", "boot_args": "quiet"},
         "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": False},
         "drives": [{"drive_id": "rootfs", "path_on_host": "r.img", "is_root_device": True,
-                    "is_read_only": True}],
+                    "is_read_only": True}, {"path_on_host": "scratch.img", "drive_id": "scratch"}],
         "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
                                 "guest_mac": "52:54:00:12:34:56"}],
         "entropy": {},
+        "minivmm": {"cow_drives": ["scratch"]},
     })
     cfg = VmConfig(**kw)
     assert cfg.mem == 256 * MiB and cfg.cpus == 2 and cfg.rng
-    assert cfg.drives == (DriveConfig("r.img", read_only=True, id="rootfs", root=True),)
+    assert cfg.drives == (DriveConfig("r.img", read_only=True, id="rootfs", root=True),
+                          DriveConfig("scratch.img", id="scratch", cow=True))
+    assert cfg.virtio_devices()[1][1].options["cow"]
     assert cfg.network_interfaces[0].mac == bytes.fromhex("525400123456")
     assert VmConfig(**firecracker.fields_from_firecracker(
         firecracker.to_firecracker(cfg))) == cfg.replace(cmdline=cfg.base_cmdline())
@@ -115,6 +119,9 @@ def test_firecracker_fields() -> None:
     ({"machine-config": {"smt": True}}, "smt"),
     ({"machine-config": {"mem_size_mib": "lots"}}, "not a number of MiB"),
     ({"boot-source": {"kernel_image_path": "k", "initrd": "x"}}, "boot-source.initrd"),
+    ({"drives": [{"path_on_host": "a"}], "minivmm": {"cow_drives": ["a"]}},
+     "no drive has drive_id 'a' .drives: drive0."),
+    ({"minivmm": {"cow_drives": "drive0"}}, "expected a list of drive_id strings"),
 ])
 def test_firecracker_errors_name_the_field(doc: dict[str, Any], words: str) -> None:
     with pytest.raises(UsageError, match=words.replace("[", r"\[").replace("]", r"\]")):
@@ -179,6 +186,19 @@ def test_minivmm_config_prints_what_run_would_use(tmp_path: Path) -> None:
     f.write_text(p.stdout)
     again = run_minivmm("config", "--config", str(f))
     assert json.loads(again.stdout) == {**doc, "drives": [{**doc["drives"][0]}]}
+
+
+def test_cow_disk_through_the_command_line_and_the_config_file(tmp_path: Path) -> None:
+    p = run_minivmm("config", "--kernel", "vmlinux", "--disk", "a.img", "--disk", "b.img,cow")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["minivmm"]["cow_drives"] == ["drive1"]
+    f = tmp_path / "vm.json"
+    f.write_text(p.stdout)
+    again = json.loads(run_minivmm("config", "--config", str(f)).stdout)
+    assert again["minivmm"]["cow_drives"] == ["drive1"]
+    _one_line_usage_error(["config", "--kernel", "k", "--disk", "a.img,cw"],
+                          "unknown option 'cw' (known: ro, cow, serial=ID)")
 
 
 @pytest.mark.kvm

@@ -69,6 +69,19 @@ def test_reads_writes_flush_and_serial(tmp_path: Path, io_path: str) -> None:
         assert data[s * SECTOR : (s + 1) * SECTOR] == want, f"sector {s}"
 
 
+def test_cow_disk_twice_from_one_image(tmp_path: Path) -> None:
+    """Each run's writes go to its own overlay: the second run finds the image as the
+    first did, and the image is never written."""
+    img = make_image(tmp_path / "cow.img", seed=5)
+    img.chmod(0o444)  # a cow disk opens its image read-only
+    before = img.read_bytes()
+    for _ in range(2):
+        run = probe(f"{img},cow", f"probe.blk_pattern=5 probe.blk_sectors={SECTORS}")
+        run.assert_pass()
+        assert "flush=yes" in run.result("blk")
+        assert img.read_bytes() == before
+
+
 def test_read_only_disk_refuses_writes(tmp_path: Path) -> None:
     img = make_image(tmp_path / "ro.img", seed=3)
     before = img.read_bytes()

@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Final, Protocol, Self
 
 from ..ratelimit import RateLimitedLog
@@ -236,6 +236,40 @@ class VirtioDevice(ABC):
 
     def on_reset(self) -> None:
         """Hook: release what on_activate took."""
+
+    # -- snapshots (minivmm.snapshot) -------------------------------------------------
+    #
+    # Saving: the VM is paused (every vCPU out of KVM_RUN, the device thread idle, so no
+    # kick or watched fd runs), then each device's quiesce() and save_state() are called.
+    # The transport saves the rest itself: status, features, queue registers,
+    # InterruptStatus, ConfigGeneration and each queue's next_avail/next_used.
+    # Restoring: the transport puts those back and, if the driver had set DRIVER_OK,
+    # activates the device (on_activate runs as at boot), then restore_state() is called
+    # with what save_state() returned, activated or not.
+
+    def quiesce(self) -> None:
+        """Hook, called while the VM is paused, before :meth:`save_state`: give back to
+        the guest's rings whatever the device holds that a snapshot cannot carry (e.g.
+        receive chains a device popped and kept: rewind the queue's ``next_avail`` so the
+        restored device pops them again). In-flight I/O must be finished here. The
+        default does nothing (a device that completes every chain inside its kick holds
+        nothing)."""
+
+    def save_state(self) -> dict[str, object]:
+        """Hook: the device's own state beyond the transport's, as a JSON-serialisable
+        dict (called paused, after :meth:`quiesce`). Default: none."""
+        return {}
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """Hook: take back what :meth:`save_state` returned (called after the transport
+        restored and, if it was running, activated the device). Treat ``state`` as
+        untrusted input (a snapshot file can be corrupt): raise ValueError with one line
+        naming what does not fit (the snapshot loader reports it as a usage error naming
+        the device), e.g. a backing file whose size changed. The default accepts only
+        an empty state."""
+        if state:
+            raise ValueError(f"{self.name}: the snapshot has device state "
+                             f"({', '.join(sorted(state))}) this device does not take")
 
     def extra_fds(self) -> list[tuple[int, Callable[[], None]]]:
         """File descriptors (besides queue events) the device thread should watch while

@@ -10,36 +10,46 @@ rate-limited log line naming what the guest did, and the device keeps working. H
 errors (EIO, ENOSPC, ...) are answered the same way; the VMM keeps running. Broken
 chains (the engine's VirtQueueError) still set DEVICE_NEEDS_RESET, as for every device.
 
-Data moves between the image and the chain's guest memoryviews (no bounce buffer): where
-the host has io_uring, a wake-up's reads and writes go to the kernel as one batch
-(minivmm.devices.blk_uring; off with ``io_uring=False`` or MINIVMM_IO_URING=off), else
-with ``preadv``/``pwritev``, one request after the other, looping over short transfers
-(the synchronous path: the same checks and answers, request for request). FLUSH is ``fdatasync`` of
-the image before the status is written. DISCARD punches holes; WRITE_ZEROES uses
-``fallocate`` ZERO_RANGE (PUNCH_HOLE when the driver allows unmapping) and writes zeros
-where the filesystem cannot (EOPNOTSUPP).
+The files behind the disk are minivmm.devices.blkimage's: a raw image read and written in
+place, or (``cow``) the image read-only under a private copy-on-write overlay. Data
+moves between those files and the chain's guest memoryviews (no bounce buffer): for a
+raw image on a host with io_uring, a wake-up's reads and writes go to the kernel as one
+batch, walked and answered in C (minivmm.devices.blk_uring; off with ``io_uring=off`` or
+MINIVMM_IO_URING=off); otherwise, and for every request the batch path leaves to
+Python, with ``preadv``/``pwritev``, one request after the other, looping over short
+transfers (the synchronous path: the same answers, request for request). FLUSH is
+``fdatasync`` of the file the writes go to (the image, or the overlay) before the
+status is written. DISCARD punches holes; WRITE_ZEROES uses ``fallocate`` ZERO_RANGE
+(PUNCH_HOLE when the driver allows unmapping) and writes zeros where the filesystem
+cannot (EOPNOTSUPP).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Self
 
 from ..errors import UsageError
-from ..virtio.chain import DescriptorChain, Reader, Writer
+from ..virtio.chain import DescriptorChain, Reader
 from .base import (
-    IOV_MAX,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_ID_BLOCK,
     VirtioDevice,
     bit,
+)
+from .blkimage import (
+    SECTOR_SIZE,
+    CowImage,
+    DiskImage,
+    RawImage,
+    check_image,
+    decode_overlay,
 )
 
 if TYPE_CHECKING:
@@ -81,8 +91,10 @@ REQ_HEADER: Final = struct.Struct("<IIQ")
 DWZ_SEGMENT: Final = struct.Struct("<QII")
 assert BLK_CONFIG.size == 72 and REQ_HEADER.size == 16 and DWZ_SEGMENT.size == 16
 
-SECTOR_SIZE: Final = 512
 QUEUE_SIZE: Final = 256
+#: the most a cow disk's overlay may take in a snapshot's device state (base64 of zlib):
+#: the state sits in the snapshot's JSON manifest
+OVERLAY_STATE_MAX: Final = 8 << 20
 SEG_MAX: Final = QUEUE_SIZE - 2  # a chain holds the header and the status besides data
 BLK_SIZE: Final = 512
 MAX_DISCARD_SECTORS: Final = 1 << 23  # 4 GiB per segment
@@ -91,32 +103,10 @@ DISCARD_SECTOR_ALIGNMENT: Final = 8  # 4 KiB, the page-cache granularity of hole
 MAX_WRITE_ZEROES_SECTORS: Final = 1 << 23
 MAX_WRITE_ZEROES_SEG: Final = 32
 
-FALLOC_FL_KEEP_SIZE: Final = 0x01
-FALLOC_FL_PUNCH_HOLE: Final = 0x02
-FALLOC_FL_ZERO_RANGE: Final = 0x10
 _KNOWN_TYPES: Final = frozenset((VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH,
                                  VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
                                  VIRTIO_BLK_T_WRITE_ZEROES))
 _STATUS: Final = (b"\x00", b"\x01", b"\x02")
-_ZEROS: Final = memoryview(bytes(64 << 10))
-
-
-def _libc_fallocate() -> Callable[[int, int, int, int], None]:
-    fn = ctypes.CDLL(None, use_errno=True).fallocate64
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    fn.restype = ctypes.c_int
-
-    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-        if fn(fd, mode, offset, length) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-
-    return fallocate
-
-
-#: fallocate(2) with a mode (os has only posix_fallocate)
-fallocate: Callable[[int, int, int, int], None] = getattr(os, "fallocate", None) or (
-    _libc_fallocate())
 
 
 # -- one error class per way a guest can get a request wrong ---------------------------
@@ -204,7 +194,8 @@ class BlockDevice(VirtioDevice):
     kernel_option = "CONFIG_VIRTIO_BLK"
 
     def __init__(self, path: Path, *, read_only: bool = False,
-                 serial: str | None = None, io_uring: bool = True) -> None:
+                 serial: str | None = None, cow: bool = False,
+                 cow_dir: Path | None = None, io_uring: bool = True) -> None:
         opt = str(path)
         ident = (serial or "").encode()
         if len(ident) > VIRTIO_BLK_ID_BYTES:
@@ -212,13 +203,27 @@ class BlockDevice(VirtioDevice):
                              f"use at most {VIRTIO_BLK_ID_BYTES}", field="drives")
         self.path = path
         self.read_only = read_only
-        self._fd = _open_image(path, read_only, opt)
+        #: writes go to a private overlay, the image is never written (a read-only disk
+        #: needs none: it is never written either)
+        self.cow = cow and not read_only
+        fd = _open_image(path, read_only or self.cow, opt)
         try:
-            size = os.lseek(self._fd, 0, os.SEEK_END)
+            size = os.lseek(fd, 0, os.SEEK_END)
         except OSError as e:
-            os.close(self._fd)
+            os.close(fd)
             raise UsageError(f"{opt}: cannot find its size ({e.strerror})",
                              field="drives") from None
+        if self.cow:
+            try:
+                self.image: DiskImage = CowImage(fd, size, cow_dir)
+            except OSError as e:
+                os.close(fd)
+                where = cow_dir or "the temporary directory"
+                raise UsageError(f"{opt}: cannot make its copy-on-write overlay in {where} "
+                                 f"({e.strerror}); set TMPDIR or cow_dir=",
+                                 field="drives") from None
+        else:
+            self.image = RawImage(fd, size)
         #: the disk size in 512-byte sectors (a partial last sector is not addressable)
         self.capacity = size // SECTOR_SIZE
         self._id = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")  # §5.2.6: NUL padded
@@ -233,7 +238,7 @@ class BlockDevice(VirtioDevice):
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_SECTOR_ALIGNMENT,
             MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, 1, 0, 0, 0)
         self._batch: BatchPath | None = None
-        if io_uring:  # the batch path, when the host has it (minivmm.devices.uring)
+        if io_uring and isinstance(self.image, RawImage):  # a cow disk: synchronous
             from .uring import open_ring
 
             ring = open_ring()
@@ -244,7 +249,8 @@ class BlockDevice(VirtioDevice):
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> Self:
-        """``path=IMAGE[,ro][,serial=ID]`` (``ro`` is short for ``read_only``)."""
+        """``path=IMAGE[,ro][,serial=ID][,cow][,cow_dir=DIR]`` (``ro`` is short for
+        ``read_only``)."""
         opts = dict(options)
         if "ro" in opts:
             opts["read_only"] = opts.pop("ro")
@@ -253,19 +259,69 @@ class BlockDevice(VirtioDevice):
     def config(self) -> bytes:
         return self._config
 
-    @property
-    def io_uring(self) -> bool:
-        """Whether requests go through io_uring (else the synchronous path)."""
-        return self._batch is not None and self._batch.active
-
     def stats(self) -> dict[str, int]:
-        """``io_uring`` 1 or 0 (the path in use), and with it the batches so far and the
+        """A cow disk: the bytes its overlay holds (what the guest wrote). A raw one:
+        ``io_uring`` 1 or 0 (the path in use), and with it the batches so far and the
         reads and writes they carried."""
+        if isinstance(self.image, CowImage):
+            return {"overlay_bytes": self.image.map.sectors * SECTOR_SIZE}
         b = self._batch
         if b is None:
             return {"io_uring": 0}
         return {"io_uring": int(b.active), "io_uring_batches": b.batches,
                 "io_uring_requests": b.requests}
+
+    @property
+    def io_uring(self) -> bool:
+        """Whether requests go through io_uring (else the synchronous path)."""
+        return self._batch is not None and self._batch.active
+
+    # -- snapshots (see VirtioDevice.quiesce; every request completes inside its kick,
+    # so nothing is in flight to finish) -------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The image by path, size and modification time (a restore refuses another
+        one), and for a cow disk what its overlay holds: the guest's memory (its page
+        cache) may already know those writes, so they are part of the disk it saw."""
+        st = os.fstat(self.image.image_fd)
+        state: dict[str, object] = {"path": os.path.abspath(self.path), "size": st.st_size,
+                                    "mtime_ns": st.st_mtime_ns}
+        if isinstance(self.image, CowImage) and self.image.map.starts:
+            import base64
+            import zlib
+
+            ranges, data = self.image.overlay_data()
+            text = base64.b64encode(zlib.compress(data, 1)).decode()
+            if len(text) > OVERLAY_STATE_MAX:
+                raise UsageError(f"{self.path}: its copy-on-write overlay holds "
+                                 f"{len(data) >> 20} MiB of the guest's writes, more than a "
+                                 f"snapshot carries ({OVERLAY_STATE_MAX >> 20} MiB "
+                                 "compressed); snapshot before the guest writes that much",
+                                 field="snapshot")
+            state["overlay"] = {"ranges": [list(r) for r in ranges], "zlib": text}
+        return state
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """Check the image is the one saved, then put a saved overlay's writes back: into
+        this disk's own overlay (cow), or into the image itself when the disk is not cow.
+        ValueError (one line) for a changed image or a malformed state."""
+        check_image(self.path, self.image.image_fd, state)
+        overlay = state.get("overlay")
+        if overlay is None:
+            return
+        ranges, data = decode_overlay(overlay, self.capacity)
+        if self.read_only:
+            raise ValueError(f"{self.path}: the snapshot's disk has writes over the image; "
+                             "restore it writable (cow or not), not read-only")
+        view = memoryview(data)
+        for start, end in ranges:
+            offset, stop = start * SECTOR_SIZE, end * SECTOR_SIZE
+            while offset < stop:
+                put = self.image.writev([view[: stop - offset]], offset)
+                if put == 0:
+                    raise OSError(errno.EIO, "the disk took no bytes")
+                view = view[put:]
+                offset += put
 
     def on_reset(self) -> None:
         if self._batch is not None:
@@ -275,9 +331,7 @@ class BlockDevice(VirtioDevice):
         super().close()
         if self._batch is not None:
             self._batch.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.image.close()
 
     # -- the request queue ----------------------------------------------------------
 
@@ -306,50 +360,48 @@ class BlockDevice(VirtioDevice):
         w.write(_STATUS[status])
 
     def _execute(self, r: Reader, chain: DescriptorChain) -> int:
-        w = chain.writer
-        kind, offset = self._parse(r, w)
-        if kind == VIRTIO_BLK_T_IN:
-            read_into(self._fd, w, offset)
-        elif kind == VIRTIO_BLK_T_OUT:
-            write_from(self._fd, r, offset)
-        else:
-            self._other(kind, r, w)
-        return VIRTIO_BLK_S_OK
-
-    def _parse(self, r: Reader, w: Writer) -> tuple[int, int]:
-        """Read and check a request's header: (type, byte offset). For IN and OUT every
-        check is done (the data then moves from ``offset``); the other types are
-        checked by :meth:`_other`. Raises BlkRequestError, in the order of §5.2.6's
-        rules as the synchronous path has always applied them."""
         if r.remaining < REQ_HEADER.size:
             raise HeaderTooShort(r.remaining)
         kind, _, sector = r.read_struct(REQ_HEADER)
         if kind not in _KNOWN_TYPES:  # before any shape check: the shape is unknown too
             raise UnsupportedRequest(kind)
+        w = chain.writer
         if kind == VIRTIO_BLK_T_IN:
             self._no_data(kind, r)
             self._check_range(kind, sector, w.remaining - 1)
-        elif kind == VIRTIO_BLK_T_OUT:
-            if w.remaining != 1:
-                raise StatusNotLast(kind, w.remaining)
-            if self.read_only:
-                raise ReadOnlyDisk(kind)
-            self._check_range(kind, sector, r.remaining)
-        return kind, sector * SECTOR_SIZE
-
-    def _other(self, kind: int, r: Reader, w: Writer) -> None:
-        """GET_ID, FLUSH, DISCARD and WRITE_ZEROES, after :meth:`_parse`."""
+            offset = sector * SECTOR_SIZE
+            readv = self.image.readv
+            while w.remaining > 1:
+                got = readv(w.views(w.remaining - 1), offset)
+                if got == 0:
+                    raise ImageEnded(offset)
+                w.advance(got)
+                offset += got
+            return VIRTIO_BLK_S_OK
         if kind == VIRTIO_BLK_T_GET_ID:
             self._no_data(kind, r)
             w.write(self._id[: min(w.remaining - 1, VIRTIO_BLK_ID_BYTES)])
-            return
+            return VIRTIO_BLK_S_OK
         if w.remaining != 1:
             raise StatusNotLast(kind, w.remaining)
-        if kind == VIRTIO_BLK_T_FLUSH:
+        if kind == VIRTIO_BLK_T_OUT:
+            if self.read_only:
+                raise ReadOnlyDisk(kind)
+            self._check_range(kind, sector, r.remaining)
+            offset = sector * SECTOR_SIZE
+            writev = self.image.writev
+            while r.remaining:
+                put = writev(r.views(), offset)
+                if put == 0:
+                    raise OSError(errno.EIO, "the image took no bytes")
+                r.consume(put)
+                offset += put
+        elif kind == VIRTIO_BLK_T_FLUSH:
             self._no_data(kind, r)
-            os.fdatasync(self._fd)
+            self.image.flush()
         else:
             self._discard_or_zero(kind, r)
+        return VIRTIO_BLK_S_OK
 
     def _no_data(self, kind: int, r: Reader) -> None:
         if r.remaining:
@@ -385,57 +437,10 @@ class BlockDevice(VirtioDevice):
             if size == 0:
                 continue
             if discard:
-                self._discard(offset, size)
+                self.image.discard(offset, size)
             else:
-                self._write_zeroes(offset, size, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
-
-    def _discard(self, offset: int, size: int) -> None:
-        try:
-            fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size)
-        except OSError as e:
-            if e.errno != errno.EOPNOTSUPP:
-                raise
-            # discard is a hint (§5.2.6.2): a filesystem without holes keeps the data
-
-    def _write_zeroes(self, offset: int, size: int, unmap: bool) -> None:
-        modes = (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) if unmap else (
-            FALLOC_FL_ZERO_RANGE,)
-        for mode in modes:
-            try:
-                fallocate(self._fd, mode | FALLOC_FL_KEEP_SIZE, offset, size)
-                return
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-        end = offset + size
-        while offset < end:  # the filesystem refused both: write zeros
-            put = os.pwrite(self._fd, _ZEROS[: min(len(_ZEROS), end - offset)], offset)
-            if put == 0:
-                raise OSError(errno.EIO, "the image took no bytes")
-            offset += put
-
-
-def read_into(fd: int, w: Writer, offset: int) -> None:
-    """Fill the writer up to (not including) its last byte, the status, from ``fd`` at
-    ``offset``, looping over short reads; ImageEnded at the end of the file."""
-    while w.remaining > 1:
-        views = w.views(w.remaining - 1)
-        got = os.preadv(fd, views if len(views) <= IOV_MAX else views[:IOV_MAX], offset)
-        if got == 0:
-            raise ImageEnded(offset)
-        w.advance(got)
-        offset += got
-
-
-def write_from(fd: int, r: Reader, offset: int) -> None:
-    """Write the rest of the reader to ``fd`` at ``offset``, looping over short writes."""
-    while r.remaining:
-        views = r.views()
-        put = os.pwritev(fd, views if len(views) <= IOV_MAX else views[:IOV_MAX], offset)
-        if put == 0:
-            raise OSError(errno.EIO, "the image took no bytes")
-        r.consume(put)
-        offset += put
+                self.image.write_zeroes(offset, size,
+                                        bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
 
 
 def _open_image(path: Path, read_only: bool, opt: str) -> int:

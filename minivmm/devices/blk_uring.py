@@ -74,7 +74,7 @@ class BatchPath:
         self._q = ffi.new("struct mv_queue *")
         self._out = ffi.new("struct mv_out *")
         self._disk = ffi.new("struct mv_disk *")
-        self._disk.fd = dev._fd
+        self._disk.fd = dev.image.image_fd  # a RawImage: read and written in place
         self._disk.read_only = int(dev.read_only)
         self._disk.capacity = dev.capacity
         self._key: tuple[object, object] | None = None  # (rings, memory) last set up

@@ -15,8 +15,10 @@ returns one frame, whose size is unknown beforehand, so the device first holds e
 buffers for the largest frame: one chain without MRG_RXBUF; with it, chains until
 :data:`MAX_RX_FRAME` bytes or the ring is empty, their views in one iovec. The frame
 fills ``k`` of them (``num_buffers`` = k, §5.1.6.4); the others stay held (the "stash",
-with their iovec) for the next frame: the ring has no way to give a chain back. A reset
-drops the stash with the queue. A frame larger than the held buffers is dropped and
+with their iovec) for the next frame: the ring has no way to give a chain back while
+the driver runs. A reset drops the stash with the queue; a snapshot (:meth:`quiesce`)
+gives it back by rewinding the queue's next_avail, so the restored device (and this one,
+if it runs on) pops the same buffers again. A frame larger than the held buffers is dropped and
 counted (``rx_dropped``). When the guest has no receive buffer the device stops watching
 the tap (``fd_watch``, no reading and dropping, no spinning) and re-enables
 notifications; the next kick of receiveq1 resumes it.
@@ -38,7 +40,7 @@ import errno
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from ..config import check_mac
@@ -163,8 +165,9 @@ class NetDevice(VirtioDevice):
         self._watching = False
         self._rx_need = 1  # bytes of buffers to hold before a read (at DRIVER_OK)
         self._fix_flags = False  # clear the header's flags (GUEST_CSUM not acked)
-        # held receive chains: (chain, number of views, bytes), and all their views
-        self._stash: list[tuple[DescriptorChain, int, int]] = []
+        # held receive chains: (chain, number of views, bytes, its avail ring position),
+        # and all their views
+        self._stash: list[tuple[DescriptorChain, int, int, int]] = []
         # ... followed by one spare byte of our own: a read that reaches it was truncated
         self._spare = memoryview(bytearray(1))
         self._iov: list[memoryview] = [self._spare]
@@ -237,6 +240,55 @@ class NetDevice(VirtioDevice):
             except OSError:
                 pass
 
+    # -- snapshots (see VirtioDevice.quiesce) -------------------------------------------
+
+    def quiesce(self) -> None:
+        """Give the held receive chains back to the avail ring: they were popped in ring
+        order, so next_avail goes back to the first one's position. If the guest's
+        unusable chains (returned at once) sit among them, rewinding would pop those a
+        second time: then the held chains are returned used with no data instead (a
+        driver drops an empty receive buffer, §5.1.6.4, and posts it again)."""
+        with self.lock:
+            stash = self._stash
+            if not stash:
+                return
+            q = self.queues[RXQ]
+            first = stash[0][3]
+            if all(entry[3] == (first + i) & 0xFFFF for i, entry in enumerate(stash)) and (
+                    (first + len(stash)) & 0xFFFF == q.next_avail):
+                q.next_avail = first
+            else:
+                self.log("net: %d held receive chains are not the last popped; returned "
+                         "empty for the snapshot", len(stash))
+                for chain, *_ in stash:
+                    chain.complete(0)
+                self.signal_used(q)
+            stash.clear()
+            del self._iov[:-1]
+            self._stash_bytes = 0
+
+    def save_state(self) -> dict[str, object]:
+        """The MAC the guest knows (a restore may use another tap, whose default MAC
+        differs)."""
+        return {"mac": self.mac.hex()}
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        extra = set(state) - {"mac"}
+        if extra:
+            raise ValueError(f"net: unknown device state {', '.join(sorted(extra))}")
+        mac = state.get("mac")
+        if mac is None:
+            return
+        try:
+            value = bytes.fromhex(mac) if isinstance(mac, str) else b""
+        except ValueError:
+            value = b""
+        if len(value) != 6:
+            raise ValueError(f"net: the snapshot's MAC {mac!r} is not 6 bytes of hex")
+        self.mac = value
+        self._config = NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP if self.link_up
+                                       else 0, 1)
+
     def close(self) -> None:
         super().close()
         if self._tap >= 0:
@@ -286,6 +338,7 @@ class NetDevice(VirtioDevice):
         q = self.queues[RXQ]
         stash = self._stash
         while self._stash_bytes < self._rx_need:
+            position = q.next_avail
             chain = q.pop()
             if chain is None:
                 # Kicks are only wanted once every held buffer is used (then the device
@@ -303,7 +356,7 @@ class NetDevice(VirtioDevice):
                 continue
             views = w.views()
             self._iov[-1:-1] = views
-            stash.append((chain, len(views), w.total))
+            stash.append((chain, len(views), w.total, position))
             self._stash_bytes += w.total
 
     def _receive(self) -> None:
@@ -361,7 +414,7 @@ class NetDevice(VirtioDevice):
         k = nviews = 0
         left = n
         while left > 0:
-            _, cviews, cbytes = stash[k]
+            _, cviews, cbytes, _ = stash[k]
             k += 1
             nviews += cviews
             left -= cbytes
@@ -377,7 +430,7 @@ class NetDevice(VirtioDevice):
                 _poke(iov, 0, b"\0")
         left = n
         for i in range(k):
-            chain, _, cbytes = stash[i]
+            chain, _, cbytes, _ = stash[i]
             chain.complete(cbytes if left > cbytes else left)
             left -= cbytes
             self._stash_bytes -= cbytes

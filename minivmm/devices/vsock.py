@@ -17,7 +17,8 @@ guest gets an RST).
 
 The listening socket is made in the constructor (path errors are usage errors before the
 guest starts; early host programs wait in the backlog) and removed by :meth:`close`. A
-device reset closes every connection; :meth:`transport_reset` does too and tells the guest.
+device reset closes every connection; :meth:`transport_reset` does too and tells the guest,
+as a restored snapshot does (:meth:`restore_state`; the host sockets stayed behind).
 
 Every host socket is nonblocking and lives in the device's own epoll, whose fd is what
 :meth:`extra_fds` gives the device thread: connection sockets need write readiness too
@@ -43,7 +44,7 @@ import select
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, Self
 
@@ -210,6 +211,23 @@ class VsockDevice(HostSide, VirtioDevice):
                     self._send_event()
                 except VirtQueueError as e:
                     self.fail(f"queue {EVQ}: {e}")
+
+    def quiesce(self) -> None:
+        """Snapshot: the held receive chain, always the last popped, goes back."""
+        with self.lock:
+            if self._held is not None:
+                self.queues[RXQ].next_avail -= 1
+                self._held = None
+
+    def save_state(self) -> dict[str, object]:
+        return {"guest_cid": self.guest_cid}  # informative: the reset makes it re-read
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """The guest drops its connections and re-reads guest_cid (Firecracker's way)."""
+        cid = state.get("guest_cid")
+        if set(state) - {"guest_cid"} or isinstance(cid, bool) or not isinstance(cid, int):
+            raise ValueError(f"vsock: bad device state {dict(state)!r:.80}")
+        self.transport_reset()
 
     def _drop_all(self) -> None:
         for conn in list(self._by_fd.values()):

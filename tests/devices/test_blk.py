@@ -5,13 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from minivmm.devices import blk
+from minivmm.devices import blk, blkimage
 from minivmm.devices.blk import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -27,7 +26,7 @@ from minivmm.devices.blk import (
 from minivmm.errors import UsageError
 from minivmm.virtio.testing import UsedElem
 
-from . import Attached, attach, io_uring_missing
+from . import Attached, attach, io_uring_missing, small_tmpfs
 
 SECTORS = 128
 
@@ -209,11 +208,11 @@ def test_write_zeroes_falls_back_to_writing(disk: Attached, image: Path,
         modes.append(mode)
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
-    monkeypatch.setattr(blk, "fallocate", refuse)
+    monkeypatch.setattr(blkimage, "fallocate", refuse)
     used = submit(disk, [header(VIRTIO_BLK_T_WRITE_ZEROES), segment(0, 200 - 72, 1)], [1])
     assert status(used) == VIRTIO_BLK_S_OK
     assert image.read_bytes() == bytes(SECTORS * 512)
-    assert modes == [blk.FALLOC_FL_PUNCH_HOLE | 1, blk.FALLOC_FL_ZERO_RANGE | 1]
+    assert modes == [blkimage.FALLOC_FL_PUNCH_HOLE | 1, blkimage.FALLOC_FL_ZERO_RANGE | 1]
 
 
 @pytest.mark.parametrize(
@@ -355,13 +354,7 @@ def test_failing_fd_gives_ioerr(disk: Attached, image: Path, tmp_path: Path) -> 
 
 
 def test_full_filesystem_gives_ioerr(tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs for ENOSPC: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "64k") as mnt:
         img = mnt / "sparse.img"
         with img.open("wb") as f:
             f.truncate(1 << 20)  # 1 MiB of holes on a 64 KiB filesystem
@@ -374,8 +367,6 @@ def test_full_filesystem_gives_ioerr(tmp_path: Path) -> None:
         assert status(used) == VIRTIO_BLK_S_OK and used.written[:512] == bytes(512)
         assert att.resets == []
         dev.close()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 # -- user errors ------------------------------------------------------------------------

@@ -64,19 +64,6 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
-@pytest.fixture(scope="session")
-def netns() -> Iterator[str]:
-    name = f"minivmm-test-{os.getpid()}"
-    ip("netns", "add", name)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
-                        "net.ipv6.conf.all.disable_ipv6=1",
-                        "net.ipv6.conf.default.disable_ipv6=1"], check=True, timeout=30)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], timeout=30)
-
-
 @contextmanager
 def inside(ns: str) -> Iterator[None]:
     """Run the block with this thread in network namespace ``ns``."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from .vsockkit import CID, Pkt, Vsock, hdr, is_closed, recv_exactly
 REQUEST, RESPONSE, RST, SHUTDOWN, RW, CREDIT_UPDATE, CREDIT_REQUEST = range(1, 8)
 GUEST_PORT = 1234  # the guest's listener
 GPORT = 40000  # a guest socket's own port, for guest-initiated connections
-
-
-@pytest.fixture
-def v(tmp_path: Path) -> Iterator[Vsock]:
-    vs = Vsock.make(tmp_path / "v.sock")
-    try:
-        yield vs
-    finally:
-        vs.close()
 
 
 def only(pkts: list[Pkt]) -> Pkt:
