@@ -16,7 +16,9 @@ synchronous path is complete.
 The extension is compiled at first use into ``$XDG_CACHE_HOME/minivmm/accel`` (default
 ``~/.cache/minivmm/accel``; ``MINIVMM_ACCEL_DIR`` overrides it), one file per source
 version and interpreter, written under a temporary name and renamed into place, so
-concurrent first runs cannot see half a file.
+concurrent first runs cannot see half a file. A failed compile leaves a ``.failed``
+marker with its reason next to it, so later starts don't try again (delete it after
+installing what was missing).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ ENTRIES: Final = 256
 
 _lock = threading.Lock()
 _loaded: tuple[Any, Any] | None = None
+_unavailable = False  # the extension could not be had: not tried again in this process
 _said: set[str] = set()
 
 
@@ -74,14 +77,24 @@ def _load_extension() -> tuple[Any, Any]:
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     where = cache_dir()
     path = where / f"{name}{suffix}"
+    failed = where / f"{name}.failed"
     if not path.exists():
+        if failed.exists():  # tried before: don't pay for a failing compile every start
+            raise ImportError(f"its build failed before ({failed}: "
+                              f"{failed.read_text().strip()}; delete it to try again)")
         importlib.import_module("cffi")  # a missing cffi is its own, clear reason
-
         where.mkdir(parents=True, exist_ok=True)
         log.debug("blk: building the io_uring accelerator into %s (once)", where)
-        with tempfile.TemporaryDirectory(dir=where) as tmp:
-            built = _quietly(uring_build.build, tmp)
-            os.replace(built, path)
+        try:
+            with tempfile.TemporaryDirectory(dir=where) as tmp:
+                built = _quietly(uring_build.build, tmp)
+                os.replace(built, path)
+        except ImportError as e:  # the compile failed (a missing cffi raised above)
+            try:
+                failed.write_text(f"{e}\n")
+            except OSError:
+                pass
+            raise
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
@@ -112,12 +125,13 @@ def _quietly(fn: Any, *args: Any) -> str:
 
 def accelerator() -> tuple[Any, Any] | None:
     """The compiled (ffi, lib), or None (the reason logged once)."""
-    global _loaded
-    if _loaded is not None:
+    global _loaded, _unavailable
+    if _loaded is not None or _unavailable:
         return _loaded
     try:
         loaded = _load_extension()
     except Exception as e:  # no cffi, no compiler, no liburing, a broken cache file
+        _unavailable = True
         _say_once(logging.DEBUG, f"cannot build or load it: {e}")
         return None
     with _lock:
