@@ -46,6 +46,7 @@ EMPTY: Final = 0
 DEFER: Final = 1
 LIMIT: Final = 2
 RINGFAIL: Final = 3
+ERRORS: Final = 16  # or-ed in: out.errs holds errors to log
 E_ERRNO: Final = 0
 E_ENDED: Final = 1
 E_NOBYTES: Final = 2
@@ -64,8 +65,7 @@ def _address(ffi: Any, view: memoryview) -> Any:
 class BatchPath:
     """The io_uring path of one BlockDevice (see the module docstring)."""
 
-    __slots__ = ("_dev", "_disk", "_key", "_mem", "_nmem", "_out", "_q", "_ring",
-                 "batches", "requests")
+    __slots__ = ("_dev", "_disk", "_key", "_mem", "_nmem", "_out", "_q", "_ring")
 
     def __init__(self, dev: BlockDevice, ring: Ring) -> None:
         self._dev = dev
@@ -80,8 +80,6 @@ class BatchPath:
         self._key: tuple[object, object] | None = None  # (rings, memory) last set up
         self._mem: Any = None
         self._nmem = 0
-        self.batches = 0  #: io_uring batches run (--stats)
-        self.requests = 0  #: reads and writes they carried
 
     @property
     def active(self) -> bool:
@@ -143,7 +141,7 @@ class BatchPath:
         mem = self._mem
         nmem = self._nmem
         disk = self._disk
-        served = 0
+        first_used = queue.next_used
         queue.disable_notification()
         try:
             while True:
@@ -151,33 +149,37 @@ class BatchPath:
                 q.next_used = queue.next_used
                 rc = run(ptr, q, mem, nmem, disk, out)
                 queue.advance(q.next_avail, q.next_used)
-                served += out.done
-                if out.nerr:
+                if rc & ERRORS:
                     self._log_errors(out)
-                if rc == LIMIT:
-                    continue
-                if rc == DEFER:
+                    rc &= ~ERRORS
+                if rc == EMPTY:
+                    if not queue.enable_notification():
+                        break
+                elif rc == DEFER:
                     chain = queue.pop()  # a bad chain raises its typed error here
                     if chain is not None:
                         with chain:
                             dev._serve(chain)
-                        served += 1
-                    continue
-                if rc == RINGFAIL:
-                    break
-                if not queue.enable_notification():
+                elif rc == RINGFAIL:
                     break
         finally:
-            self.batches += out.batches
-            self.requests += out.requests
-            out.batches = out.requests = 0
-            if served:
+            if queue.next_used != first_used:  # something was answered
                 dev.signal_used(queue)
         if rc == RINGFAIL:
             dev.log("blk: io_uring failed under a batch; %s goes on with synchronous I/O",
                     dev.path)
             self.close()
             dev.drain(queue, dev._serve)
+
+    @property
+    def batches(self) -> int:
+        """io_uring batches run so far (--stats)."""
+        return int(self._out.batches)
+
+    @property
+    def requests(self) -> int:
+        """The reads and writes they carried."""
+        return int(self._out.requests)
 
     def _log_errors(self, out: Any) -> None:
         dev = self._dev

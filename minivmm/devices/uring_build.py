@@ -48,7 +48,7 @@ SOURCE: Final = r"""
 #include <sys/uio.h>
 #include <liburing.h>
 
-enum { EMPTY, DEFER, LIMIT, RINGFAIL };
+enum { EMPTY, DEFER, LIMIT, RINGFAIL, ERRORS = 16 };
 enum { E_ERRNO, E_ENDED, E_NOBYTES };
 #define SLOTS 256           /* requests in flight at most: the SQ size */
 #define POOL 4096           /* iovecs for one batch's data buffers */
@@ -325,7 +325,8 @@ static int overlaps(const struct mv_ring *r, int write, uint64_t off, uint64_t l
  * sends (header in its first readable buffer, data sector-sized and on the disk, the
  * status the chain's last byte), through io_uring, one batch at a time. Stops at the
  * first chain it leaves to Python (DEFER: not consumed), at an empty ring (EMPTY), or
- * after 256 answers (LIMIT); nothing is in flight when it returns. */
+ * after 256 answers (LIMIT); nothing is in flight when it returns. ERRORS is or-ed in
+ * when out->errs holds errors for Python to log. */
 int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *mem, int nmem,
                const struct mv_disk *disk, struct mv_out *out)
 {
@@ -333,7 +334,7 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
     out->done = 0;
     out->nerr = 0;
     if (r->failed)
-        return RINGFAIL;
+        return RINGFAIL;  /* cannot happen: Python drops a failed ring */
     for (;;) {
         if (r->failed)
             break;
@@ -437,7 +438,7 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
             complete(r, q, disk, out);
     }
     complete(r, q, disk, out);
-    return r->failed ? RINGFAIL : status;
+    return (r->failed ? RINGFAIL : status) | (out->nerr ? ERRORS : 0);
 }
 """
 
