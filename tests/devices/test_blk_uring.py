@@ -175,6 +175,87 @@ def test_both_paths_give_the_same_used_ring_bytes_and_errors(
         assert uring_result == sync_result
 
 
+# -- hostile chains in the middle of a batch: the C walk keeps every guard of the engine --
+
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+
+
+def _hostile(drv: Any, kind: str) -> None:
+    """Publish one chain (or ring entry) that breaks a rule of virtio 1.2 §2.7."""
+    if kind == "head_out_of_range":
+        drv.push_head(drv.size + 3)
+        return
+    if kind == "avail_jump":
+        drv.set_avail_idx(drv.avail_idx + drv.size + 1)
+        return
+    if kind.startswith("indirect_"):
+        table, length = drv.write_table([(drv.alloc(16), 16, F_NEXT, 1), (drv.alloc(1), 1,
+                                          F_WRITE, 0)])
+        head = drv.publish([header(VIRTIO_BLK_T_IN)], [512, 1], kick=False)
+        fields = {"indirect_nested": dict(addr=table, len=length, flags=F_INDIRECT, next=0),
+                  "indirect_with_next": dict(addr=table, len=length,
+                                             flags=F_INDIRECT | F_NEXT, next=1),
+                  "indirect_bad_length": dict(addr=table, len=24, flags=F_INDIRECT, next=0),
+                  "indirect_empty": dict(addr=table, len=0, flags=F_INDIRECT, next=0)}[kind]
+        drv.patch_descriptor(head, **fields)
+        if kind == "indirect_nested":  # a table whose entry is itself a table
+            inner = drv.write_table([(table, length, F_INDIRECT, 0)])
+            drv.patch_descriptor(head, addr=inner[0], len=inner[1])
+        return
+    head = drv.publish([header(VIRTIO_BLK_T_IN)], [512, 1], kick=False)
+    second = drv.descriptor(head)[3]
+    if kind == "loop":
+        drv.make_loop(head)
+    elif kind == "next_out_of_range":
+        drv.patch_descriptor(head, next=drv.size + 5)
+    elif kind == "readable_after_writable":
+        drv.patch_descriptor(second, flags=F_NEXT)  # the data buffer made readable...
+        drv.patch_descriptor(head, flags=F_WRITE | F_NEXT)  # ...after a writable one
+    elif kind == "outside_memory":
+        drv.patch_descriptor(second, addr=(1 << 64) - 256)
+    elif kind == "length_overflow":
+        drv.patch_descriptor(second, len=0xFFFF_FFFF)
+
+
+HOSTILE = ["head_out_of_range", "avail_jump", "indirect_nested", "indirect_with_next",
+           "indirect_bad_length", "indirect_empty", "loop", "next_out_of_range",
+           "readable_after_writable", "outside_memory", "length_overflow"]
+
+
+def _hostile_run(image: Path, accelerated: bool, kind: str) -> Any:
+    att = device(image, accelerated, size=32)
+    drv = att.drivers[0]
+    before = [drv.publish([header(VIRTIO_BLK_T_IN, s)], [512, 1], kick=False)
+              for s in range(3)]
+    _hostile(drv, kind)
+    if kind != "avail_jump":
+        drv.publish([header(VIRTIO_BLK_T_IN, 7)], [512, 1], kick=False)
+    att.device.kick(0)
+    att.device.kick(0)  # what is left after the bad one, if the queue still works
+    used = sorted((u.id, u.len, u.written) for u in drv.used())
+    q = att.device.queues[0]
+    result = (used, [r.split(":")[-1] for r in att.resets], q.next_avail, q.next_used,
+              type(q.broken).__name__)
+    if accelerated and kind != "avail_jump":  # the good ones went through the ring
+        assert att.device.stats()["io_uring_requests"] >= len(before)
+    att.device.close()
+    if kind != "avail_jump":  # a jump stops the queue before any chain is read
+        assert set(before) <= {u[0] for u in used}, "the chains before it were not served"
+    assert att.resets, "no DEVICE_NEEDS_RESET for a broken chain"
+    return result
+
+
+@needs_uring
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_hostile_chains_are_refused_alike(tmp_path: Path, kind: str) -> None:
+    results = []
+    for accelerated in (True, False):
+        img = tmp_path / f"{accelerated}.img"
+        img.write_bytes(pattern(SECTORS * 512, 1))
+        results.append(_hostile_run(img, accelerated, kind))
+    assert results[0] == results[1]
+
+
 # -- what only a batch can get wrong ---------------------------------------------------------
 
 
