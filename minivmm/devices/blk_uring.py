@@ -1,15 +1,20 @@
-"""blk_uring: the block device's batch path: a wake-up's requests through one io_uring.
+"""blk_uring: the block device's batch path: a wake-up's requests in one C call, the reads
+through one io_uring.
 
 Per wake-up (a kick), :meth:`BatchPath.drain` calls the C loop ``mv_blk_run``
 (minivmm.devices.uring_build) until the ring is empty. The C loop walks the available
 chains itself, with every guard of :meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>`
 and every buffer checked against the guest memory map, and serves the common requests,
 IN and OUT of the shape Linux sends (the header in the first readable buffer, sector
-multiples on the disk, the status the chain's last byte): one SQE each, whose user_data
-is its slot in the batch (not the head: a hostile driver may publish one head twice),
-all submitted and waited for with one ``io_uring_enter``; each completion writes that
-request's status and its used element (head and length: which request finished, in
-completion order). One interrupt per wake-up. No Python runs per request.
+multiples on the disk, the status the chain's last byte). Each read becomes one SQE
+whose user_data is its slot in the batch (not the head: a hostile driver may publish one
+head twice); they are submitted and waited for with one ``io_uring_enter``, and each
+completion writes that request's status and its used element (head and length: which
+request finished, in completion order). A write is done at once with ``pwritev`` from
+the same loop: io_uring would hand a buffered write to a worker thread wherever the
+filesystem cannot write without blocking (ext4 on the development host), a thread hop
+that costs more than the copy into the page cache. One interrupt per wake-up; no Python
+runs per request.
 
 Anything else is left in the ring (DEFER) and Python pops it and serves it with the
 synchronous path's code (``BlockDevice._serve``), after everything before it has
@@ -17,9 +22,9 @@ completed: a chain that fails a guard raises the engine's typed error there, a b
 request gets its status and log line, and FLUSH's fdatasync comes after every earlier
 write completed (virtio 1.2 §5.2.6.1) because nothing is in flight when C returns.
 
-Ordering, as the synchronous path (one request after the other) defines it: a request
-overlapping one in flight, where either writes, waits until the batch before it has
-completed, so a read after a write of the same sectors sees the new data.
+Ordering, as the synchronous path (one request after the other) defines it: writes are
+done in order as they come, and a write overlapping a read in flight first waits until
+the reads before it have completed, so every read sees exactly the writes before it.
 
 A failed request fails only itself: a negative result is its S_IOERR; a short transfer
 is finished synchronously from where it stopped (end of file is S_IOERR, as in the

@@ -8,8 +8,8 @@ before it touches a byte, and keeps every guard of the engine's ``Queue.pop``.
 
 The functions:
 
-- ``mv_ring_new(entries, &ring)``: io_uring_queue_init, then a probe that READ, WRITE,
-  READV and WRITEV exist (Linux 5.6); 0 or a negative errno (EPERM or ENOSYS when the
+- ``mv_ring_new(entries, &ring)``: io_uring_queue_init, then a probe that READ and READV
+  exist (Linux 5.6); 0 or a negative errno (EPERM or ENOSYS when the
   sysctl kernel.io_uring_disabled or a seccomp filter forbids io_uring).
 - ``mv_blk_run(ring, queue, regions, n, disk, out)``: the batch path of
   minivmm.devices.blk_uring (its docstring says what it serves and what it leaves to
@@ -78,8 +78,7 @@ struct mv_ring { struct io_uring ring; struct slot slots[SLOTS]; struct iovec po
                  unsigned n, pool_used, failed; };
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 
-static const int mv_ops[] = { IORING_OP_READ, IORING_OP_WRITE, IORING_OP_READV,
-                              IORING_OP_WRITEV };
+static const int mv_ops[] = { IORING_OP_READ, IORING_OP_READV };
 
 int mv_ring_new(unsigned entries, struct mv_ring **out)
 {
@@ -416,18 +415,23 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
             r->pool_used = used;
             s = &r->slots[0];
         }
+        if (s->write) {
+            /* Buffered writes go inline, in order: io_uring hands them to a worker
+             * thread (iou-wrk) wherever the filesystem cannot write without blocking
+             * (ext4 here), and that hop costs more than the copy into the page cache. */
+            answer(q, s, finish_sync(disk, s, 0, out), out);
+            out->requests++;
+            q->next_avail++;
+            continue;
+        }
         struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
         if (sqe == NULL) {
             complete(r, q, disk, out);  /* cannot happen: SLOTS == the SQ size */
             status = DEFER;
             break;
         }
-        if (s->niov == 1 && s->write)
-            io_uring_prep_write(sqe, disk->fd, s->iov[0].iov_base, (unsigned)length, s->offset);
-        else if (s->niov == 1)
+        if (s->niov == 1)
             io_uring_prep_read(sqe, disk->fd, s->iov[0].iov_base, (unsigned)length, s->offset);
-        else if (s->write)
-            io_uring_prep_writev(sqe, disk->fd, s->iov, s->niov, s->offset);
         else
             io_uring_prep_readv(sqe, disk->fd, s->iov, s->niov, s->offset);
         sqe->user_data = r->n;
