@@ -162,9 +162,11 @@ class BatchPath:
                         break
                 elif rc == DEFER:
                     chain = queue.pop()  # a bad chain raises its typed error here
-                    if chain is not None:
-                        with chain:
-                            dev._serve(chain)
+                    if chain is None:  # only a guest rewriting its ring under us does it
+                        queue.enable_notification()
+                        break
+                    with chain:
+                        dev._serve(chain)
                 elif rc == RINGFAIL:
                     break
         finally:
