@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from devices import io_uring_missing
+from devices import choose_io_path
 from guests import ProbeRun, guest_artifact, run_minivmm
 
 pytestmark = pytest.mark.kvm
@@ -31,14 +31,7 @@ def make_image(path: Path, seed: int, sectors: int = SECTORS) -> Path:
 
 @pytest.fixture(params=["io_uring", "sync"], autouse=True)
 def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "sync":
-        monkeypatch.setenv("MINIVMM_IO_URING", "off")
-    else:
-        monkeypatch.delenv("MINIVMM_IO_URING", raising=False)
-        why = io_uring_missing()
-        if why:
-            pytest.skip(f"io_uring path: {why}")
-    return str(request.param)
+    return choose_io_path(request, monkeypatch)
 
 
 def probe(disk: str, cmdline: str) -> ProbeRun:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-CDEF: Final = """
-struct iovec { void *iov_base; size_t iov_len; };
+#: the structures Python and C share, in both the cdef and the source (errs: ERRMAX)
+STRUCTS: Final = """
 struct mv_region { uint64_t gpa; uint64_t size; uint8_t *host; };
 struct mv_queue {
     uint8_t *desc; uint8_t *avail; uint8_t *used;
@@ -32,6 +32,11 @@ struct mv_disk { int fd; int read_only; uint64_t capacity; };
 struct mv_err { int kind; int err; uint64_t offset; };
 struct mv_out { uint32_t done; uint32_t nerr; uint64_t batches; uint64_t requests;
                 struct mv_err errs[256]; };
+"""
+
+CDEF: Final = """
+struct iovec { void *iov_base; size_t iov_len; };
+""" + STRUCTS + """
 struct mv_ring;
 int mv_ring_new(unsigned entries, struct mv_ring **out);
 void mv_ring_free(struct mv_ring *r);
@@ -63,15 +68,8 @@ enum { E_ERRNO, E_ENDED, E_NOBYTES };
 #define MAX_INDIRECT (32768u * 16u)
 #define BARRIER() __asm__ __volatile__("" ::: "memory")
 
-struct mv_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct mv_queue {
-    uint8_t *desc; uint8_t *avail; uint8_t *used;
-    uint32_t size; uint16_t next_avail; uint16_t next_used;
-};
-struct mv_disk { int fd; int read_only; uint64_t capacity; };
-struct mv_err { int kind; int err; uint64_t offset; };
-struct mv_out { uint32_t done; uint32_t nerr; uint64_t batches; uint64_t requests;
-                struct mv_err errs[ERRMAX]; };
+""" + STRUCTS + r"""
+_Static_assert(sizeof ((struct mv_out *)0)->errs == ERRMAX * sizeof (struct mv_err), "errs");
 struct slot { uint32_t head, used_len, niov, write; uint64_t offset, length;
               uint8_t *status; struct iovec *iov; };
 struct mv_ring { struct io_uring ring; struct slot slots[SLOTS]; struct iovec pool[POOL];

@@ -79,6 +79,20 @@ def io_uring_missing() -> str | None:
     return None
 
 
+def choose_io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """For a fixture parametrized over ["io_uring", "sync"]: the synchronous path forced
+    with MINIVMM_IO_URING=off, or the io_uring path (skipped where the host cannot have
+    it, see io_uring_missing)."""
+    if request.param == "sync":
+        monkeypatch.setenv("MINIVMM_IO_URING", "off")
+    else:
+        monkeypatch.delenv("MINIVMM_IO_URING", raising=False)
+        why = io_uring_missing()
+        if why:
+            pytest.skip(f"io_uring path: {why}")
+    return str(request.param)
+
+
 @contextmanager
 def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` (e.g. "64k") mounted at ``where`` for the block, to fill up

@@ -26,7 +26,7 @@ from minivmm.devices.blk import (
 from minivmm.errors import UsageError
 from minivmm.virtio.testing import UsedElem
 
-from . import Attached, attach, io_uring_missing, small_tmpfs
+from . import Attached, attach, choose_io_path, small_tmpfs
 
 SECTORS = 128
 
@@ -70,14 +70,7 @@ def status(used: UsedElem) -> int:
 def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs on both paths: io_uring (where the host has it) and the
     synchronous one, forced with MINIVMM_IO_URING=off."""
-    if request.param == "sync":
-        monkeypatch.setenv("MINIVMM_IO_URING", "off")
-    else:
-        monkeypatch.delenv("MINIVMM_IO_URING", raising=False)
-        why = io_uring_missing()
-        if why:
-            pytest.skip(f"io_uring path: {why}")
-    return str(request.param)
+    return choose_io_path(request, monkeypatch)
 
 
 @pytest.fixture
