@@ -181,6 +181,20 @@ class Bench:
                 for k, v in netbench.figures(r, self.khz).items():
                     self.add(vmm.label, k, v)
 
+    def paired_blk(self) -> str:
+        """Per repetition, minivmm over QEMU io_uring of the same repetition (run back to
+        back), the median of those ratios: steadier than a ratio of medians on a busy host."""
+        mini = self.samples.get("minivmm", {})
+        qemu = self.samples.get("qemu_io_uring", {})
+        parts = []
+        for k in BLK:
+            pairs = [m / q for m, q in zip(mini.get(k, []), qemu.get(k, []), strict=False) if q]
+            if pairs:
+                parts.append(f"{k} {statistics.median(pairs):.2f} "
+                             f"({min(pairs):.2f}-{max(pairs):.2f})")
+        return ("paired ratios, minivmm / QEMU io_uring per repetition (median, range): "
+                + ("; ".join(parts) or "none"))
+
     def kicks_per_op(self) -> dict[str, str]:
         """Median kicks per operation of each rng/blk workload, per VMM (main runs)."""
         acc: dict[str, dict[str, list[float]]] = {}
@@ -250,6 +264,8 @@ class Bench:
                 cpu.setdefault(str(run["vmm"]), []).append(float(run["cpu_s"]))  # type: ignore[arg-type]
         print("VMM CPU time per main run (user+sys, median s): " + ", ".join(
             f"{k} {statistics.median(v):.2f}" for k, v in cpu.items()))
+        if self.args.only == "blk":
+            print(self.paired_blk())
         kicks = self.kicks_per_op()
         if kicks:
             print("QueueNotify writes per operation (guest count; the rest suppressed by "
