@@ -12,16 +12,16 @@ chains (the engine's VirtQueueError) still set DEVICE_NEEDS_RESET, as for every 
 
 The files behind the disk are minivmm.devices.blkimage's: a raw image read and written in
 place, or (``cow``) the image read-only under a private copy-on-write overlay. Data
-moves between those files and the chain's guest memoryviews (no bounce buffer): for a
-raw image on a host with io_uring, a wake-up's reads and writes go to the kernel as one
-batch, walked and answered in C (minivmm.devices.blk_uring; off with ``io_uring=off`` or
-MINIVMM_IO_URING=off); otherwise, and for every request the batch path leaves to
-Python, with ``preadv``/``pwritev``, one request after the other, looping over short
-transfers (the synchronous path: the same answers, request for request). FLUSH is
-``fdatasync`` of the file the writes go to (the image, or the overlay) before the
-status is written. DISCARD punches holes; WRITE_ZEROES uses ``fallocate`` ZERO_RANGE
-(PUNCH_HOLE when the driver allows unmapping) and writes zeros where the filesystem
-cannot (EOPNOTSUPP).
+moves between those files and the chain's guest memoryviews (no bounce buffer): on a
+host with io_uring, a wake-up's requests are walked and answered in one C call, the
+reads through io_uring (minivmm.devices.blk_uring; off with ``io_uring=off`` or
+MINIVMM_IO_URING=off; a cow disk's writes, which change its map, stay in Python);
+otherwise, and for every request the batch path leaves to Python, with
+``preadv``/``pwritev``, one request after the other, looping over short transfers (the
+synchronous path: the same answers, request for request). FLUSH is ``fdatasync`` of the
+file the writes go to (the image, or the overlay) before the status is written. DISCARD
+punches holes; WRITE_ZEROES uses ``fallocate`` ZERO_RANGE (PUNCH_HOLE when the driver
+allows unmapping) and writes zeros where the filesystem cannot (EOPNOTSUPP).
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ class BlockDevice(VirtioDevice):
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_SECTOR_ALIGNMENT,
             MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, 1, 0, 0, 0)
         self._batch: BatchPath | None = None
-        if io_uring and isinstance(self.image, RawImage):  # a cow disk: synchronous
+        if io_uring:
             from .uring import open_ring
 
             ring = open_ring()
@@ -260,15 +260,15 @@ class BlockDevice(VirtioDevice):
         return self._config
 
     def stats(self) -> dict[str, int]:
-        """A cow disk: the bytes its overlay holds (what the guest wrote). A raw one:
-        ``io_uring`` 1 or 0 (the path in use), and with it the batches so far and the
-        reads and writes they carried."""
-        if isinstance(self.image, CowImage):
-            return {"overlay_bytes": self.image.map.sectors * SECTOR_SIZE}
+        """A cow disk: the bytes its overlay holds (what the guest wrote). ``io_uring`` 1
+        or 0 (the path in use), and with it the batches so far and the reads and writes
+        the batch path served."""
+        out = ({"overlay_bytes": self.image.map.sectors * SECTOR_SIZE}
+               if isinstance(self.image, CowImage) else {})
         b = self._batch
         if b is None:
-            return {"io_uring": 0}
-        return {"io_uring": int(b.active), "io_uring_batches": b.batches,
+            return {**out, "io_uring": 0}
+        return {**out, "io_uring": int(b.active), "io_uring_batches": b.batches,
                 "io_uring_requests": b.requests}
 
     @property

@@ -16,6 +16,11 @@ filesystem cannot write without blocking (ext4 on the development host), a threa
 that costs more than the copy into the page cache. One interrupt per wake-up; no Python
 runs per request.
 
+A cow disk (blkimage.CowImage): C reads each request from the overlay or the image as
+the overlay's sector map says (a copy of it, refreshed whenever Python has served a
+request, since only Python changes it); a read with sectors in both, and every write
+(it maps sectors), is left to Python.
+
 Anything else is left in the ring (DEFER) and Python pops it and serves it with the
 synchronous path's code (``BlockDevice._serve``), after everything before it has
 completed: a chain that fails a guard raises the engine's typed error there, a bad
@@ -37,10 +42,12 @@ from __future__ import annotations
 
 import errno
 import os
+from array import array
 from typing import TYPE_CHECKING, Any, Final
 
 from ..virtio.queue import Queue
 from .blk import ImageEnded
+from .blkimage import CowImage
 from .uring import Ring
 
 if TYPE_CHECKING:
@@ -70,7 +77,8 @@ def _address(ffi: Any, view: memoryview) -> Any:
 class BatchPath:
     """The io_uring path of one BlockDevice (see the module docstring)."""
 
-    __slots__ = ("_dev", "_disk", "_key", "_mem", "_nmem", "_out", "_q", "_ring")
+    __slots__ = ("_cow", "_dev", "_disk", "_ends", "_key", "_map_cap", "_mem", "_nmem",
+                 "_out", "_q", "_ring", "_starts")
 
     def __init__(self, dev: BlockDevice, ring: Ring) -> None:
         self._dev = dev
@@ -79,7 +87,15 @@ class BatchPath:
         self._q = ffi.new("struct mv_queue *")
         self._out = ffi.new("struct mv_out *")
         self._disk = ffi.new("struct mv_disk *")
-        self._disk.fd = dev.image.image_fd  # a RawImage: read and written in place
+        image = dev.image
+        self._disk.fd = image.image_fd  # raw: read and written; cow: read only
+        #: a cow disk: C reads from the overlay or the image as the sector map says and
+        #: leaves writes (which change the map) to Python
+        self._cow = image if isinstance(image, CowImage) else None
+        self._disk.overlay_fd = self._cow.overlay_fd if self._cow is not None else -1
+        self._starts: Any = None
+        self._ends: Any = None
+        self._map_cap = 0
         self._disk.read_only = int(dev.read_only)
         self._disk.capacity = dev.capacity
         self._key: tuple[object, object] | None = None  # (rings, memory) last set up
@@ -147,6 +163,9 @@ class BatchPath:
         nmem = self._nmem
         disk = self._disk
         first_used = queue.next_used
+        cow = self._cow
+        if cow is not None:
+            self._sync_map(cow, ring)
         queue.disable_notification()
         try:
             while True:
@@ -167,6 +186,8 @@ class BatchPath:
                         break
                     with chain:
                         dev._serve(chain)
+                    if cow is not None:  # a write, discard or write-zeroes maps sectors
+                        self._sync_map(cow, ring)
                 elif rc == RINGFAIL:
                     break
         finally:
@@ -177,6 +198,24 @@ class BatchPath:
                     dev.path)
             self.close()
             dev.drain(queue, dev._serve)
+
+    def _sync_map(self, cow: CowImage, ring: Ring) -> None:
+        """Give C the cow disk's sector map as it is now (two u64 arrays, copied at C
+        speed: a few µs for a thousand ranges)."""
+        starts, ends = cow.map.starts, cow.map.ends
+        n = len(starts)
+        disk = self._disk
+        if n > self._map_cap:
+            ffi = ring.ffi
+            self._map_cap = max(64, 2 * n)
+            self._starts = ffi.new("uint64_t[]", self._map_cap)
+            self._ends = ffi.new("uint64_t[]", self._map_cap)
+            disk.starts = self._starts
+            disk.ends = self._ends
+        if n:
+            ring.ffi.memmove(self._starts, array("Q", starts), 8 * n)
+            ring.ffi.memmove(self._ends, array("Q", ends), 8 * n)
+        disk.nmap = n
 
     @property
     def batches(self) -> int:

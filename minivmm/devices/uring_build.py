@@ -28,7 +28,8 @@ struct mv_queue {
     uint8_t *desc; uint8_t *avail; uint8_t *used;
     uint32_t size; uint16_t next_avail; uint16_t next_used;
 };
-struct mv_disk { int fd; int read_only; uint64_t capacity; };
+struct mv_disk { int fd; int read_only; uint64_t capacity;
+                 int overlay_fd; uint32_t nmap; uint64_t *starts; uint64_t *ends; };
 struct mv_err { int kind; int err; uint64_t offset; };
 struct mv_out { uint32_t done; uint32_t nerr; uint64_t batches; uint64_t requests;
                 struct mv_err errs[256]; };
@@ -70,7 +71,7 @@ enum { E_ERRNO, E_ENDED, E_NOBYTES };
 
 """ + STRUCTS + r"""
 _Static_assert(sizeof ((struct mv_out *)0)->errs == ERRMAX * sizeof (struct mv_err), "errs");
-struct slot { uint32_t head, used_len, niov, write; uint64_t offset, length;
+struct slot { uint32_t head, used_len, niov, write; int fd; uint64_t offset, length;
               uint8_t *status; struct iovec *iov; };
 struct mv_ring { struct io_uring ring; struct slot slots[SLOTS]; struct iovec pool[POOL];
                  unsigned n, pool_used, failed; };
@@ -230,8 +231,8 @@ static int finish_sync(const struct mv_disk *disk, struct slot *s, uint64_t done
             skip = 0;
             n++;
         }
-        ssize_t got = s->write ? pwritev(disk->fd, rest, n, s->offset + done)
-                               : preadv(disk->fd, rest, n, s->offset + done);
+        ssize_t got = s->write ? pwritev(s->fd, rest, n, s->offset + done)
+                               : preadv(s->fd, rest, n, s->offset + done);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
@@ -308,6 +309,28 @@ static void complete(struct mv_ring *r, struct mv_queue *q, const struct mv_disk
     r->pool_used = 0;
 }
 
+/* The file that holds sectors [sector, sector + count) whole: the disk's file; for a
+ * copy-on-write disk the overlay or the image, as its sector map (sorted, disjoint
+ * ranges [starts[i], ends[i])) says, or -1 when the range has sectors in both. */
+static int file_of(const struct mv_disk *disk, uint64_t sector, uint64_t count)
+{
+    if (disk->overlay_fd < 0 || disk->nmap == 0)
+        return disk->fd;
+    uint32_t lo = 0, hi = disk->nmap;  /* the first range starting after `sector` */
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (disk->starts[mid] <= sector)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo > 0 && sector < disk->ends[lo - 1])
+        return sector + count <= disk->ends[lo - 1] ? disk->overlay_fd : -1;
+    if (lo < disk->nmap && disk->starts[lo] < sector + count)
+        return -1;
+    return disk->fd;
+}
+
 static int overlaps(const struct mv_ring *r, int write, uint64_t off, uint64_t len)
 {
     for (unsigned i = 0; i < r->n; i++) {
@@ -376,7 +399,8 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
             if (--last->iov_len == 0)
                 s->niov--;
             s->used_len = (uint32_t)wlen;
-        } else if (type == T_OUT && !disk->read_only && wlen == 1 && rlen > 16
+        } else if (type == T_OUT && !disk->read_only && disk->overlay_fd < 0 && wlen == 1
+                   && rlen > 16
                    && nread == niov - 1) {
             length = rlen - 16;
             s->status = iov[niov - 1].iov_base;
@@ -394,6 +418,11 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
         }
         if (length % SECTOR || sector > disk->capacity
                 || length / SECTOR > disk->capacity - sector || s->niov > IOV_MAX) {
+            status = DEFER;
+            break;
+        }
+        s->fd = file_of(disk, sector, length / SECTOR);
+        if (s->fd < 0) {
             status = DEFER;
             break;
         }
@@ -429,9 +458,9 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
             break;
         }
         if (s->niov == 1)
-            io_uring_prep_read(sqe, disk->fd, s->iov[0].iov_base, (unsigned)length, s->offset);
+            io_uring_prep_read(sqe, s->fd, s->iov[0].iov_base, (unsigned)length, s->offset);
         else
-            io_uring_prep_readv(sqe, disk->fd, s->iov, s->niov, s->offset);
+            io_uring_prep_readv(sqe, s->fd, s->iov, s->niov, s->offset);
         sqe->user_data = r->n;
         r->n++;
         r->pool_used = (unsigned)(iov - r->pool) + niov;

@@ -56,8 +56,8 @@ class Logs(logging.Handler):
         self.lines.append(record.getMessage().replace(self.image, "IMG"))
 
 
-def device(image: Path, accelerated: bool, size: int = 64) -> Attached:
-    dev = BlockDevice(image, serial="eq", io_uring=accelerated)
+def device(image: Path, accelerated: bool, size: int = 64, cow: bool = False) -> Attached:
+    dev = BlockDevice(image, serial="eq", io_uring=accelerated, cow=cow)
     assert dev.io_uring == accelerated
     dev.log.burst = 1 << 30  # every message: the comparison must not depend on timing
     return attach(dev, size=size)
@@ -127,13 +127,14 @@ def requests(draw: st.DrawFn) -> Request:
             draw(st.integers(0, 24)) == 0)
 
 
-def run_batches(image: Path, accelerated: bool, batches: list[list[Request]]) -> Any:
+def run_batches(image: Path, accelerated: bool, batches: list[list[Request]],
+                cow: bool = False) -> Any:
     handler = Logs(image)
     logger = logging.getLogger("minivmm.devices.blk")
     logger.addHandler(handler)
     old = logger.level
     logger.setLevel(logging.DEBUG)
-    att = device(image, accelerated)
+    att = device(image, accelerated, cow=cow)
     drv = att.drivers[0]
     used: list[list[tuple[int, int, bytes]]] = []
     interrupts = []
@@ -152,6 +153,14 @@ def run_batches(image: Path, accelerated: bool, batches: list[list[Request]]) ->
             drv._free.sort(reverse=True)
         att.device.kick(0)  # what a broken chain left in the ring
         used.append(sorted((u.id, u.len, u.written) for u in drv.used()))
+        if cow:  # what the guest sees of the disk: every sector read back
+            for s in range(SECTORS):
+                drv.publish([header(VIRTIO_BLK_T_IN, s)], [512, 1], indirect=True,
+                            kick=False)
+                if s % 16 == 15:
+                    att.device.kick(0)
+                    used.append(sorted((u.id, u.len, u.written) for u in drv.used()))
+                    drv._free.sort(reverse=True)
     finally:
         att.device.close()
         logger.removeHandler(handler)
@@ -161,16 +170,17 @@ def run_batches(image: Path, accelerated: bool, batches: list[list[Request]]) ->
 
 @needs_uring
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.lists(requests(), min_size=1, max_size=8), min_size=1, max_size=4))
+@given(st.lists(st.lists(requests(), min_size=1, max_size=8), min_size=1, max_size=4),
+       st.booleans())
 def test_both_paths_give_the_same_used_ring_bytes_and_errors(
-        batches: list[list[Request]]) -> None:
+        batches: list[list[Request]], cow: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = []
         for accelerated in (True, False):
             img = Path(tmp) / ("a" if accelerated else "s") / "disk.img"
             img.parent.mkdir()
             img.write_bytes(pattern(SECTORS * 512, 1))
-            results.append(run_batches(img, accelerated, batches))
+            results.append(run_batches(img, accelerated, batches, cow))
         uring_result, sync_result = results
         assert uring_result == sync_result
 
@@ -326,6 +336,27 @@ def test_a_failing_request_fails_alone(tmp_path: Path, accelerated: bool) -> Non
     assert [got[h] for h in ok] == [VIRTIO_BLK_S_OK] * 2
     assert got[short] == got[gone] == VIRTIO_BLK_S_IOERR
     assert att.resets == []
+
+
+@needs_uring
+def test_a_cow_disk_reads_overlay_and_image_in_c(image: Path) -> None:
+    att = device(image, True, cow=True)
+    drv = att.drivers[0]
+    new = pattern(1024, 55)
+    drv.publish([header(VIRTIO_BLK_T_OUT, 4), new], [1], kick=False)  # to Python (the map)
+    att.device.kick(0)
+    drv.used()
+    before = att.device.stats()["io_uring_requests"]
+    reads = {s: drv.publish([header(VIRTIO_BLK_T_IN, s)], [n * 512, 1], kick=False)
+             for s, n in ((4, 2), (10, 1), (3, 4))}  # overlay, image, across both
+    att.device.kick(0)
+    got = {u.id: u.written[:-1] for u in drv.used()}
+    old = image.read_bytes()
+    assert got[reads[4]] == new and got[reads[10]] == old[10 * 512 : 11 * 512]
+    assert got[reads[3]] == old[3 * 512 : 4 * 512] + new + old[6 * 512 : 7 * 512]
+    assert att.device.stats()["io_uring_requests"] - before == 2  # the third: Python's
+    assert image.read_bytes() == pattern(SECTORS * 512, 1)  # the image is never written
+    att.device.close()
 
 
 def test_more_than_65536_requests(image: Path, accelerated: bool) -> None:
