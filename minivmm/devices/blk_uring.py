@@ -137,6 +137,7 @@ class BatchPath:
         q = self._q
         q.desc, q.avail, q.used = (_address(ffi, v) for v in rings)
         q.size = queue.size
+        q.event_idx = int(queue.event_idx)
         mem = ffi.new("struct mv_region[]", len(views))
         for i, (r, v) in enumerate(zip(regions or (), views, strict=True)):
             mem[i].gpa = r.gpa
@@ -166,8 +167,7 @@ class BatchPath:
         cow = self._cow
         if cow is not None:
             self._sync_map(cow, ring)
-        queue.disable_notification()
-        try:
+        try:  # C suppresses kicks while it walks, and asks for them again when empty
             while True:
                 q.next_avail = queue.next_avail
                 q.next_used = queue.next_used
@@ -177,9 +177,8 @@ class BatchPath:
                     self._log_errors(out)
                     rc &= ~ERRORS
                 if rc == EMPTY:
-                    if not queue.enable_notification():
-                        break
-                elif rc == DEFER:
+                    break
+                if rc == DEFER:
                     chain = queue.pop()  # a bad chain raises its typed error here
                     if chain is None:  # only a guest rewriting its ring under us does it
                         queue.enable_notification()

@@ -26,7 +26,7 @@ STRUCTS: Final = """
 struct mv_region { uint64_t gpa; uint64_t size; uint8_t *host; };
 struct mv_queue {
     uint8_t *desc; uint8_t *avail; uint8_t *used;
-    uint32_t size; uint16_t next_avail; uint16_t next_used;
+    uint32_t size; uint16_t next_avail; uint16_t next_used; uint32_t event_idx;
 };
 struct mv_disk { int fd; int read_only; uint64_t capacity;
                  int overlay_fd; uint32_t nmap; uint64_t *starts; uint64_t *ends; };
@@ -59,6 +59,7 @@ enum { E_ERRNO, E_ENDED, E_NOBYTES };
 #define SLOTS 256           /* requests in flight at most: the SQ size */
 #define POOL 4096           /* iovecs for one batch's data buffers */
 #define ERRMAX 256          /* struct mv_out.errs */
+#define USED_F_NO_NOTIFY 1
 #define F_NEXT 1
 #define F_WRITE 2
 #define F_INDIRECT 4
@@ -344,7 +345,8 @@ static int overlaps(const struct mv_ring *r, int write, uint64_t off, uint64_t l
 /* Serve the available chains the common way: IN and OUT requests of the shape Linux
  * sends (header in its first readable buffer, data sector-sized and on the disk, the
  * status the chain's last byte), through io_uring, one batch at a time. Stops at the
- * first chain it leaves to Python (DEFER: not consumed), at an empty ring (EMPTY), or
+ * first chain it leaves to Python (DEFER: not consumed), at an empty ring (EMPTY, with
+ * notifications asked for again, as Queue.enable_notification does them), or
  * after 256 answers (LIMIT); nothing is in flight when it returns. ERRORS is or-ed in
  * when out->errs holds errors for Python to log. */
 int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *mem, int nmem,
@@ -355,6 +357,8 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
     out->nerr = 0;
     if (r->failed)
         return RINGFAIL;  /* cannot happen: Python drops a failed ring */
+    if (!q->event_idx)
+        store16(q->used, USED_F_NO_NOTIFY);  /* kicks are not needed while we walk */
     for (;;) {
         if (r->failed)
             break;
@@ -364,8 +368,21 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
         }
         uint16_t idx = load16(q->avail + 2);
         BARRIER();  /* the index before the entries */
-        if (idx == q->next_avail)
-            break;
+        if (idx == q->next_avail) {
+            /* Empty: ask for kicks again (avail_event with EVENT_IDX, else the flag),
+             * then look once more: a request that came meanwhile may not be kicked
+             * (Queue.enable_notification, virtio 1.2 §2.7.10). */
+            if (q->event_idx)
+                store16(q->used + 4 + 8 * (uint64_t)q->size, q->next_avail);
+            else
+                store16(q->used, 0);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            if (load16(q->avail + 2) == q->next_avail)
+                break;
+            if (!q->event_idx)
+                store16(q->used, USED_F_NO_NOTIFY);
+            continue;
+        }
         if ((uint16_t)(idx - q->next_avail) > q->size) {
             status = DEFER;
             break;
