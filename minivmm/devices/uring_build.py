@@ -372,6 +372,7 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
                const struct mv_disk *disk, struct mv_out *out)
 {
     int status = EMPTY;
+    uint32_t polled = 0;  /* out->done when the ring was last watched */
     out->done = 0;
     out->nerr = 0;
     if (r->failed)
@@ -387,12 +388,13 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
         }
         uint16_t idx = load16(q->avail + 2);
         BARRIER();  /* the index before the entries */
-        if (idx == q->next_avail && r->n) {
+        if (idx == q->next_avail && (r->n || out->done != polled)) {
             /* Answer what is in flight, then watch the ring for a moment before asking
              * for kicks again: a driver waiting on those answers publishes its next
              * request within microseconds, and it is served without a kick (an exit,
              * 10-40 us here). */
             complete(r, q, disk, out);
+            polled = out->done;
             if (poll(q))
                 continue;
         }
