@@ -61,6 +61,7 @@ enum { E_ERRNO, E_ENDED, E_NOBYTES };
 #define POOL 4096           /* iovecs for one batch's data buffers */
 #define ERRMAX 256          /* struct mv_out.errs */
 #define USED_F_NO_NOTIFY 1
+#define AVAIL_F_NO_INTERRUPT 1
 #define POLL_NS 5000        /* how long to watch for the next request after answering */
 #define F_NEXT 1
 #define F_WRITE 2
@@ -334,6 +335,21 @@ static int file_of(const struct mv_disk *disk, uint64_t sector, uint64_t count)
     return disk->fd;
 }
 
+/* Whether the driver wants an interrupt for the used entries published since `old`
+ * (Queue.needs_notification's rule, virtio 1.2 §2.7.10, without recording anything):
+ * then the device returns at once, so that Python interrupts it, instead of watching
+ * the ring while the driver waits for that interrupt. */
+static int wants_interrupt(const struct mv_queue *q, uint16_t old)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);  /* the used index before used_event */
+    if (q->event_idx) {
+        uint16_t event = load16(q->avail + 4 + 2 * (uint64_t)q->size);
+        uint16_t new = q->next_used;
+        return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
+    }
+    return !(load16(q->avail) & AVAIL_F_NO_INTERRUPT);
+}
+
 /* Watch the available index for up to POLL_NS; 1 if the driver published meanwhile. */
 static int poll(const struct mv_queue *q)
 {
@@ -373,6 +389,7 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
 {
     int status = EMPTY;
     uint32_t polled = 0;  /* out->done when the ring was last watched */
+    uint16_t first_used = q->next_used;
     out->done = 0;
     out->nerr = 0;
     if (r->failed)
@@ -395,8 +412,8 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
              * 10-40 us here). */
             complete(r, q, disk, out);
             polled = out->done;
-            if (poll(q))
-                continue;
+            if (!wants_interrupt(q, first_used) && poll(q))
+                continue;  /* a driver that polls too (interrupts off) sent its next one */
         }
         if (idx == q->next_avail) {
             /* Empty: ask for kicks again (avail_event with EVENT_IDX, else the flag),
