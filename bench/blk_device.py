@@ -7,7 +7,8 @@ No VM: a FakeDriver in a real minivmm GuestMemory publishes the bench's requests
 random reads one at a time and 32 at a time, 1 MiB sequential reads and writes, in one
 buffer each as the probe sends them) and calls ``kick`` as the device thread would; the
 timed part is the kick alone (queue walk, the I/O on a page-cached image, status, used
-ring, interrupt decision). Each case alternates the two paths (io_uring first, then
+ring, interrupt decision; the fake driver asks for interrupts, so the batch path returns
+at once instead of watching the ring for its next request). Each case alternates the two paths (io_uring first, then
 ``io_uring=False``), and reports the best round of each (the machines are shared: the
 best round is the cost without other tenants' preemptions). It says which path a
 device actually took: on a host without the accelerator both columns are the
