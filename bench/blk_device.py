@@ -8,12 +8,11 @@ random reads one at a time and 32 at a time, 1 MiB sequential reads and writes, 
 buffer each as the probe sends them) and calls ``kick`` as the device thread would; the
 timed part is the kick alone (queue walk, the I/O on a page-cached image, status, used
 ring, interrupt decision; the fake driver asks for interrupts, so the batch path returns
-at once instead of watching the ring for its next request). Each case alternates the two paths (io_uring first, then
-``io_uring=False``), and reports the best round of each (the machines are shared: the
-best round is the cost without other tenants' preemptions). It says which path a
-device actually took: on a host without the accelerator both columns are the
-synchronous path.
-"""
+at once instead of watching the ring for its next request). Each case alternates the two
+paths (io_uring first, then ``io_uring=False``), and reports the best round of each (the
+machines are shared: the best round is the cost without other tenants' preemptions). It
+says which path a device actually took: on a host without the accelerator both columns
+are the synchronous path. """
 
 from __future__ import annotations
 
