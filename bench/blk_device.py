@@ -12,7 +12,8 @@ at once instead of watching the ring for its next request). Each case alternates
 paths (io_uring first, then ``io_uring=False``), and reports the best round of each (the
 machines are shared: the best round is the cost without other tenants' preemptions). It
 says which path a device actually took: on a host without the accelerator both columns
-are the synchronous path. """
+are the synchronous path.
+"""
 
 from __future__ import annotations
 
