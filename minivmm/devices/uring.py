@@ -2,7 +2,8 @@
 
 :func:`open_ring` gives a :class:`Ring` or None. None (the synchronous path) when:
 
-- ``MINIVMM_IO_URING=off`` (or ``0``/``no``) is set, or the drive says ``io_uring=off``;
+- ``MINIVMM_IO_URING=off`` (or ``0``/``no``) is set, or ``MINIVMM_ACCEL=0`` (every C
+  accelerator off), or the drive says ``io_uring=off``;
 - the C half (minivmm.devices.uring_build) cannot be built or loaded: no cffi, no
   compiler, no liburing-dev;
 - the kernel refuses io_uring (``io_uring_queue_init`` fails: EPERM/ENOSYS when the
@@ -47,9 +48,16 @@ _unavailable = False  # the extension could not be had: not tried again in this 
 _said: set[str] = set()
 
 
-def forced_off() -> bool:
-    """Whether the environment forces the synchronous path."""
-    return os.environ.get(ENV, "").strip().lower() in OFF_VALUES
+#: turns every C accelerator off (minivmm.accel's switch), this one included
+ALL_ENV: Final = "MINIVMM_ACCEL"
+
+
+def forced_off() -> str | None:
+    """The variable that forces the synchronous path, if the environment sets one."""
+    for name in (ENV, ALL_ENV):
+        if os.environ.get(name, "").strip().lower() in OFF_VALUES:
+            return name
+    return None
 
 
 def _say_once(level: int, reason: str) -> None:
@@ -160,8 +168,9 @@ def open_ring(enabled: bool = True) -> Ring | None:
     if not enabled:
         _say_once(logging.DEBUG, "io_uring=off on the drive")
         return None
-    if forced_off():
-        _say_once(logging.DEBUG, f"{ENV}={os.environ[ENV]}")
+    forced = forced_off()
+    if forced:
+        _say_once(logging.DEBUG, f"{forced}={os.environ[forced]}")
         return None
     acc = accelerator()
     if acc is None:

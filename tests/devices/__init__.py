@@ -87,6 +87,7 @@ def choose_io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("MINIVMM_IO_URING", "off")
     else:
         monkeypatch.delenv("MINIVMM_IO_URING", raising=False)
+        monkeypatch.delenv("MINIVMM_ACCEL", raising=False)
         why = io_uring_missing()
         if why:
             pytest.skip(f"io_uring path: {why}")

@@ -67,6 +67,13 @@ def statuses(att: Attached) -> dict[int, int]:
     return {u.id: u.written[u.len - 1] for u in att.drivers[0].used()}
 
 
+@pytest.fixture(autouse=True)
+def no_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment's switches off: each test here picks its path itself."""
+    monkeypatch.delenv(uring.ENV, raising=False)
+    monkeypatch.delenv(uring.ALL_ENV, raising=False)
+
+
 @pytest.fixture(params=["io_uring", "sync"])
 def accelerated(request: pytest.FixtureRequest) -> bool:
     if request.param == "io_uring" and MISSING:
@@ -474,10 +481,13 @@ def test_a_kernel_refusing_io_uring_means_the_synchronous_path(
     dev.close()
 
 
-@pytest.mark.parametrize("value", ["off", "0", "no"])
+@pytest.mark.parametrize(("name", "value"), [("MINIVMM_IO_URING", "off"),
+                                             ("MINIVMM_IO_URING", "0"),
+                                             ("MINIVMM_IO_URING", "no"),
+                                             ("MINIVMM_ACCEL", "0")])
 def test_the_environment_forces_the_synchronous_path(
-        image: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    monkeypatch.setenv(uring.ENV, value)
+        image: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
     dev = BlockDevice(image)
     assert not dev.io_uring and dev.stats() == {"io_uring": 0}
     dev.close()
