@@ -9,6 +9,8 @@ import errno
 import logging
 import os
 import struct
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -479,6 +481,42 @@ def test_a_kernel_refusing_io_uring_means_the_synchronous_path(
     assert "refused io_uring" in caplog.text and "Operation not permitted" in caplog.text
     assert statuses_after(attach(dev), [header(VIRTIO_BLK_T_IN)]) == VIRTIO_BLK_S_OK
     dev.close()
+
+
+_SECCOMP_CHILD = r"""
+import ctypes, logging, sys
+from pathlib import Path
+
+# A seccomp filter that answers io_uring_setup (x86-64: 425) with EPERM, as a container
+# runtime's default profile does; everything else is allowed.
+class Filter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint)]
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+code = (Filter * 4)((0x20, 0, 0, 0), (0x15, 0, 1, 425), (0x06, 0, 0, 0x00050000 | 1),
+                    (0x06, 0, 0, 0x7FFF0000))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(Prog(4, code)), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+from minivmm.devices.blk import BlockDevice
+dev = BlockDevice(Path(sys.argv[1]))
+print("io_uring", int(dev.io_uring))
+"""
+
+
+@needs_uring
+def test_io_uring_forbidden_by_seccomp_means_the_synchronous_path(image: Path) -> None:
+    uring.accelerator()  # built (and cached) here, where the compiler may run
+    r = subprocess.run([sys.executable, "-c", _SECCOMP_CHILD, str(image)],
+                       capture_output=True, text=True, timeout=120, check=False,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "io_uring 0"
+    said = [ln for ln in r.stderr.splitlines() if "accelerator off" in ln]
+    assert len(said) == 1 and said[0].startswith("INFO ") and "not permitted" in said[0]
 
 
 @pytest.mark.parametrize(("name", "value"), [("MINIVMM_IO_URING", "off"),
