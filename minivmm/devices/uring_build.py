@@ -46,6 +46,10 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
 """
 
 SOURCE: Final = r"""
+#if !defined(__x86_64__)
+/* The ring accesses below order themselves with compiler barriers only: x86's TSO. */
+#error "the io_uring accelerator is for x86-64 hosts"
+#endif
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
