@@ -1,6 +1,6 @@
 """minivmm next to QEMU: the same probe guest, the same host, the same run.
 
-    python -m bench [--reps N] [--smoke] [--no-io-uring] [--only net] [--out DIR]
+    python -m bench [--reps N] [--smoke] [--no-io-uring] [--only blk|net] [--out DIR]
     python -m bench --hwvirt [--reps N]   Linux boot time on a hardware-virtualization KVM
                                           (bench/hwvirt.py; in L1 on kvm_pvm hosts;
                                           --exec: `minivmm exec -- true` instead)
@@ -164,6 +164,13 @@ class Bench:
         if self.args.only == "net":
             self.rep_net(order)
             return
+        if self.args.only == "blk":
+            for vmm in order + qemus[1:]:
+                r = self.launch(vmm, "main", cmdline(BLK, s.n, s.mb), BLK)
+                if r:
+                    for k, v in guest_figures(r, self.khz).items():
+                        self.add(vmm.label if vmm in order else "qemu_" + vmm.qemu_aio, k, v)
+            return
         for vmm in order:  # start-up
             r = self.launch(vmm, "startup", "probe.check=virtio",
                             ["startup_first_line", "startup_exit"], timeline=vmm is mini)
@@ -200,6 +207,20 @@ class Bench:
                 self.tap_rx.setdefault(vmm.name, []).append(rx)
                 for k, v in netbench.figures(r, self.khz).items():
                     self.add(vmm.label, k, v)
+
+    def paired_blk(self) -> str:
+        """Per repetition, minivmm over QEMU io_uring of the same repetition (run back to
+        back), the median of those ratios: steadier than a ratio of medians on a busy host."""
+        mini = self.samples.get("minivmm", {})
+        qemu = self.samples.get("qemu_io_uring", {})
+        parts = []
+        for k in BLK:
+            pairs = [m / q for m, q in zip(mini.get(k, []), qemu.get(k, []), strict=False) if q]
+            if pairs:
+                parts.append(f"{k} {statistics.median(pairs):.2f} "
+                             f"({min(pairs):.2f}-{max(pairs):.2f})")
+        return ("paired ratios, minivmm / QEMU io_uring per repetition (median, range): "
+                + ("; ".join(parts) or "none"))
 
     def kicks_per_op(self) -> dict[str, str]:
         """Median kicks per operation of each rng/blk workload, per VMM (main runs)."""
@@ -271,6 +292,8 @@ class Bench:
                 cpu.setdefault(str(run["vmm"]), []).append(float(run["cpu_s"]))  # type: ignore[arg-type]
         print("VMM CPU time per main run (user+sys, median s): " + ", ".join(
             f"{k} {statistics.median(v):.2f}" for k, v in cpu.items()))
+        if self.args.only == "blk":
+            print(self.paired_blk())
         kicks = self.kicks_per_op()
         if kicks:
             print("QueueNotify writes per operation (guest count; the rest suppressed by "
@@ -309,6 +332,7 @@ class Bench:
         missing = [r.key for r in report.ROWS
                    if not (self.net_skip and r.key in netbench.ROWS)
                    and (self.args.only != "net" or r.key in netbench.ROWS)
+                   and (self.args.only != "blk" or r.key in BLK)
                    and (not self.samples.get("minivmm", {}).get(r.key)
                         or (qemus and not report.best_qemu(self.samples, r)[1]))]
         if missing:
@@ -331,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeat a failed run up to N times (default 2; never with --smoke)")
     p.add_argument("--no-io-uring", dest="io_uring", action="store_false",
                    help="don't try QEMU with aio=io_uring")
-    p.add_argument("--only", choices=["net"],
-                   help="only these rows (net: the three network workloads, with the C "
+    p.add_argument("--only", choices=["blk", "net"],
+                   help="only these rows (blk: the four block workloads, one guest per VMM "
+                        "and repetition; net: the three network workloads; both with the C "
                         "floor run for the TSC rate)")
     p.add_argument("--out", default=str(REPO / "bench" / "out"), help="build/output dir")
     p.add_argument("--hwvirt", action="store_true",

@@ -1,12 +1,15 @@
 """virtio-blk in a real VM: the probe guest reads what the host wrote, writes what the
-host then checks, flushes, asks for the serial, and gets I/O errors where it should."""
+host then checks, flushes, asks for the serial, and gets I/O errors where it should;
+on the io_uring path (where the host has it) and on the synchronous path alike."""
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
 import pytest
+from devices import choose_io_path
 from guests import ProbeRun, guest_artifact, run_minivmm
 
 pytestmark = pytest.mark.kvm
@@ -26,19 +29,33 @@ def make_image(path: Path, seed: int, sectors: int = SECTORS) -> Path:
     return path
 
 
+@pytest.fixture(params=["io_uring", "sync"], autouse=True)
+def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    return choose_io_path(request, monkeypatch)
+
+
 def probe(disk: str, cmdline: str) -> ProbeRun:
     p = run_minivmm("run", "--kernel", str(guest_artifact("probe.elf")), "--disk", disk,
-                    "--cmdline", f"probe.strict=1 probe.check=blk {cmdline}")
+                    "--stats", "--cmdline", f"probe.strict=1 probe.check=blk {cmdline}")
     return ProbeRun(p.returncode, p.stdout, p.stderr)
 
 
-def test_reads_writes_flush_and_serial(tmp_path: Path) -> None:
+def blk_stats(err: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"^stats: virtio-blk@\S+ (\w+): (\d+)$", err,
+                                             re.M)}
+
+
+def test_reads_writes_flush_and_serial(tmp_path: Path, io_path: str) -> None:
     img = make_image(tmp_path / "disk.img", seed=7)
     run = probe(f"{img},serial=minivmm-disk-1",
                 f"probe.blk_pattern=7 probe.blk_sectors={SECTORS} probe.blk_serial=minivmm-disk-1")
     run.assert_pass()
     result = run.result("blk")
     assert "flush=yes" in result and "id=minivmm-disk-1" in result
+    stats = blk_stats(run.err)
+    assert stats["io_uring"] == (io_path == "io_uring"), run.err
+    if io_path == "io_uring":  # every read and write of the check went through the ring
+        assert stats["io_uring_requests"] > 0 and stats["io_uring_batches"] > 0
     data = img.read_bytes()
     for s in range(SECTORS):  # the last 8 sectors hold seed+1's pattern, the rest seed's
         want = pattern(8 if s >= SECTORS - 8 else 7, s)

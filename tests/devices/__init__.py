@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +60,38 @@ def attach(device: VirtioDevice, *, size: int = 16, event_idx: bool = False,
     if activate:
         device.activate(mem, att.irq)
     return att
+
+
+def io_uring_missing() -> str | None:
+    """Why this host cannot run blk's io_uring path (None: it must, so tests of it fail,
+    never skip, here): cffi, a C compiler, liburing's header, a kernel that allows it."""
+    if importlib.util.find_spec("cffi") is None:
+        return "cffi is not installed"
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        return "no C compiler"
+    if not Path("/usr/include/liburing.h").exists():
+        return "liburing-dev is not installed"
+    try:
+        if Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() != "0":
+            return "sysctl kernel.io_uring_disabled is set"
+    except OSError:
+        pass
+    return None
+
+
+def choose_io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """For a fixture parametrized over ["io_uring", "sync"]: the synchronous path forced
+    with MINIVMM_IO_URING=off, or the io_uring path (skipped where the host cannot have
+    it, see io_uring_missing)."""
+    if request.param == "sync":
+        monkeypatch.setenv("MINIVMM_IO_URING", "off")
+    else:
+        monkeypatch.delenv("MINIVMM_IO_URING", raising=False)
+        monkeypatch.delenv("MINIVMM_ACCEL", raising=False)
+        why = io_uring_missing()
+        if why:
+            pytest.skip(f"io_uring path: {why}")
+    return str(request.param)
 
 
 @contextmanager

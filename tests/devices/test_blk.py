@@ -26,7 +26,7 @@ from minivmm.devices.blk import (
 from minivmm.errors import UsageError
 from minivmm.virtio.testing import UsedElem
 
-from . import Attached, attach, small_tmpfs
+from . import Attached, attach, choose_io_path, small_tmpfs
 
 SECTORS = 128
 
@@ -66,9 +66,17 @@ def status(used: UsedElem) -> int:
     return used.written[used.len - 1]
 
 
+@pytest.fixture(params=["io_uring", "sync"], autouse=True)
+def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both paths: io_uring (where the host has it) and the
+    synchronous one, forced with MINIVMM_IO_URING=off."""
+    return choose_io_path(request, monkeypatch)
+
+
 @pytest.fixture
-def disk(image: Path) -> Iterator[Attached]:
+def disk(image: Path, io_path: str) -> Iterator[Attached]:
     dev = BlockDevice(image, serial="vol-1")
+    assert dev.io_uring == (io_path == "io_uring")
     att = attach(dev)
     yield att
     dev.close()

@@ -1,0 +1,560 @@
+"""uring_build: the C half of the io_uring accelerator (cffi, API mode, liburing).
+
+Compiled once per machine, at first use, into the cache (see :func:`build`): a blk
+device whose host has a compiler, cffi and liburing-dev gets it; any other host runs
+the synchronous path (minivmm.devices.uring says so once). The C walk checks every
+guest address against the guest memory map (the regions GuestMemory translates through)
+before it touches a byte, and keeps every guard of the engine's ``Queue.pop``.
+
+The functions:
+
+- ``mv_ring_new(entries, &ring)``: io_uring_queue_init, then a probe that READ and READV
+  exist (Linux 5.6); 0 or a negative errno (EPERM or ENOSYS when the
+  sysctl kernel.io_uring_disabled or a seccomp filter forbids io_uring).
+- ``mv_blk_run(ring, queue, regions, n, disk, out)``: the batch path of
+  minivmm.devices.blk_uring (its docstring says what it serves and what it leaves to
+  Python).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+#: the structures Python and C share, in both the cdef and the source (errs: ERRMAX)
+STRUCTS: Final = """
+struct mv_region { uint64_t gpa; uint64_t size; uint8_t *host; };
+struct mv_queue {
+    uint8_t *desc; uint8_t *avail; uint8_t *used;
+    uint32_t size; uint16_t next_avail; uint16_t next_used; uint32_t event_idx;
+};
+struct mv_disk { int fd; int read_only; uint64_t capacity;
+                 int overlay_fd; uint32_t nmap; uint64_t *starts; uint64_t *ends; };
+struct mv_err { int kind; int err; uint64_t offset; };
+struct mv_out { uint32_t done; uint32_t nerr; uint64_t batches; uint64_t requests;
+                struct mv_err errs[256]; };
+"""
+
+CDEF: Final = """
+struct iovec { void *iov_base; size_t iov_len; };
+""" + STRUCTS + """
+struct mv_ring;
+int mv_ring_new(unsigned entries, struct mv_ring **out);
+void mv_ring_free(struct mv_ring *r);
+int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *mem, int nmem,
+               const struct mv_disk *disk, struct mv_out *out);
+"""
+
+SOURCE: Final = r"""
+#if !defined(__x86_64__)
+/* The ring accesses below order themselves with compiler barriers only: x86's TSO. */
+#error "the io_uring accelerator is for x86-64 hosts"
+#endif
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <liburing.h>
+
+enum { EMPTY, DEFER, LIMIT, RINGFAIL, ERRORS = 16 };
+enum { E_ERRNO, E_ENDED, E_NOBYTES };
+#define SLOTS 256           /* requests in flight at most: the SQ size */
+#define POOL 4096           /* iovecs for one batch's data buffers */
+#define ERRMAX 256          /* struct mv_out.errs */
+#define USED_F_NO_NOTIFY 1
+#define AVAIL_F_NO_INTERRUPT 1
+#define POLL_NS 5000        /* how long to watch for the next request after answering */
+#define F_NEXT 1
+#define F_WRITE 2
+#define F_INDIRECT 4
+#define T_IN 0
+#define T_OUT 1
+#define SECTOR 512
+#define MAX_CHAIN 0xFFFFFFFFull
+#define MAX_INDIRECT (32768u * 16u)
+#define BARRIER() __asm__ __volatile__("" ::: "memory")
+
+""" + STRUCTS + r"""
+_Static_assert(sizeof ((struct mv_out *)0)->errs == ERRMAX * sizeof (struct mv_err), "errs");
+struct slot { uint32_t head, used_len, niov, write; int fd; uint64_t offset, length;
+              uint8_t *status; struct iovec *iov; };
+struct mv_ring { struct io_uring ring; struct slot slots[SLOTS]; struct iovec pool[POOL];
+                 unsigned n, pool_used, failed; };
+struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+
+static const int mv_ops[] = { IORING_OP_READ, IORING_OP_READV };
+
+int mv_ring_new(unsigned entries, struct mv_ring **out)
+{
+    if (entries > SLOTS)
+        return -EINVAL;
+    struct mv_ring *r = calloc(1, sizeof *r);
+    if (r == NULL)
+        return -ENOMEM;
+    int e = io_uring_queue_init(entries, &r->ring, 0);
+    if (e < 0) {
+        free(r);
+        return e;
+    }
+    struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
+    int ok = p != NULL;
+    for (unsigned i = 0; ok && i < sizeof mv_ops / sizeof mv_ops[0]; i++)
+        ok = io_uring_opcode_supported(p, mv_ops[i]);
+    if (p != NULL)
+        io_uring_free_probe(p);
+    if (!ok) {
+        io_uring_queue_exit(&r->ring);
+        free(r);
+        return -EOPNOTSUPP;
+    }
+    *out = r;
+    return 0;
+}
+
+void mv_ring_free(struct mv_ring *r)
+{
+    io_uring_queue_exit(&r->ring);
+    free(r);
+}
+
+static inline uint16_t load16(const uint8_t *p)
+{
+    return *(const volatile uint16_t *)p;
+}
+
+static inline void store16(uint8_t *p, uint16_t v)
+{
+    *(volatile uint16_t *)p = v;
+}
+
+/* [gpa, gpa + len) inside one region (len > 0): its host address, else NULL. */
+static uint8_t *guest(const struct mv_region *m, int n, uint64_t gpa, uint64_t len)
+{
+    for (int i = 0; i < n; i++)
+        if (gpa >= m[i].gpa && gpa - m[i].gpa <= m[i].size
+                && len <= m[i].size - (gpa - m[i].gpa))
+            return m[i].host + (gpa - m[i].gpa);
+    return NULL;
+}
+
+/* Walk the chain at `head` with every guard of Queue.pop: its non-empty buffers into
+ * iov (readable first; *nread of them). 0; -1 for a chain pop would reject (Python pops
+ * it and raises the typed error); -2 when iov has no room. */
+static int walk(const struct mv_queue *q, const struct mv_region *mem, int nmem,
+                uint32_t head, struct iovec *iov, unsigned room, unsigned *niov,
+                unsigned *nread, uint64_t *rlen, uint64_t *wlen)
+{
+    const uint8_t *table = q->desc;
+    uint32_t limit = q->size, index = head;
+    int indirect = 0, seen_write = 0;
+    unsigned n = 0, nr = 0;
+    uint64_t r = 0, w = 0;
+    struct desc d;
+
+    if (head >= limit)
+        return -1;
+    for (;;) {
+        uint32_t hop;
+        for (hop = 0; hop < limit; hop++) {
+            memcpy(&d, table + (uint64_t)index * 16, sizeof d);
+            BARRIER();  /* each field read once: the guest may change the table */
+            if (d.flags & F_INDIRECT)
+                break;
+            if (d.flags & F_WRITE) {
+                w += d.len;
+                seen_write = 1;
+            } else if (seen_write) {
+                return -1;
+            } else {
+                r += d.len;
+            }
+            if (d.len) {
+                uint8_t *p = guest(mem, nmem, d.addr, d.len);
+                if (p == NULL)
+                    return -1;
+                if (n == room)
+                    return -2;
+                iov[n].iov_base = p;
+                iov[n].iov_len = d.len;
+                n++;
+                if (!(d.flags & F_WRITE))
+                    nr = n;
+            }
+            if (!(d.flags & F_NEXT)) {
+                if (r + w > MAX_CHAIN)
+                    return -1;
+                *niov = n;
+                *nread = nr;
+                *rlen = r;
+                *wlen = w;
+                return 0;
+            }
+            if (d.next >= limit)
+                return -1;
+            index = d.next;
+        }
+        if (hop == limit)
+            return -1;  /* too long: a loop */
+        if (indirect || (d.flags & F_NEXT) || d.len == 0 || (d.len & 15)
+                || d.len > MAX_INDIRECT)
+            return -1;
+        table = guest(mem, nmem, d.addr, d.len);
+        if (table == NULL)
+            return -1;
+        indirect = 1;
+        limit = d.len >> 4;
+        index = 0;
+    }
+}
+
+static void error(struct mv_out *out, int kind, int err, uint64_t offset)
+{
+    if (out->nerr < ERRMAX) {
+        out->errs[out->nerr].kind = kind;
+        out->errs[out->nerr].err = err;
+        out->errs[out->nerr].offset = offset;
+        out->nerr++;
+    }
+}
+
+/* Finish a request synchronously from byte `done` on (a short transfer, or the ring
+ * failed): as blk.read_into/write_from do. 0 or the status. */
+static int finish_sync(const struct mv_disk *disk, struct slot *s, uint64_t done,
+                       struct mv_out *out)
+{
+    struct iovec rest[IOV_MAX];
+    while (done < s->length) {
+        unsigned n = 0;
+        uint64_t skip = done;
+        for (unsigned i = 0; i < s->niov && n < IOV_MAX; i++) {
+            if (skip >= s->iov[i].iov_len) {
+                skip -= s->iov[i].iov_len;
+                continue;
+            }
+            rest[n].iov_base = (uint8_t *)s->iov[i].iov_base + skip;
+            rest[n].iov_len = s->iov[i].iov_len - skip;
+            skip = 0;
+            n++;
+        }
+        ssize_t got = s->write ? pwritev(s->fd, rest, n, s->offset + done)
+                               : preadv(s->fd, rest, n, s->offset + done);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            error(out, E_ERRNO, errno, 0);
+            return 1;
+        }
+        if (got == 0) {
+            error(out, s->write ? E_NOBYTES : E_ENDED, 0, s->offset + done);
+            return 1;
+        }
+        done += (uint64_t)got;
+    }
+    return 0;
+}
+
+static void answer(struct mv_queue *q, struct slot *s, int status, struct mv_out *out)
+{
+    *s->status = (uint8_t)status;
+    uint8_t *elem = q->used + 4 + 8 * (uint64_t)(q->next_used & (q->size - 1));
+    uint32_t id = s->head, len = s->used_len;
+    memcpy(elem, &id, 4);
+    memcpy(elem + 4, &len, 4);
+    BARRIER();  /* the element before the index (x86: stores are not reordered) */
+    q->next_used++;
+    store16(q->used + 2, q->next_used);
+    out->done++;
+}
+
+/* Submit what is prepared, wait for all of it, answer each request as it completes. */
+static void complete(struct mv_ring *r, struct mv_queue *q, const struct mv_disk *disk,
+                     struct mv_out *out)
+{
+    unsigned left = r->n;
+    uint8_t finished[SLOTS] = {0};
+    if (left == 0)
+        return;
+    out->batches++;
+    out->requests += left;
+    while (left && !r->failed) {
+        int e = io_uring_submit_and_wait(&r->ring, left);
+        if (e < 0 && e != -EINTR && e != -EAGAIN) {
+            r->failed = (unsigned)-e;
+            break;
+        }
+        unsigned head, seen = 0;
+        struct io_uring_cqe *cqe;
+        io_uring_for_each_cqe(&r->ring, head, cqe) {
+            seen++;
+            uint64_t i = cqe->user_data;
+            if (i >= r->n || finished[i])
+                continue;  /* cannot happen: user_data is ours */
+            struct slot *s = &r->slots[i];
+            int res = cqe->res, status = 0;
+            if (res < 0) {
+                error(out, E_ERRNO, -res, 0);
+                status = 1;
+            } else if ((uint64_t)res < s->length) {
+                status = finish_sync(disk, s, (uint64_t)res, out);
+            }
+            finished[i] = 1;
+            left--;
+            answer(q, s, status, out);
+        }
+        io_uring_cq_advance(&r->ring, seen);
+    }
+    if (r->failed) {
+        /* io_uring broke under the batch: what did not complete, the synchronous way
+         * (a read or write of the same bytes again is harmless). */
+        for (unsigned i = 0; i < r->n; i++)
+            if (!finished[i])
+                answer(q, &r->slots[i], finish_sync(disk, &r->slots[i], 0, out), out);
+    }
+    r->n = 0;
+    r->pool_used = 0;
+}
+
+/* The file that holds sectors [sector, sector + count) whole: the disk's file; for a
+ * copy-on-write disk the overlay or the image, as its sector map (sorted, disjoint
+ * ranges [starts[i], ends[i])) says, or -1 when the range has sectors in both. */
+static int file_of(const struct mv_disk *disk, uint64_t sector, uint64_t count)
+{
+    if (disk->overlay_fd < 0 || disk->nmap == 0)
+        return disk->fd;
+    uint32_t lo = 0, hi = disk->nmap;  /* the first range starting after `sector` */
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (disk->starts[mid] <= sector)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo > 0 && sector < disk->ends[lo - 1])
+        return sector + count <= disk->ends[lo - 1] ? disk->overlay_fd : -1;
+    if (lo < disk->nmap && disk->starts[lo] < sector + count)
+        return -1;
+    return disk->fd;
+}
+
+/* Whether the driver wants an interrupt for the used entries published since `old`
+ * (Queue.needs_notification's rule, virtio 1.2 §2.7.10, without recording anything):
+ * then the device returns at once, so that Python interrupts it, instead of watching
+ * the ring while the driver waits for that interrupt. */
+static int wants_interrupt(const struct mv_queue *q, uint16_t old)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);  /* the used index before used_event */
+    if (q->event_idx) {
+        uint16_t event = load16(q->avail + 4 + 2 * (uint64_t)q->size);
+        uint16_t new = q->next_used;
+        return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
+    }
+    return !(load16(q->avail) & AVAIL_F_NO_INTERRUPT);
+}
+
+/* Watch the available index for up to POLL_NS; 1 if the driver published meanwhile. */
+static int poll(const struct mv_queue *q)
+{
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned i = 1;; i++) {
+        if (load16(q->avail + 2) != q->next_avail)
+            return 1;
+        __builtin_ia32_pause();
+        if (i % 32 == 0) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) > POLL_NS)
+                return 0;
+        }
+    }
+}
+
+static int overlaps(const struct mv_ring *r, int write, uint64_t off, uint64_t len)
+{
+    for (unsigned i = 0; i < r->n; i++) {
+        const struct slot *s = &r->slots[i];
+        if ((write || s->write) && s->offset < off + len && off < s->offset + s->length)
+            return 1;
+    }
+    return 0;
+}
+
+/* Serve the available chains the common way: IN and OUT requests of the shape Linux
+ * sends (header in its first readable buffer, data sector-sized and on the disk, the
+ * status the chain's last byte), through io_uring, one batch at a time. Stops at the
+ * first chain it leaves to Python (DEFER: not consumed), at an empty ring (EMPTY, with
+ * notifications asked for again, as Queue.enable_notification does them), or
+ * after 256 answers (LIMIT); nothing is in flight when it returns. ERRORS is or-ed in
+ * when out->errs holds errors for Python to log. */
+int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *mem, int nmem,
+               const struct mv_disk *disk, struct mv_out *out)
+{
+    int status = EMPTY;
+    uint32_t polled = 0;  /* out->done when the ring was last watched */
+    uint16_t first_used = q->next_used;
+    out->done = 0;
+    out->nerr = 0;
+    if (r->failed)
+        return RINGFAIL;  /* cannot happen: Python drops a failed ring */
+    if (!q->event_idx)
+        store16(q->used, USED_F_NO_NOTIFY);  /* kicks are not needed while we walk */
+    for (;;) {
+        if (r->failed)
+            break;
+        if (out->done + r->n >= ERRMAX) {
+            status = LIMIT;
+            break;
+        }
+        uint16_t idx = load16(q->avail + 2);
+        BARRIER();  /* the index before the entries */
+        if (idx == q->next_avail && (r->n || out->done != polled)) {
+            /* Answer what is in flight, then watch the ring for a moment before asking
+             * for kicks again: a driver waiting on those answers publishes its next
+             * request within microseconds, and it is served without a kick (an exit,
+             * 10-40 us here). */
+            complete(r, q, disk, out);
+            polled = out->done;
+            if (!wants_interrupt(q, first_used) && poll(q))
+                continue;  /* a driver that polls too (interrupts off) sent its next one */
+        }
+        if (idx == q->next_avail) {
+            /* Empty: ask for kicks again (avail_event with EVENT_IDX, else the flag),
+             * then look once more: a request that came meanwhile may not be kicked
+             * (Queue.enable_notification, virtio 1.2 §2.7.10). */
+            if (q->event_idx)
+                store16(q->used + 4 + 8 * (uint64_t)q->size, q->next_avail);
+            else
+                store16(q->used, 0);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            if (load16(q->avail + 2) == q->next_avail)
+                break;
+            if (!q->event_idx)
+                store16(q->used, USED_F_NO_NOTIFY);
+            continue;
+        }
+        if ((uint16_t)(idx - q->next_avail) > q->size) {
+            status = DEFER;
+            break;
+        }
+        uint32_t head = load16(q->avail + 4 + 2 * (q->next_avail & (q->size - 1)));
+        struct iovec *iov = r->pool + r->pool_used;
+        unsigned niov, nread;
+        uint64_t rlen, wlen;
+        int w = walk(q, mem, nmem, head, iov, POOL - r->pool_used, &niov, &nread, &rlen,
+                     &wlen);
+        if (w == -2 && r->n) {
+            complete(r, q, disk, out);
+            continue;
+        }
+        if (w < 0 || nread == 0 || iov[0].iov_len < 16) {
+            status = DEFER;
+            break;
+        }
+        uint32_t type;
+        uint64_t sector;
+        memcpy(&type, iov[0].iov_base, 4);
+        memcpy(&sector, (uint8_t *)iov[0].iov_base + 8, 8);
+        struct slot *s = &r->slots[r->n];
+        uint64_t length;
+        if (type == T_IN && rlen == 16 && wlen > 1) {
+            length = wlen - 1;
+            struct iovec *last = &iov[niov - 1];
+            s->status = (uint8_t *)last->iov_base + last->iov_len - 1;
+            s->iov = iov + nread;
+            s->niov = niov - nread;
+            if (--last->iov_len == 0)
+                s->niov--;
+            s->used_len = (uint32_t)wlen;
+        } else if (type == T_OUT && !disk->read_only && disk->overlay_fd < 0 && wlen == 1
+                   && rlen > 16
+                   && nread == niov - 1) {
+            length = rlen - 16;
+            s->status = iov[niov - 1].iov_base;
+            s->iov = iov;
+            s->niov = nread;
+            iov[0].iov_base = (uint8_t *)iov[0].iov_base + 16;
+            if ((iov[0].iov_len -= 16) == 0) {
+                s->iov++;
+                s->niov--;
+            }
+            s->used_len = 1;
+        } else {
+            status = DEFER;
+            break;
+        }
+        if (length % SECTOR || sector > disk->capacity
+                || length / SECTOR > disk->capacity - sector || s->niov > IOV_MAX) {
+            status = DEFER;
+            break;
+        }
+        s->fd = file_of(disk, sector, length / SECTOR);
+        if (s->fd < 0) {
+            status = DEFER;
+            break;
+        }
+        s->head = head;
+        s->write = type == T_OUT;
+        s->offset = sector * SECTOR;
+        s->length = length;
+        if (r->n && overlaps(r, (int)s->write, s->offset, length)) {
+            /* as one request after the other: the earlier ones first. The slot and
+             * its iovecs stay put: complete() leaves the pool alone until it ends. */
+            struct slot keep = *s;
+            unsigned used = (unsigned)(iov - r->pool) + niov;
+            complete(r, q, disk, out);
+            if (r->failed)
+                break;
+            r->slots[0] = keep;
+            r->pool_used = used;
+            s = &r->slots[0];
+        }
+        if (s->write) {
+            /* Buffered writes go inline, in order: io_uring hands them to a worker
+             * thread (iou-wrk) wherever the filesystem cannot write without blocking
+             * (ext4 here), and that hop costs more than the copy into the page cache. */
+            answer(q, s, finish_sync(disk, s, 0, out), out);
+            out->requests++;
+            q->next_avail++;
+            continue;
+        }
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+        if (sqe == NULL) {
+            complete(r, q, disk, out);  /* cannot happen: SLOTS == the SQ size */
+            status = DEFER;
+            break;
+        }
+        if (s->niov == 1)
+            io_uring_prep_read(sqe, s->fd, s->iov[0].iov_base, (unsigned)length, s->offset);
+        else
+            io_uring_prep_readv(sqe, s->fd, s->iov, s->niov, s->offset);
+        sqe->user_data = r->n;
+        r->n++;
+        r->pool_used = (unsigned)(iov - r->pool) + niov;
+        q->next_avail++;
+        if (r->n == SLOTS)
+            complete(r, q, disk, out);
+    }
+    complete(r, q, disk, out);
+    return (r->failed ? RINGFAIL : status) | (out->nerr ? ERRORS : 0);
+}
+"""
+
+
+def module_name() -> str:
+    """The extension's name, unique per source: a changed source is a new file."""
+    digest = hashlib.sha256((CDEF + SOURCE).encode()).hexdigest()[:12]
+    return f"_minivmm_uring_{digest}"
+
+
+def build(tmpdir: str) -> str:
+    """Compile the extension in ``tmpdir``; returns the path of the shared object.
+    Raises ImportError (no cffi) or whatever cffi raises for a failed compile."""
+    import importlib
+
+    ffi = importlib.import_module("cffi").FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(module_name(), SOURCE, libraries=["uring"],
+                   extra_compile_args=["-O2"])
+    return str(ffi.compile(tmpdir=tmpdir, verbose=False))
