@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any, NoReturn
 
+    from .check import DriverChecker
     from .config import DeviceConfig, DriveConfig, NetConfig, VmConfig, VsockConfig
     from .vm import Vm
 
@@ -397,12 +398,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.snapshot_on_signal is not None:
                 signal.signal(signal.SIGUSR2, signal.SIG_DFL)
         _report(vm, args, result.reason, result.detail)
-        check = vm.driver_check
-        if check is not None and check.strict and check.total:
-            print(f"minivmm: check-driver=strict: exit status {CHECK_DRIVER_STATUS} (the run's "
-                  f"own was {result.status})", file=sys.stderr)
-            return CHECK_DRIVER_STATUS
-        return result.status
+        return _check_driver_end(vm.driver_check, len(vm.virtio.transports), result.status)
+
+
+def _check_driver_end(check: DriverChecker | None, devices: int, status: int) -> int:
+    """--check-driver's end of a run (``run`` and ``exec``): its summary on stderr; the
+    exit status, CHECK_DRIVER_STATUS in place of ``status`` when ``strict`` found any
+    violation (the last line names ``status``)."""
+    if check is None:
+        return status
+    for line in check.summary(devices):
+        print(f"minivmm: {line}", file=sys.stderr)
+    if check.strict and check.total:
+        print(f"minivmm: check-driver=strict: exit status {CHECK_DRIVER_STATUS} (the run's "
+              f"own was {status})", file=sys.stderr)
+        return CHECK_DRIVER_STATUS
+    return status
 
 
 def _snapshot_on_sigusr2(vm: Vm, path: Path) -> None:
@@ -438,9 +449,6 @@ def _report(vm: Vm, args: argparse.Namespace, reason: str, detail: str) -> None:
         say(detail)
     for hint in vm.device_hints():
         say(f"note: {hint}")
-    if vm.driver_check is not None:
-        for line in vm.driver_check.summary(len(vm.virtio.transports)):
-            say(line)
     if args.stats:
         for line in vm.stats_lines():
             print(line, file=sys.stderr)
@@ -474,7 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "exec":
             from .exec import Hooks, cmd_exec
 
-            return cmd_exec(args, Hooks(config_from_args, _check_signal, _set_on_signal))
+            return cmd_exec(args, Hooks(config_from_args, _check_signal, _set_on_signal,
+                                         _check_driver_end))
         return cmd_config(args) if args.command == "config" else cmd_run(args)
     except _Stopped as e:
         print(f"minivmm: {e}", file=sys.stderr)

@@ -10,7 +10,8 @@ Exit status: the command's; 128+N when a signal N killed it; 124 when --timeout 
 under it, or its kernel crashed while it ran (the live crash detector,
 minivmm.crashwatch: then why, the finding and the console's last lines go to stderr);
 126/127 when the command could not be executed / was not found; 128+N when minivmm
-itself was stopped by signal N; 2 for bad usage.
+itself was stopped by signal N; 2 for bad usage. ``--check-driver=strict``: 120 in place
+of any of these but 2 when the guest's drivers broke a rule (as ``minivmm run``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import UsageError
 
 if TYPE_CHECKING:
+    from .check import DriverChecker
     from .config import VmConfig
     from .crashwatch import Finding
     from .vm import Vm
@@ -176,6 +178,8 @@ class _Outcome:
     status: int
     why: str = ""  # set: a failure to report (with the console's tail)
     crash: Finding | None = None  # what the crash detector saw first
+    check: DriverChecker | None = None  # --check-driver's checker, and the devices it
+    devices: int = 0  # watched
 
 
 class _Output:
@@ -240,12 +244,15 @@ def prepare(cfg: VmConfig, tmp: Path, agent: Path, *, keep_console: bool = False
 @dataclass(frozen=True)
 class Hooks:
     """What the command line gives ``exec`` (this module does not import minivmm.cli):
-    the config of its options, a check that raises if a signal arrived, and a setter for
-    the function a signal calls (None: just remember the signal)."""
+    the config of its options, a check that raises if a signal arrived, a setter for
+    the function a signal calls (None: just remember the signal), and the end of a run
+    under --check-driver (its summary and exit status, as ``minivmm run`` has them)."""
 
     config_from_args: Callable[[argparse.Namespace], VmConfig]
     check_signal: Callable[[], None]
     on_signal: Callable[[Callable[[int], None] | None], None]
+    #: --check-driver's end of the run: (checker, devices watched, status) -> status
+    check_driver_end: Callable[[DriverChecker | None, int, int], int]
 
 
 def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
@@ -274,7 +281,7 @@ def cmd_exec(args: argparse.Namespace, hooks: Hooks) -> int:
         outcome = _run(cfg, cfg.vsock.uds_path, argv, env, args, hooks, collects)
         if outcome.why:
             _report(outcome, console_log)
-        return outcome.status
+        return hooks.check_driver_end(outcome.check, outcome.devices, outcome.status)
 
 
 def _run(cfg: VmConfig, uds: Path, argv: list[str], env: list[str],
@@ -299,6 +306,7 @@ def _run(cfg: VmConfig, uds: Path, argv: list[str], env: list[str],
             hooks.on_signal(None)
             vm.stop()
         outcome.crash = vm.crash_watch.fatal or vm.crash
+        outcome.check, outcome.devices = vm.driver_check, len(vm.virtio.transports)
         return outcome
 
 

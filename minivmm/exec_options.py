@@ -24,7 +24,8 @@ def add_parser(sub: Any, add_vm_options: Callable[[argparse.ArgumentParser], Non
         description="Boot the guest with the guest agent as its /init, run CMD in it as "
                     "root, stream its stdout and stderr to ours, forward our stdin, and "
                     "exit with its status (124: --timeout; 125: the guest never ran CMD "
-                    "or died under it).")
+                    "or died under it; 120: --check-driver=strict found a violation, "
+                    "whatever CMD's status).")
     add_vm_options(e)
     e.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="stop CMD and exit 124 after this long (from CMD's start)")

@@ -37,11 +37,12 @@ from .config import VmConfig
 from .errors import GuestError
 
 if TYPE_CHECKING:
-    from .agent import Exec
+    from .agent import Exec, ReadyListener
     from .collect import Collected
     from .crashwatch import Finding
 
 AGENT_CONNECT_TIMEOUT = 30.0
+NEWLINE = "\n"
 
 
 class GuestRunError(GuestError):
@@ -107,8 +108,7 @@ class Guest:
             try:
                 self.vm = Vm(cfg)
                 self.vm.start()
-                if not listener.wait(time.monotonic() + boot_timeout, self._alive):
-                    raise self._error(f"the agent did not start in {boot_timeout:g} s")
+                self._boot_wait(listener, boot_timeout)
             finally:
                 listener.close()
         except BaseException:
@@ -161,6 +161,37 @@ class Guest:
 
     def _alive(self) -> bool:
         return self.vm is not None and self.vm.stopper.result is None
+
+    def _boot_wait(self, listener: ReadyListener, boot_timeout: float) -> None:
+        """Return once the agent listens; else raise what happened: the guest ended, or
+        its kernel crashed (a fatal crash line ends the wait: the kernel may hang on),
+        or ``boot_timeout`` seconds passed."""
+        from .exec import CRASH_GRACE
+
+        assert self.vm is not None
+        watch = self.vm.crash_watch
+        start = time.monotonic()
+
+        def booting() -> bool:
+            return self._alive() and watch.fatal is None
+
+        if listener.wait(start + boot_timeout, booting):
+            return
+        if booting():
+            raise self._error(f"the agent did not start in {boot_timeout:g} s")
+        after = f"{time.monotonic() - start:.0f} s into its boot, before the agent started"
+        crashed = watch.fatal is not None and watch.fatal.source == "console"
+        # a crashed Linux with panic=-1 ends the VM itself: wait a little to say how
+        result = self.vm.stopper.wait(CRASH_GRACE if crashed else 2)
+        how = "" if result is None else (
+            f"{result.reason}: {result.detail.partition(NEWLINE)[0]}")
+        if crashed:
+            what = f"the guest kernel crashed {after}" + (f"; then the VM ended ({how})"
+                                                         if how else "")
+        else:
+            what = f"the guest ended {after}" + (f" ({how})" if how else "")
+        found = watch.fatal or self.finding()  # what ended it, else the first warning
+        raise GuestRunError(what, None if found is None else found.line, found)
 
     def _error(self, what: str) -> GuestRunError:
         result = None if self.vm is None else self.vm.stopper.wait(2)

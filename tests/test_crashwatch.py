@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fakeguest import fake_guest
+from fakeguest import FakeVm, fake_guest
 
-from minivmm.agent import HEADER, T_STARTED
+from minivmm.agent import HEADER, T_STARTED, ReadyListener
 from minivmm.console import NullSink
 from minivmm.crashwatch import HEAD, MAX_FINDINGS, CrashWatch, Finding, scan_text
 from minivmm.guest import GuestRunError
@@ -160,3 +163,61 @@ def test_a_callback_may_stop_the_vm() -> None:
     w.on_finding(lambda f: calls.append((f.kind, None)))
     w.vm_stopped("guest-error", "KVM emulation failure")
     assert calls[2:] == [("emulation failure", None)] * 2
+
+
+def boot_wait_error(tmp_path: Path, end: Callable[[FakeVm], None],
+                    boot_timeout: float = 60) -> GuestRunError:
+    """What Guest's boot wait raises when ``end(vm)`` runs 0.3 s into a boot whose agent
+    never says it listens."""
+    with fake_guest(tmp_path, b"") as (g, vm):
+        listener = ReadyListener(tmp_path / "boot")
+        threading.Timer(0.3, end, (vm,)).start()
+        try:
+            with pytest.raises(GuestRunError) as e:
+                g._boot_wait(listener, boot_timeout)
+        finally:
+            listener.close()
+    return e.value
+
+
+def test_boot_wait_says_the_kernel_crashed_and_how_the_vm_ended(tmp_path: Path) -> None:
+    def panic_then_reboot(vm: FakeVm) -> None:
+        vm.crash_watch.write(b"[ 1.0] WARNING: CPU: 0 PID: 1 at y.c:2 g\n" + PANIC)
+        time.sleep(0.2)  # Linux with panic=-1 reboots: a triple fault
+        vm.stopper.request(0, "reboot", "triple fault (the guest reset the CPU)\nregs")
+        vm.crash_watch.vm_stopped("reboot", "triple fault (the guest reset the CPU)")
+
+    e = boot_wait_error(tmp_path, panic_then_reboot)
+    message = re.sub(r"\d+ s into", "N s into", str(e))  # N: seconds, whatever they were
+    assert message.startswith("the guest kernel crashed N s into its boot, before the "
+                              "agent started; then the VM ended (reboot: triple fault "
+                              "(the guest reset the CPU))"), message
+    assert "did not start" not in message and "regs" not in message
+    assert e.crash == PANIC.decode().strip() and message.endswith(f"({e.crash})")
+    assert e.finding is not None and e.finding.kind == "Kernel panic"
+
+
+def test_boot_wait_says_the_kernel_crashed_when_it_hangs_after(tmp_path: Path) -> None:
+    # no panic=-1: the kernel hangs after its panic, the VM never ends by itself
+    e = boot_wait_error(tmp_path, lambda vm: vm.crash_watch.write(PANIC))
+    assert re.fullmatch(r"the guest kernel crashed \d+ s into its boot, before the agent "
+                        rf"started \({re.escape(PANIC.decode().strip())}\)", str(e)), str(e)
+
+
+def test_boot_wait_says_how_the_guest_ended(tmp_path: Path) -> None:
+    def emulation_failure(vm: FakeVm) -> None:
+        detail = "KVM emulation failure at RIP 0xffffffff81000000\nregisters"
+        vm.stopper.request(1, "guest-error", detail)
+        vm.crash_watch.vm_stopped("guest-error", detail)
+
+    e = boot_wait_error(tmp_path, emulation_failure)
+    assert re.sub(r"\d+ s into", "N s into", str(e)) == (
+        "the guest ended N s into its boot, before the agent started (guest-error: KVM "
+        "emulation failure at RIP 0xffffffff81000000) (KVM emulation failure at RIP "
+        "0xffffffff81000000)"), str(e)
+    assert e.finding is not None and e.finding.kind == "emulation failure"
+
+
+def test_boot_wait_timeout_says_so(tmp_path: Path) -> None:
+    e = boot_wait_error(tmp_path, lambda vm: None, boot_timeout=1)
+    assert str(e) == "the agent did not start in 1 s"

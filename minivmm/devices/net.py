@@ -36,7 +36,11 @@ the Python path above, which stays complete. Its receive path holds no stash.
 
 The tap going away (its interface deleted: reads and writes fail with EBADFD) turns the
 link down: STATUS reads 0 after a configuration-change interrupt, transmitted frames
-are dropped, and the VM keeps running.
+are dropped, and the VM keeps running. So does a tap that can't be read any more:
+:data:`RX_FAILURES_IN_A_ROW` reads that fail (another errno than EAGAIN) or return no
+frame (0 bytes: a socket standing in for the tap whose peer closed), with no frame or
+empty tap in between; each is counted (``rx_errors``). A tap that stays readable would
+otherwise wake the device thread for ever.
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ MAX_TX_FRAME: Final = 65535 + HDR_SIZE
 QUEUE_SIZE: Final = 256
 #: frames moved per tap wake-up before the device thread serves the other devices
 RX_BATCH: Final = QUEUE_SIZE
+#: failed reads of the tap in a row that make the failure persistent: link down
+RX_FAILURES_IN_A_ROW: Final = 32
 RXQ: Final = 0
 TXQ: Final = 1
 
@@ -181,7 +187,8 @@ class NetDevice(VirtioDevice):
         self._stash_bytes = 0
         #: counters (for --stats and tests)
         self.rx_packets = self.rx_bytes = self.rx_dropped = self.rx_bad_chains = 0
-        self.rx_pauses = 0
+        self.rx_pauses = self.rx_errors = 0
+        self._rx_failed = 0  # reads that failed since the last frame or EAGAIN
         self.tx_packets = self.tx_bytes = self.tx_dropped = self.tx_errors = 0
         #: the C accelerator (minivmm.devices.net_accel), None for the Python path only
         self._accel = net_accel.load() if accelerate else None
@@ -190,7 +197,8 @@ class NetDevice(VirtioDevice):
     def stats(self) -> dict[str, int]:
         return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
                 "rx_dropped": self.rx_dropped, "rx_bad_chains": self.rx_bad_chains,
-                "rx_pauses": self.rx_pauses, "tx_packets": self.tx_packets,
+                "rx_pauses": self.rx_pauses, "rx_errors": self.rx_errors,
+                "tx_packets": self.tx_packets,
                 "tx_bytes": self.tx_bytes, "tx_dropped": self.tx_dropped,
                 "tx_errors": self.tx_errors, "accelerated": int(self.accelerated)}
 
@@ -241,7 +249,7 @@ class NetDevice(VirtioDevice):
             except OSError as e:
                 if e.errno != taplib.EBADFD:
                     raise ActivationError(f"net: TUNSETOFFLOAD 0x{offload:x}: {e}") from e
-                self._link_lost(e)
+                self._link_lost(f"went away ({e.strerror})")
         self._watching = self.link_up  # the VMM registers extra_fds() now
         regions = getattr(self.memory, "regions", None)
         if self._accel is not None and regions:
@@ -327,9 +335,10 @@ class NetDevice(VirtioDevice):
                 f.release()
         self._fast = [None, None]
 
-    def _link_lost(self, e: OSError) -> None:
-        """The tap's interface is gone: link down (§5.1.4), the VM carries on."""
-        self.log("net: tap %s went away (%s): link down", self.tap_name, e.strerror)
+    def _link_lost(self, why: str) -> None:
+        """The tap's interface is gone or unusable: link down (§5.1.4), the VM carries
+        on. ``why``: what the tap did."""
+        self.log("net: tap %s %s: link down", self.tap_name, why)
         self.link_up = False
         self._set_watching(False)
         self._config = NET_CONFIG.pack(self.mac, 0, 1)
@@ -414,12 +423,16 @@ class NetDevice(VirtioDevice):
                     status, frames = self._fast_receive(fast, q, budget)
                     delivered += frames
                     budget -= frames
-                    if status in (net_accel.AGAIN, net_accel.LIMIT):
+                    if status == net_accel.AGAIN:
+                        self._rx_failed = 0
                         return
-                    if status == net_accel.IOERR:
-                        err = fast.out.err
+                    if status == net_accel.LIMIT:
+                        return
+                    if status == net_accel.IOERR or (status == net_accel.SHORT
+                                                     and fast.out.bytes == 0):
                         budget -= 1
-                        if not self._read_failed(OSError(err, os.strerror(err))):
+                        err = fast.out.err if status == net_accel.IOERR else 0
+                        if not self._read_failed(err):
                             return
                         continue
                     if status == net_accel.SHORT:
@@ -433,8 +446,7 @@ class NetDevice(VirtioDevice):
                         self.rx_pauses += 1
                         self._set_watching(False)  # until the driver kicks receiveq1
                         if not taplib.is_attached(tap):  # an error woke us, not a frame
-                            self._link_lost(OSError(taplib.EBADFD, os.strerror(
-                                taplib.EBADFD)))
+                            self._link_lost("went away")
                         return
                 room = self._stash_bytes
                 vec = iov
@@ -444,13 +456,17 @@ class NetDevice(VirtioDevice):
                 try:
                     n = readv(tap, vec)
                 except BlockingIOError:
+                    self._rx_failed = 0
                     return
                 except OSError as e:
-                    budget -= 1
-                    if not self._read_failed(e):
+                    n, err = 0, e.errno or 0
+                else:
+                    err = 0
+                budget -= 1
+                if n == 0:  # an error, or no frame at all
+                    if not self._read_failed(err):
                         return
                     continue
-                budget -= 1
                 if n > room or n < HDR_SIZE:
                     self._rx_too_big(room)
                     continue
@@ -460,13 +476,21 @@ class NetDevice(VirtioDevice):
             if delivered:
                 self.signal_used(q)
 
-    def _read_failed(self, e: OSError) -> bool:
-        """A read of the tap failed: False if the link went down with it."""
-        if e.errno == taplib.EBADFD:
-            self._link_lost(e)
+    def _read_failed(self, err: int) -> bool:
+        """A read of the tap failed with errno ``err`` (0: it returned no frame): False
+        if the link went down with it (EBADFD, or a failure that persists)."""
+        what = os.strerror(err) if err else "no frame (0 bytes)"
+        if err == taplib.EBADFD:
+            self._link_lost(f"went away ({what})")
             return False
-        self.rx_dropped += 1  # EFAULT: the frame did not fit and is gone
-        self.log("net: reading tap %s failed: %s", self.tap_name, e.strerror)
+        self.rx_errors += 1
+        if err:
+            self.rx_dropped += 1  # EFAULT: the frame did not fit and is gone
+        self._rx_failed += 1
+        if self._rx_failed >= RX_FAILURES_IN_A_ROW:
+            self._link_lost(f"failed {self._rx_failed} reads in a row ({what})")
+            return False
+        self.log("net: reading tap %s failed: %s", self.tap_name, what)
         return True
 
     def _rx_too_big(self, room: int) -> None:
@@ -478,6 +502,8 @@ class NetDevice(VirtioDevice):
         """Frames from the tap into receive chains, in C: (status, frames delivered)."""
         status = fast.receive(q, self._tap, budget, self._fix_flags, self._rx_need)
         frames: int = fast.out.frames
+        if frames:
+            self._rx_failed = 0
         self.rx_packets += frames
         self.rx_bytes += fast.out.payload
         return status, frames
@@ -511,6 +537,7 @@ class NetDevice(VirtioDevice):
             self._stash_bytes -= cbytes
         del stash[:k]
         del iov[:nviews]
+        self._rx_failed = 0
         self.rx_packets += 1
         self.rx_bytes += n - HDR_SIZE
 
@@ -588,7 +615,7 @@ class NetDevice(VirtioDevice):
 
     def _send_failed(self, e: OSError, size: int) -> None:
         if e.errno == taplib.EBADFD:
-            self._link_lost(e)
+            self._link_lost(f"went away ({e.strerror})")
             self.tx_dropped += 1
             return
         self.tx_errors += 1

@@ -642,3 +642,71 @@ def test_tap_write_errors_are_counted_and_slow_writes_trip_the_watchdog(net: Net
     with pytest.raises(WatchdogError, match=r"^net: queue 1: the chain with head \d+ was "
                        r"kicked 0\.3\d s ago and is unanswered"):
         tx.publish(readable=[bytes(HDR_SIZE) + frame(60, seed=2)])
+
+
+def assert_link_down(net: Net) -> None:
+    """Link down as the device's rules have it: STATUS 0 after a configuration-change
+    interrupt, the tap no longer watched (no wake-ups), no DEVICE_NEEDS_RESET."""
+    assert not net.dev.link_up and net.h.read_config(6, 2) == b"\x00\x00"
+    assert net.h.interrupt_status & VIRTIO_MMIO_INT_CONFIG
+    assert net.watch[-1] == (net.dev.tap_fd, False)
+    assert not net.h.status & DEVICE_NEEDS_RESET
+
+
+# The fault injector wraps Python's readv: the C path's does not pass through it.
+@pytest.mark.parametrize("net", ["python"], indirect=True)
+def test_a_read_error_that_persists_is_link_down(net: Net) -> None:
+    """A tap whose reads keep failing stays readable: without a bound the device
+    thread would be woken for ever, reading nothing."""
+    net.h.watchdog, net.h.watched = 5.0, {1}
+    net.initialise()
+    rx = net.h.drivers[0]
+    rx.publish(writable=[2048])
+    net.h.ack_interrupt()
+    failing = net.h.faults.io_error(net.dev.tap_fd, ops=["read"], errno=errno.EIO, count=0)
+    net.send(frame(60))
+    net.pump()
+    assert failing.hits == netdev.RX_FAILURES_IN_A_ROW
+    assert net.dev.rx_errors == netdev.RX_FAILURES_IN_A_ROW and net.dev.stats()["rx_errors"]
+    assert_link_down(net)
+    assert rx.used() == []
+
+
+@pytest.mark.parametrize("net", ["python"], indirect=True)
+def test_read_errors_with_frames_between_are_counted_and_the_link_stays_up(net: Net) -> None:
+    net.initialise()
+    rx = net.h.drivers[0]
+    burst = netdev.RX_FAILURES_IN_A_ROW - 1
+    for seed in range(2):  # two bursts, each one short of the bound, a frame after each
+        rx.publish(writable=[2048])
+        failing = net.h.faults.io_error(net.dev.tap_fd, ops=["read"], errno=errno.EIO,
+                                        count=burst)
+        net.send(frame(60, seed))
+        net.pump()
+        assert failing.hits == burst
+        (u,) = rx.used()
+        assert u.written[HDR_SIZE:] == frame(60, seed)
+    assert net.dev.link_up and net.dev.rx_errors == 2 * burst
+    assert net.dev.rx_packets == 2 and not net.h.status & DEVICE_NEEDS_RESET
+
+
+def test_a_stand_in_tap_whose_peer_closed_is_link_down(net: Net) -> None:
+    """A socket standing in for the tap (a SEQPACKET socketpair) reads 0 bytes for ever
+    once its peer closed: on the Python and the C path that is a read without a frame,
+    and the bound turns the link down."""
+    net.initialise()
+    rx = net.h.drivers[0]
+    rx.publish(writable=[2048])
+    net.h.ack_interrupt()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap, net.dev._tap = net.dev._tap, ours.fileno()
+    try:
+        theirs.close()
+        net.pump()
+        assert net.dev.rx_errors == netdev.RX_FAILURES_IN_A_ROW
+        assert net.dev.rx_dropped == 0  # no frame was lost
+        assert_link_down(net)
+    finally:
+        net.dev._tap = tap
+        ours.close()
+    assert rx.used() == []
