@@ -16,8 +16,7 @@ import ctypes
 import os
 import pathlib
 import struct
-from dataclasses import dataclass
-from typing import BinaryIO, Final, Literal
+from typing import BinaryIO, Final, Literal, NamedTuple
 
 from ..errors import UsageError
 from ..memory import GuestMemory
@@ -39,8 +38,7 @@ ELF_KERNEL_ALIGNMENT: Final = 0x100_0000
 ELF_INITRD_ADDR_MAX: Final = 0x7FFF_FFFF  # what x86-64 kernels put in initrd_addr_max
 
 
-@dataclass(frozen=True)
-class BootInfo:
+class BootInfo(NamedTuple):
     """How to enter the loaded kernel.
 
     linux64: long mode, RIP=entry, RSI=boot_params_addr (the zero page).
