@@ -25,7 +25,7 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import check_mem, format_size
 from .errors import UsageError
@@ -43,8 +43,7 @@ class GuestMemoryError(LookupError):
         self.length = length
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):
     """One contiguous piece of guest RAM."""
 
     gpa: int

@@ -12,7 +12,6 @@ wiring (minivmm.vm) puts devices on them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import ExitStack
 from typing import Final, TypeVar
@@ -100,22 +99,28 @@ class Platform:
             supported = self.system.supported_cpuid()
             self.host_cpu = _host_cpu(supported)
             self.vcpus: list[Vcpu] = []
-            digest = hashlib.sha256()
+            cpuid: list[bytes] = []
             for i in range(cpus):
                 vcpu = self._own(self.vm.create_vcpu(i))
                 entries = filter_cpuid(supported, cpu_index=i, cpu_count=cpus)
-                for entry in entries:
-                    digest.update(bytes(entry))
+                cpuid.extend(bytes(entry) for entry in entries)
                 vcpu.set_cpuid2(entries)
                 if ram_file is None:  # a snapshot's vCPU state replaces what a BIOS leaves
                     x86cpu.setup_vcpu(vcpu)
                 self.vcpus.append(vcpu)
-            #: what the guest's CPUID says, all vCPUs (a snapshot restores only on a host
-            #: that gives the same)
-            self.cpuid_digest = digest.hexdigest()
+            self._cpuid = b"".join(cpuid)
             building.pop_all()
         self.pio_bus = Bus("port I/O")
         self.mmio_bus = Bus("MMIO")
+
+    @property
+    def cpuid_digest(self) -> str:
+        """What the guest's CPUID says, all vCPUs, as a SHA-256 (a snapshot restores only
+        on a host that gives the same); hashlib (2-3 ms with OpenSSL) is imported when a
+        snapshot asks, not at start-up."""
+        import hashlib
+
+        return hashlib.sha256(self._cpuid).hexdigest()
 
     def _own(self, obj: _Owned) -> _Owned:
         self._stack.callback(obj.close)

@@ -144,7 +144,7 @@ class VcpuRunner:
         fd = vcpu.fd
         run = vcpu.run
         view = vcpu.run_view
-        kvm_run = kvm_api._ioctl_int_fn
+        kvm_run = kvm_api.kvm_run_fn  # (fd, KVM_RUN, 0): ints below 2**31
         request = kvm_api.KVM_RUN
         get_errno = ctypes.get_errno
         counts = self.exit_counts

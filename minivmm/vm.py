@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from .config import VmConfig
@@ -83,11 +82,11 @@ def _warn_once(message: str) -> None:
 _JOIN_TIMEOUT = 10.0
 
 
-@dataclass
 class Timeline:
     """Monotonic time stamps of the boot's milestones (seconds)."""
 
-    marks: dict[str, float] = field(default_factory=dict)
+    def __init__(self, marks: dict[str, float] | None = None) -> None:
+        self.marks: dict[str, float] = {} if marks is None else marks
 
     def mark(self, name: str, at: float | None = None) -> None:
         self.marks.setdefault(name, time.monotonic() if at is None else at)

@@ -25,8 +25,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from ..devices.base import (
     VIRTIO_MMIO_INT_CONFIG,
@@ -67,8 +66,7 @@ def features_writable(status: int) -> bool:
     return status & INIT_BITS == ACKNOWLEDGE | DRIVER
 
 
-@dataclass(frozen=True)
-class Register:
+class Register(NamedTuple):
     name: str
     readable: bool
     writable: bool

@@ -13,8 +13,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import UsageError
 from ..x86 import layout
@@ -29,8 +28,7 @@ if TYPE_CHECKING:
     from .observe import Observer
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     base: int
     irq: int
 

@@ -29,7 +29,7 @@ import ctypes
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from ..memory import GuestMemory
 from . import aml, layout
@@ -209,8 +209,7 @@ def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
     return bytes(header) + body
 
 
-@dataclass(frozen=True)
-class VirtioMmio:
+class VirtioMmio(NamedTuple):
     """One virtio-mmio transport as the DSDT describes it."""
 
     base: int
@@ -358,8 +357,7 @@ def fadt_body(m: Platform, dsdt_addr: int) -> bytes:
 # ---- Putting it together ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tables:
+class Tables(NamedTuple):
     """The RSDP and every table, each with the guest-physical address it belongs at."""
 
     rsdp_addr: int

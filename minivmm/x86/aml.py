@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 # Opcodes (§20.3 "AML Byte Stream Byte Values").
 ZERO_OP: Final = 0x00
@@ -152,8 +151,7 @@ def string(text: str) -> bytes:
     return bytes([STRING_PREFIX]) + data + b"\0"
 
 
-@dataclass(frozen=True)
-class EisaId:
+class EisaId(NamedTuple):
     """ASL's EISAID("PNP0501"): three letters and four hex digits compressed into a
     32-bit integer (5 bits per letter, 'A' = 1), stored big-endian."""
 
@@ -184,8 +182,7 @@ def encode_value(value: int | str | Aml) -> bytes:
     return value.encode()
 
 
-@dataclass(frozen=True)
-class Package:
+class Package(NamedTuple):
     """Package(){...}: PackageOp PkgLength NumElements PackageElementList."""
 
     elements: Sequence[int | str | Aml]
@@ -197,8 +194,7 @@ class Package:
         return bytes([PACKAGE_OP]) + _with_pkg_length(body)
 
 
-@dataclass(frozen=True)
-class Buffer:
+class Buffer(NamedTuple):
     """Buffer(){...}: BufferOp PkgLength BufferSize ByteList."""
 
     data: bytes
@@ -210,8 +206,7 @@ class Buffer:
 # ---- §20.2.5 Term Objects Encoding: named objects --------------------------------------
 
 
-@dataclass(frozen=True)
-class Name:
+class Name(NamedTuple):
     """Name(name, value): NameOp NameString DataRefObject."""
 
     name: str
@@ -221,8 +216,7 @@ class Name:
         return bytes([NAME_OP]) + name_string(self.name) + encode_value(self.value)
 
 
-@dataclass(frozen=True)
-class Scope:
+class Scope(NamedTuple):
     """Scope(name){...}: ScopeOp PkgLength NameString TermList."""
 
     name: str
@@ -233,8 +227,7 @@ class Scope:
         return bytes([SCOPE_OP]) + _with_pkg_length(body)
 
 
-@dataclass(frozen=True)
-class Device:
+class Device(NamedTuple):
     """Device(name){...}: ExtOpPrefix DeviceOp PkgLength NameString TermList."""
 
     name: str
@@ -245,8 +238,7 @@ class Device:
         return bytes([EXT_OP_PREFIX, DEVICE_OP]) + _with_pkg_length(body)
 
 
-@dataclass(frozen=True)
-class Return:
+class Return(NamedTuple):
     """Return(value): ReturnOp ArgObject."""
 
     value: int | str | Aml
@@ -255,8 +247,7 @@ class Return:
         return bytes([RETURN_OP]) + encode_value(self.value)
 
 
-@dataclass(frozen=True)
-class Method:
+class Method(NamedTuple):
     """Method(name, args, Serialized|NotSerialized){...}: MethodOp PkgLength NameString
     MethodFlags TermList (flags: bits 0-2 argument count, bit 3 serialized)."""
 
@@ -298,8 +289,7 @@ def _check(what: str, value: int, bits: int) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class Memory32Fixed:
+class Memory32Fixed(NamedTuple):
     """Memory32Fixed(ReadWrite|ReadOnly, base, length) (§6.4.3.4)."""
 
     base: int
@@ -312,8 +302,7 @@ class Memory32Fixed:
         return _large(_LARGE_MEMORY32_FIXED, struct.pack("<BII", int(self.writable), base, length))
 
 
-@dataclass(frozen=True)
-class Interrupt:
+class Interrupt(NamedTuple):
     """Interrupt(ResourceConsumer, Edge|Level, ActiveHigh|ActiveLow, Exclusive|Shared)
     {irqs} -- the Extended Interrupt Descriptor (§6.4.3.6)."""
 
@@ -336,8 +325,7 @@ class Interrupt:
         return _large(_LARGE_EXTENDED_IRQ, body)
 
 
-@dataclass(frozen=True)
-class IrqNoFlags:
+class IrqNoFlags(NamedTuple):
     """IRQNoFlags(){irq}: the 2-byte IRQ descriptor, meaning an ISA interrupt -- edge
     triggered, active high, exclusive (§6.4.2.1)."""
 
@@ -349,8 +337,7 @@ class IrqNoFlags:
         return _small(_SMALL_IRQ, struct.pack("<H", 1 << self.irq))
 
 
-@dataclass(frozen=True)
-class Io:
+class Io(NamedTuple):
     """IO(Decode16, base, base, alignment, length): a fixed range of I/O ports (§6.4.2.5)."""
 
     base: int
@@ -365,8 +352,7 @@ class Io:
         return _small(_SMALL_IO, struct.pack("<BHHBB", decode16, base, base, alignment, length))
 
 
-@dataclass(frozen=True)
-class ResourceTemplate:
+class ResourceTemplate(NamedTuple):
     """ResourceTemplate(){...}: a Buffer of descriptors closed by an End Tag whose checksum
     byte is 0 ("treated as if the checksum operation succeeded", §6.4.2.9)."""
 

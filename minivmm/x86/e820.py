@@ -14,8 +14,7 @@ Every further RAM region (RAM above 4 GiB) is usable as a whole.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from ..memory import GuestMemory
 from . import layout
@@ -24,8 +23,7 @@ E820_RAM: Final = 1
 E820_RESERVED: Final = 2
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     addr: int
     size: int
     type: int
