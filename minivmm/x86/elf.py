@@ -14,10 +14,8 @@ from __future__ import annotations
 import struct
 from typing import BinaryIO, Final, NamedTuple
 
-ELFCLASS32: Final = 1
 ELFCLASS64: Final = 2
 ELFDATA2LSB: Final = 1
-ELFDATA2MSB: Final = 2
 EM_X86_64: Final = 62
 ET_EXEC: Final = 2
 ET_DYN: Final = 3
@@ -77,12 +75,10 @@ def read_elf(f: BinaryIO, size: int) -> ElfKernel:
     if len(head) < 20:
         raise TruncatedElf(f"the ELF header needs {_EHDR.size} bytes, the file has {len(head)}")
     ei_class, ei_data = head[4], head[5]
-    if ei_class not in (ELFCLASS32, ELFCLASS64) or ei_data not in (ELFDATA2LSB, ELFDATA2MSB):
-        raise ElfError(f"EI_CLASS {ei_class} and EI_DATA {ei_data} (1 or 2 each)")
     order = "<" if ei_data == ELFDATA2LSB else ">"
     e_machine = struct.unpack_from(order + "H", head, 18)[0]
+    bits = 64 if ei_class == ELFCLASS64 else 32
     if ei_class != ELFCLASS64 or ei_data != ELFDATA2LSB or e_machine != EM_X86_64:
-        bits = 64 if ei_class == ELFCLASS64 else 32
         endian = "" if ei_data == ELFDATA2LSB else ", big-endian"
         raise ForeignElf(f"an ELF file for {machine_name(e_machine)} ({bits}-bit{endian}), "
                          "not x86-64; pass a 64-bit x86 kernel")
