@@ -210,8 +210,7 @@ def _load_bzimage(
 # ---- ELF vmlinux: PVH (Xen start_info.h) or the 64-bit boot protocol ---------------------
 
 
-@dataclass(frozen=True)
-class _Segment:
+class _Segment(NamedTuple):
     offset: int
     paddr: int
     vaddr: int
