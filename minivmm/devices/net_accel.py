@@ -16,10 +16,11 @@ disagree about anything but speed:
 
 The walk and the used-ring publish are the engine's C twin (minivmm.virtio.cwalk: every
 guard of :meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>`, every buffer checked
-against the guest's memory map), shared with the block device's io_uring path. It decides nothing on its own: a chain that fails any
-guard, or that the device would drop or log (a transmit chain with writable buffers,
-shorter than the header, longer than a frame or over IOV_MAX buffers; a receive chain
-with readable bytes or under 12 writable ones), is left unconsumed and the call returns
+against the guest's memory map), shared with the block device's io_uring path. It
+decides nothing on its own: a chain that fails any guard, or that the device would drop
+or log (a transmit chain with writable buffers, shorter than the header, longer than a
+frame or over IOV_MAX buffers; a receive chain with readable bytes or under 12 writable
+ones), is left unconsumed and the call returns
 ``DEFER``: Python then pops that one chain, which raises the engine's typed error or
 takes the device's logged path, and calls again. So the used ring, the bytes, the
 counters and the errors are those of the Python path (tests/devices/test_net_accel.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -456,6 +457,30 @@ def test_no_compiler_means_the_synchronous_path_said_once_quietly(
     assert list((tmp_path / "accel").glob("*.failed"))  # later starts don't try again
     att = attach(devs[0])
     assert statuses_after(att, [header(VIRTIO_BLK_T_IN, 2)]) == VIRTIO_BLK_S_OK
+    for d in devs:
+        d.close()
+
+
+def test_no_liburing_means_the_synchronous_path_said_once_at_info(
+        fresh_loader: None, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """A host with a compiler but without liburing-dev: the header is not there (its
+    name changed here, so the compiler looks for a file no host has)."""
+    pytest.importorskip("cffi")
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: test_no_compiler_... covers this host")
+    from minivmm.devices import uring_build
+
+    monkeypatch.setattr(uring_build, "SOURCE",
+                        uring_build.SOURCE.replace("<liburing.h>", "<liburing-absent.h>"))
+    with caplog.at_level(logging.DEBUG, "minivmm.accel"):
+        devs = [BlockDevice(image), BlockDevice(image)]
+    assert not any(d.io_uring for d in devs)
+    said = [r for r in caplog.records if "accelerator off" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert "liburing-absent.h" in said[0].getMessage()
+    assert capfd.readouterr().err == ""
+    assert statuses_after(attach(devs[0]), [header(VIRTIO_BLK_T_IN, 2)]) == VIRTIO_BLK_S_OK
     for d in devs:
         d.close()
 
