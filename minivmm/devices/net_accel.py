@@ -14,15 +14,13 @@ disagree about anything but speed:
   (EAGAIN), stay in the ring, so nothing is held (and a snapshot has nothing to rewind).
   The price is walking the look-ahead again for each frame, in C.
 
-The C walk keeps every guard of :meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>`
-(virtio 1.2 §2.7.5, §2.7.5.3: available-index jump, head and next below the table
-length, the hop limit per table, no nested indirect, no INDIRECT with NEXT, indirect
-length, readable after writable, total length under 2^32) and checks every buffer
-against the guest's memory map (the regions GuestMemory translates through; a zero-length
-buffer is skipped, as ``pop`` does). It decides nothing on its own: a chain that fails any
-guard, or that the device would drop or log (a transmit chain with writable buffers,
-shorter than the header, longer than a frame or over IOV_MAX buffers; a receive chain
-with readable bytes or under 12 writable ones), is left unconsumed and the call returns
+The walk and the used-ring publish are the engine's C twin (minivmm.virtio.cwalk: every
+guard of :meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>`, every buffer checked
+against the guest's memory map), shared with the block device's io_uring path. It
+decides nothing on its own: a chain that fails any guard, or that the device would drop
+or log (a transmit chain with writable buffers, shorter than the header, longer than a
+frame or over IOV_MAX buffers; a receive chain with readable bytes or under 12 writable
+ones), is left unconsumed and the call returns
 ``DEFER``: Python then pops that one chain, which raises the engine's typed error or
 takes the device's logged path, and calls again. So the used ring, the bytes, the
 counters and the errors are those of the Python path (tests/devices/test_net_accel.py
@@ -39,6 +37,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from .. import accel
+from ..virtio import cwalk
 from ..virtio.queue import Queue
 
 EMPTY: Final = 0  # the available ring is empty
@@ -49,22 +48,17 @@ LIMIT: Final = 4  # the budget of frames is used up
 SHORT: Final = 5  # receive: the frame did not fit (out.bytes > the chain's room), dropped
 MAX_QUEUE: Final = 32768  # the longest look-ahead: a queue's size (virtio 1.2 §2.7)
 
-_STRUCTS: Final = """
-struct mv_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct mv_ring {
-    uint8_t *desc; uint8_t *avail; uint8_t *used;
-    uint32_t size; uint16_t next_avail; uint16_t next_used;
-};
+_OUT: Final = """
 struct mv_out { int status; int err; uint64_t bytes; uint64_t room; uint64_t frames;
                 uint64_t payload; };
 """
 CDEF: Final = """
 struct iovec { void *iov_base; size_t iov_len; ...; };
-""" + _STRUCTS + """
-int mv_net_tx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
+""" + cwalk.STRUCTS + _OUT + """
+int mv_net_tx(struct mv_queue *q, const struct mv_region *mem, int nmem, int fd,
               struct iovec *iov, int iovmax, uint64_t maxframe, uint32_t budget,
               struct mv_out *out);
-int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
+int mv_net_rx(struct mv_queue *q, const struct mv_region *mem, int nmem, int fd,
               struct iovec *iov, int iovmax, uint32_t budget, int clear_flags,
               uint8_t *spare, uint64_t need, uint32_t *heads, uint64_t *sizes,
               struct mv_out *out);
@@ -75,127 +69,30 @@ SOURCE: Final = r"""
 #include <string.h>
 #include <errno.h>
 #include <sys/uio.h>
-
+""" + cwalk.SOURCE + _OUT + r"""
 #define HDR 12              /* sizeof(struct virtio_net_hdr_v1) (virtio 1.2 5.1.6) */
 #define NUM_BUFFERS 10
-#define F_NEXT 1
-#define F_WRITE 2
-#define F_INDIRECT 4
-#define MAX_CHAIN 0xFFFFFFFFull
-#define MAX_INDIRECT (32768u * 16u)
 enum { EMPTY, DEFER, IOERR, AGAIN, LIMIT, SHORT };
-""" + _STRUCTS + r"""
-struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
-
-#define BARRIER() __asm__ __volatile__("" ::: "memory")
-
-static inline uint16_t load16(const uint8_t *p)
-{
-    return *(const volatile uint16_t *)p;  /* one aligned 16-bit load (ring.py) */
-}
-
-/* [gpa, gpa + len) inside one region: its host address, else NULL (len > 0). */
-static uint8_t *guest(const struct mv_region *m, int n, uint64_t gpa, uint64_t len)
-{
-    for (int i = 0; i < n; i++) {
-        if (gpa >= m[i].gpa && gpa - m[i].gpa <= m[i].size
-                && len <= m[i].size - (gpa - m[i].gpa))
-            return m[i].host + (gpa - m[i].gpa);
-    }
-    return NULL;
-}
-
-/* Walk the chain at `head` with Queue.pop's guards; its buffers (readable ones first)
- * into iov. 0, or -1 for anything pop rejects or more than iovmax buffers. */
-static int walk(const struct mv_ring *q, const struct mv_region *mem, int nmem,
-                uint32_t head, struct iovec *iov, int iovmax, int *niov,
-                uint64_t *rlen, uint64_t *wlen)
-{
-    const uint8_t *table = q->desc;
-    uint32_t limit = q->size, index = head, hop;
-    int indirect = 0, seen_write = 0, n = 0;
-    uint64_t r = 0, w = 0;
-    struct desc d;
-
-    if (head >= limit)
-        return -1;
-    for (;;) {
-        for (hop = 0; hop < limit; hop++) {
-            memcpy(&d, table + (uint64_t)index * 16, sizeof d);
-            BARRIER();  /* each field read once: the guest may change the table */
-            if (d.flags & F_INDIRECT)
-                break;
-            if (d.flags & F_WRITE) {
-                w += d.len;
-                seen_write = 1;
-            } else if (seen_write) {
-                return -1;
-            } else {
-                r += d.len;
-            }
-            if (d.len) {
-                uint8_t *p = guest(mem, nmem, d.addr, d.len);
-                if (!p || n >= iovmax)
-                    return -1;
-                iov[n].iov_base = p;
-                iov[n].iov_len = d.len;
-                n++;
-            }
-            if (!(d.flags & F_NEXT)) {
-                if (r + w > MAX_CHAIN)
-                    return -1;
-                *niov = n;
-                *rlen = r;
-                *wlen = w;
-                return 0;
-            }
-            if (d.next >= limit)
-                return -1;
-            index = d.next;
-        }
-        if (hop == limit)
-            return -1;  /* a loop */
-        if (indirect || (d.flags & F_NEXT) || d.len == 0 || (d.len & 15)
-                || d.len > MAX_INDIRECT)
-            return -1;
-        table = guest(mem, nmem, d.addr, d.len);
-        if (!table)
-            return -1;
-        indirect = 1;
-        limit = d.len >> 4;
-        index = 0;
-    }
-}
 
 /* The next available head, or -1 (out->status set: EMPTY, or DEFER for an index jump
- * that pop turns into InvalidAvailRingIndex). */
-static int next_head(const struct mv_ring *q, uint16_t *idx, struct mv_out *out)
+ * that pop turns into InvalidAvailRingIndex). *idx: the available index last read. */
+static int next_head(const struct mv_queue *q, uint16_t *idx, struct mv_out *out)
 {
+    int head;
     if (q->next_avail == *idx) {
-        *idx = load16(q->avail + 2);
+        *idx = mv_avail_idx(q);
         if (q->next_avail == *idx) {
             out->status = EMPTY;
             return -1;
         }
     }
-    if ((uint16_t)(*idx - q->next_avail) > q->size) {
+    head = mv_avail_head(q, *idx);
+    if (head < 0)
         out->status = DEFER;
-        return -1;
-    }
-    __atomic_thread_fence(__ATOMIC_ACQUIRE);  /* the idx load before the entry loads */
-    return load16(q->avail + 4 + 2 * (q->next_avail & (q->size - 1)));
+    return head;
 }
 
-static void put_used(struct mv_ring *q, uint32_t head, uint32_t len)
-{
-    uint64_t elem = head | (uint64_t)len << 32;
-    memcpy(q->used + 4 + 8 * (q->next_used & (q->size - 1)), &elem, 8);
-    __atomic_thread_fence(__ATOMIC_RELEASE);  /* the element before the index */
-    q->next_used++;
-    *(volatile uint16_t *)(q->used + 2) = q->next_used;
-}
-
-int mv_net_tx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
+int mv_net_tx(struct mv_queue *q, const struct mv_region *mem, int nmem, int fd,
               struct iovec *iov, int iovmax, uint64_t maxframe, uint32_t budget,
               struct mv_out *out)
 {
@@ -203,18 +100,20 @@ int mv_net_tx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
     out->frames = out->payload = 0;
     out->status = LIMIT;
     while (out->frames < budget) {
-        int head = next_head(q, &idx, out), niov;
+        int head = next_head(q, &idx, out);
+        unsigned niov, nread;
         uint64_t rlen, wlen;
         if (head < 0)
             break;
-        if (walk(q, mem, nmem, head, iov, iovmax, &niov, &rlen, &wlen) < 0 || wlen
+        if (mv_walk(q, mem, nmem, (uint32_t)head, iov, (unsigned)iovmax, &niov, &nread,
+                    &rlen, &wlen) < 0 || wlen
                 || rlen < HDR || rlen > maxframe) {
             out->status = DEFER;
             break;
         }
         q->next_avail++;
-        ssize_t n = writev(fd, iov, niov);
-        put_used(q, head, 0);
+        ssize_t n = writev(fd, iov, (int)niov);
+        mv_put_used(q, (uint32_t)head, 0);
         if (n < 0) {
             out->status = IOERR;
             out->err = errno;
@@ -228,9 +127,9 @@ int mv_net_tx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
 }
 
 /* Store `len` bytes at `off` of what iov covers (a header split across buffers). */
-static void poke(struct iovec *iov, int niov, uint64_t off, const uint8_t *src, int len)
+static void poke(struct iovec *iov, unsigned niov, uint64_t off, const uint8_t *src, int len)
 {
-    for (int i = 0; i < niov && len > 0; i++) {
+    for (unsigned i = 0; i < niov && len > 0; i++) {
         if (off >= iov[i].iov_len) {
             off -= iov[i].iov_len;
             continue;
@@ -247,7 +146,7 @@ static void poke(struct iovec *iov, int niov, uint64_t off, const uint8_t *src, 
  * MRG_RXBUF chains until `need` bytes or the ring's end, as Python's stash holds them),
  * readv into all of them plus the spare byte, then consume the k chains the frame
  * filled (num_buffers = k, 5.1.6.4); the others stay in the ring for the next frame. */
-int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
+int mv_net_rx(struct mv_queue *q, const struct mv_region *mem, int nmem, int fd,
               struct iovec *iov, int iovmax, uint32_t budget, int clear_flags,
               uint8_t *spare, uint64_t need, uint32_t *heads, uint64_t *sizes,
               struct mv_out *out)
@@ -257,23 +156,25 @@ int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
     out->frames = out->payload = 0;
     out->status = LIMIT;
     while (out->frames < budget) {
-        struct mv_ring look = *q;  /* its next_avail walks ahead; q moves on a frame */
+        struct mv_queue look = *q;  /* its next_avail walks ahead; q moves on a frame */
         uint32_t k = 0, used, i;
         uint64_t room = 0, left;
-        int niov = 0;
+        unsigned niov = 0;
         out->status = LIMIT;
         while (room < need && k < q->size) {
-            int head = next_head(&look, &idx, out), n;
+            int head = next_head(&look, &idx, out);
+            unsigned n, nread;
             uint64_t rlen, wlen;
             if (head < 0)
                 break;
             /* iovmax - 1: room for the spare byte */
-            if (walk(&look, mem, nmem, head, iov + niov, iovmax - 1 - niov, &n, &rlen, &wlen)
-                    < 0 || rlen || wlen < HDR) {
+            if (mv_walk(&look, mem, nmem, (uint32_t)head, iov + niov,
+                        (unsigned)iovmax - 1 - niov, &n, &nread, &rlen, &wlen) < 0
+                    || rlen || wlen < HDR) {
                 out->status = DEFER;
                 return DEFER;
             }
-            heads[k] = head;
+            heads[k] = (uint32_t)head;
             sizes[k] = wlen;
             k++;
             niov += n;
@@ -287,7 +188,7 @@ int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
         out->status = LIMIT;  /* the ring's end before `need`: read into what there is */
         iov[niov].iov_base = spare;
         iov[niov].iov_len = 1;
-        ssize_t n = readv(fd, iov, niov + 1);
+        ssize_t n = readv(fd, iov, (int)niov + 1);
         if (n < 0) {
             out->status = errno == EAGAIN ? AGAIN : IOERR;
             out->err = errno;
@@ -308,7 +209,7 @@ int mv_net_rx(struct mv_ring *q, const struct mv_region *mem, int nmem, int fd,
         for (i = 0, left = n; i < used; i++) {
             uint64_t part = left > sizes[i] ? sizes[i] : left;
             q->next_avail++;
-            put_used(q, heads[i], (uint32_t)part);
+            mv_put_used(q, heads[i], (uint32_t)part);
             left -= part;
         }
         out->frames++;
@@ -343,7 +244,7 @@ class Rings:
         self.iov = ffi.new("struct iovec[]", iov_max)
         self.out = ffi.new("struct mv_out *")
         self.spare = ffi.new("uint8_t[1]")
-        self.ring = ffi.new("struct mv_ring *")
+        self.ring = ffi.new("struct mv_queue *")
         self.heads = ffi.new("uint32_t[]", MAX_QUEUE)
         self.sizes = ffi.new("uint64_t[]", MAX_QUEUE)
         self._views: tuple[memoryview, memoryview, memoryview] | None = None

@@ -1,10 +1,11 @@
 """uring_build: the C half of the io_uring accelerator (cffi, API mode, liburing).
 
-Compiled once per machine, at first use, into the cache (see :func:`build`): a blk
-device whose host has a compiler, cffi and liburing-dev gets it; any other host runs
-the synchronous path (minivmm.devices.uring says so once). The C walk checks every
-guest address against the guest memory map (the regions GuestMemory translates through)
-before it touches a byte, and keeps every guard of the engine's ``Queue.pop``.
+Its text only: minivmm.devices.uring has minivmm.accel compile it (once per machine, at
+first use, linked with liburing): a blk device whose host has a compiler, cffi and
+liburing-dev gets it; any other host runs the synchronous path (minivmm.accel says so
+once). The queue walk and the used-ring publish are the engine's C twin,
+minivmm.virtio.cwalk (shared with the net accelerator): every guard of ``Queue.pop``,
+every guest address checked against the guest memory map before a byte is touched.
 
 The functions:
 
@@ -18,16 +19,13 @@ The functions:
 
 from __future__ import annotations
 
-import hashlib
 from typing import Final
 
-#: the structures Python and C share, in both the cdef and the source (errs: ERRMAX)
+from ..virtio import cwalk
+
+#: the structures Python and C share besides cwalk's, in both the cdef and the source
+#: (errs: ERRMAX)
 STRUCTS: Final = """
-struct mv_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct mv_queue {
-    uint8_t *desc; uint8_t *avail; uint8_t *used;
-    uint32_t size; uint16_t next_avail; uint16_t next_used; uint32_t event_idx;
-};
 struct mv_disk { int fd; int read_only; uint64_t capacity;
                  int overlay_fd; uint32_t nmap; uint64_t *starts; uint64_t *ends; };
 struct mv_err { int kind; int err; uint64_t offset; };
@@ -37,7 +35,7 @@ struct mv_out { uint32_t done; uint32_t nerr; uint64_t batches; uint64_t request
 
 CDEF: Final = """
 struct iovec { void *iov_base; size_t iov_len; };
-""" + STRUCTS + """
+""" + cwalk.STRUCTS + STRUCTS + """
 struct mv_ring;
 int mv_ring_new(unsigned entries, struct mv_ring **out);
 void mv_ring_free(struct mv_ring *r);
@@ -47,7 +45,8 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
 
 SOURCE: Final = r"""
 #if !defined(__x86_64__)
-/* The ring accesses below order themselves with compiler barriers only: x86's TSO. */
+/* The notification flags, event indices and the watch below assume x86's TSO (and
+ * its pause); minivmm.devices.uring does not try to build this elsewhere. */
 #error "the io_uring accelerator is for x86-64 hosts"
 #endif
 #include <errno.h>
@@ -58,6 +57,7 @@ SOURCE: Final = r"""
 #include <sys/uio.h>
 #include <time.h>
 #include <liburing.h>
+""" + cwalk.SOURCE + r"""
 
 enum { EMPTY, DEFER, LIMIT, RINGFAIL, ERRORS = 16 };
 enum { E_ERRNO, E_ENDED, E_NOBYTES };
@@ -67,15 +67,9 @@ enum { E_ERRNO, E_ENDED, E_NOBYTES };
 #define USED_F_NO_NOTIFY 1
 #define AVAIL_F_NO_INTERRUPT 1
 #define POLL_NS 5000        /* how long to watch for the next request after answering */
-#define F_NEXT 1
-#define F_WRITE 2
-#define F_INDIRECT 4
 #define T_IN 0
 #define T_OUT 1
 #define SECTOR 512
-#define MAX_CHAIN 0xFFFFFFFFull
-#define MAX_INDIRECT (32768u * 16u)
-#define BARRIER() __asm__ __volatile__("" ::: "memory")
 
 """ + STRUCTS + r"""
 _Static_assert(sizeof ((struct mv_out *)0)->errs == ERRMAX * sizeof (struct mv_err), "errs");
@@ -83,7 +77,6 @@ struct slot { uint32_t head, used_len, niov, write; int fd; uint64_t offset, len
               uint8_t *status; struct iovec *iov; };
 struct mv_ring { struct io_uring ring; struct slot slots[SLOTS]; struct iovec pool[POOL];
                  unsigned n, pool_used, failed; };
-struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 
 static const int mv_ops[] = { IORING_OP_READ, IORING_OP_READV };
 
@@ -118,96 +111,6 @@ void mv_ring_free(struct mv_ring *r)
 {
     io_uring_queue_exit(&r->ring);
     free(r);
-}
-
-static inline uint16_t load16(const uint8_t *p)
-{
-    return *(const volatile uint16_t *)p;
-}
-
-static inline void store16(uint8_t *p, uint16_t v)
-{
-    *(volatile uint16_t *)p = v;
-}
-
-/* [gpa, gpa + len) inside one region (len > 0): its host address, else NULL. */
-static uint8_t *guest(const struct mv_region *m, int n, uint64_t gpa, uint64_t len)
-{
-    for (int i = 0; i < n; i++)
-        if (gpa >= m[i].gpa && gpa - m[i].gpa <= m[i].size
-                && len <= m[i].size - (gpa - m[i].gpa))
-            return m[i].host + (gpa - m[i].gpa);
-    return NULL;
-}
-
-/* Walk the chain at `head` with every guard of Queue.pop: its non-empty buffers into
- * iov (readable first; *nread of them). 0; -1 for a chain pop would reject (Python pops
- * it and raises the typed error); -2 when iov has no room. */
-static int walk(const struct mv_queue *q, const struct mv_region *mem, int nmem,
-                uint32_t head, struct iovec *iov, unsigned room, unsigned *niov,
-                unsigned *nread, uint64_t *rlen, uint64_t *wlen)
-{
-    const uint8_t *table = q->desc;
-    uint32_t limit = q->size, index = head;
-    int indirect = 0, seen_write = 0;
-    unsigned n = 0, nr = 0;
-    uint64_t r = 0, w = 0;
-    struct desc d;
-
-    if (head >= limit)
-        return -1;
-    for (;;) {
-        uint32_t hop;
-        for (hop = 0; hop < limit; hop++) {
-            memcpy(&d, table + (uint64_t)index * 16, sizeof d);
-            BARRIER();  /* each field read once: the guest may change the table */
-            if (d.flags & F_INDIRECT)
-                break;
-            if (d.flags & F_WRITE) {
-                w += d.len;
-                seen_write = 1;
-            } else if (seen_write) {
-                return -1;
-            } else {
-                r += d.len;
-            }
-            if (d.len) {
-                uint8_t *p = guest(mem, nmem, d.addr, d.len);
-                if (p == NULL)
-                    return -1;
-                if (n == room)
-                    return -2;
-                iov[n].iov_base = p;
-                iov[n].iov_len = d.len;
-                n++;
-                if (!(d.flags & F_WRITE))
-                    nr = n;
-            }
-            if (!(d.flags & F_NEXT)) {
-                if (r + w > MAX_CHAIN)
-                    return -1;
-                *niov = n;
-                *nread = nr;
-                *rlen = r;
-                *wlen = w;
-                return 0;
-            }
-            if (d.next >= limit)
-                return -1;
-            index = d.next;
-        }
-        if (hop == limit)
-            return -1;  /* too long: a loop */
-        if (indirect || (d.flags & F_NEXT) || d.len == 0 || (d.len & 15)
-                || d.len > MAX_INDIRECT)
-            return -1;
-        table = guest(mem, nmem, d.addr, d.len);
-        if (table == NULL)
-            return -1;
-        indirect = 1;
-        limit = d.len >> 4;
-        index = 0;
-    }
 }
 
 static void error(struct mv_out *out, int kind, int err, uint64_t offset)
@@ -259,13 +162,7 @@ static int finish_sync(const struct mv_disk *disk, struct slot *s, uint64_t done
 static void answer(struct mv_queue *q, struct slot *s, int status, struct mv_out *out)
 {
     *s->status = (uint8_t)status;
-    uint8_t *elem = q->used + 4 + 8 * (uint64_t)(q->next_used & (q->size - 1));
-    uint32_t id = s->head, len = s->used_len;
-    memcpy(elem, &id, 4);
-    memcpy(elem + 4, &len, 4);
-    BARRIER();  /* the element before the index (x86: stores are not reordered) */
-    q->next_used++;
-    store16(q->used + 2, q->next_used);
+    mv_put_used(q, s->head, s->used_len);
     out->done++;
 }
 
@@ -347,11 +244,11 @@ static int wants_interrupt(const struct mv_queue *q, uint16_t old)
 {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);  /* the used index before used_event */
     if (q->event_idx) {
-        uint16_t event = load16(q->avail + 4 + 2 * (uint64_t)q->size);
+        uint16_t event = mv_load16(q->avail + 4 + 2 * (uint64_t)q->size);
         uint16_t new = q->next_used;
         return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
     }
-    return !(load16(q->avail) & AVAIL_F_NO_INTERRUPT);
+    return !(mv_load16(q->avail) & AVAIL_F_NO_INTERRUPT);
 }
 
 /* Watch the available index for up to POLL_NS; 1 if the driver published meanwhile. */
@@ -360,7 +257,7 @@ static int poll(const struct mv_queue *q)
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (unsigned i = 1;; i++) {
-        if (load16(q->avail + 2) != q->next_avail)
+        if (mv_load16(q->avail + 2) != q->next_avail)
             return 1;
         __builtin_ia32_pause();
         if (i % 32 == 0) {
@@ -399,7 +296,7 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
     if (r->failed)
         return RINGFAIL;  /* cannot happen: Python drops a failed ring */
     if (!q->event_idx)
-        store16(q->used, USED_F_NO_NOTIFY);  /* kicks are not needed while we walk */
+        mv_store16(q->used, USED_F_NO_NOTIFY);  /* kicks are not needed while we walk */
     for (;;) {
         if (r->failed)
             break;
@@ -407,8 +304,7 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
             status = LIMIT;
             break;
         }
-        uint16_t idx = load16(q->avail + 2);
-        BARRIER();  /* the index before the entries */
+        uint16_t idx = mv_avail_idx(q);
         if (idx == q->next_avail && (r->n || out->done != polled)) {
             /* Answer what is in flight, then watch the ring for a moment before asking
              * for kicks again: a driver waiting on those answers publishes its next
@@ -424,25 +320,26 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
              * then look once more: a request that came meanwhile may not be kicked
              * (Queue.enable_notification, virtio 1.2 §2.7.10). */
             if (q->event_idx)
-                store16(q->used + 4 + 8 * (uint64_t)q->size, q->next_avail);
+                mv_store16(q->used + 4 + 8 * (uint64_t)q->size, q->next_avail);
             else
-                store16(q->used, 0);
+                mv_store16(q->used, 0);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            if (load16(q->avail + 2) == q->next_avail)
+            if (mv_load16(q->avail + 2) == q->next_avail)
                 break;
             if (!q->event_idx)
-                store16(q->used, USED_F_NO_NOTIFY);
+                mv_store16(q->used, USED_F_NO_NOTIFY);
             continue;
         }
-        if ((uint16_t)(idx - q->next_avail) > q->size) {
+        int avail = mv_avail_head(q, idx);
+        if (avail < 0) {
             status = DEFER;
             break;
         }
-        uint32_t head = load16(q->avail + 4 + 2 * (q->next_avail & (q->size - 1)));
+        uint32_t head = (uint32_t)avail;
         struct iovec *iov = r->pool + r->pool_used;
         unsigned niov, nread;
         uint64_t rlen, wlen;
-        int w = walk(q, mem, nmem, head, iov, POOL - r->pool_used, &niov, &nread, &rlen,
+        int w = mv_walk(q, mem, nmem, head, iov, POOL - r->pool_used, &niov, &nread, &rlen,
                      &wlen);
         if (w == -2 && r->n) {
             complete(r, q, disk, out);
@@ -541,20 +438,3 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
 }
 """
 
-
-def module_name() -> str:
-    """The extension's name, unique per source: a changed source is a new file."""
-    digest = hashlib.sha256((CDEF + SOURCE).encode()).hexdigest()[:12]
-    return f"_minivmm_uring_{digest}"
-
-
-def build(tmpdir: str) -> str:
-    """Compile the extension in ``tmpdir``; returns the path of the shared object.
-    Raises ImportError (no cffi) or whatever cffi raises for a failed compile."""
-    import importlib
-
-    ffi = importlib.import_module("cffi").FFI()
-    ffi.cdef(CDEF)
-    ffi.set_source(module_name(), SOURCE, libraries=["uring"],
-                   extra_compile_args=["-O2"])
-    return str(ffi.compile(tmpdir=tmpdir, verbose=False))

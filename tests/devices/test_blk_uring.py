@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from minivmm import accel
 from minivmm.devices import uring
 from minivmm.devices.blk import (
     VIRTIO_BLK_S_IOERR,
@@ -73,7 +75,7 @@ def statuses(att: Attached) -> dict[int, int]:
 def no_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     """The environment's switches off: each test here picks its path itself."""
     monkeypatch.delenv(uring.ENV, raising=False)
-    monkeypatch.delenv(uring.ALL_ENV, raising=False)
+    monkeypatch.delenv(accel.ENV, raising=False)
 
 
 @pytest.fixture(params=["io_uring", "sync"])
@@ -432,24 +434,25 @@ def statuses_after(att: Attached, readable: list[bytes]) -> int:
 
 @pytest.fixture
 def fresh_loader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    monkeypatch.setattr(uring, "_loaded", None)
-    monkeypatch.setattr(uring, "_unavailable", False)
-    monkeypatch.setattr(uring, "_said", set())
+    monkeypatch.setattr(accel, "_loaded", {})
+    monkeypatch.setattr(accel, "_said", set())
     monkeypatch.setenv("MINIVMM_ACCEL_DIR", str(tmp_path / "accel"))
     monkeypatch.delenv(uring.ENV, raising=False)
     yield
 
 
+@pytest.mark.parametrize("cc", ["false", "/nonexistent/cc"])
 def test_no_compiler_means_the_synchronous_path_said_once_quietly(
         fresh_loader: None, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str], cc: str) -> None:
     pytest.importorskip("cffi")  # without cffi the build is not even tried
-    monkeypatch.setenv("CC", "false")  # a compiler that fails: a real build attempt fails
-    with caplog.at_level(logging.DEBUG, "minivmm.devices.uring"):
+    monkeypatch.setenv("CC", cc)  # a compiler that fails, or none: a real build attempt fails
+    with caplog.at_level(logging.DEBUG, "minivmm.accel"):
         devs = [BlockDevice(image), BlockDevice(image)]
     assert not any(d.io_uring for d in devs)
     said = [r for r in caplog.records if "accelerator off" in r.getMessage()]
-    assert len(said) == 1 and said[0].levelno == logging.DEBUG  # once, and quietly
+    assert len(said) == 1 and said[0].levelno == logging.INFO  # once, not a warning
+    assert "synchronous I/O" in said[0].getMessage()
     assert capfd.readouterr().err == ""  # the compiler's complaint is not on the terminal
     assert list((tmp_path / "accel").glob("*.failed"))  # later starts don't try again
     att = attach(devs[0])
@@ -458,12 +461,37 @@ def test_no_compiler_means_the_synchronous_path_said_once_quietly(
         d.close()
 
 
+def test_no_liburing_means_the_synchronous_path_said_once_at_info(
+        fresh_loader: None, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """A host with a compiler but without liburing-dev: the header is not there (its
+    name changed here, so the compiler looks for a file no host has)."""
+    pytest.importorskip("cffi")
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: test_no_compiler_... covers this host")
+    from minivmm.devices import uring_build
+
+    monkeypatch.setattr(uring_build, "SOURCE",
+                        uring_build.SOURCE.replace("<liburing.h>", "<liburing-absent.h>"))
+    with caplog.at_level(logging.DEBUG, "minivmm.accel"):
+        devs = [BlockDevice(image), BlockDevice(image)]
+    assert not any(d.io_uring for d in devs)
+    said = [r for r in caplog.records if "accelerator off" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert "liburing-absent.h" in said[0].getMessage()
+    assert capfd.readouterr().err == ""
+    assert statuses_after(attach(devs[0]), [header(VIRTIO_BLK_T_IN, 2)]) == VIRTIO_BLK_S_OK
+    for d in devs:
+        d.close()
+
+
 @needs_uring
 def test_a_kernel_refusing_io_uring_means_the_synchronous_path(
         image: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    ffi, lib = uring.accelerator() or (None, None)
-    assert lib is not None
+    acc = uring.accelerator()
+    assert acc is not None
+    ffi, lib = acc
 
     class Refusing:  # what io_uring_queue_init gives under kernel.io_uring_disabled=2
         def __getattr__(self, name: str) -> Any:
@@ -472,10 +500,10 @@ def test_a_kernel_refusing_io_uring_means_the_synchronous_path(
         def mv_ring_new(self, entries: int, out: Any) -> int:
             return -errno.EPERM
 
-    monkeypatch.setattr(uring, "_loaded", (ffi, Refusing()))
-    monkeypatch.setattr(uring, "_said", set())
+    monkeypatch.setattr(uring, "accelerator", lambda: (ffi, Refusing()))
+    monkeypatch.setattr(accel, "_said", set())
     monkeypatch.delenv(uring.ENV, raising=False)
-    with caplog.at_level(logging.INFO, "minivmm.devices.uring"):
+    with caplog.at_level(logging.INFO, "minivmm.accel"):
         dev = BlockDevice(image)
     assert not dev.io_uring
     assert "refused io_uring" in caplog.text and "Operation not permitted" in caplog.text

@@ -24,7 +24,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minivmm import accel
 from minivmm.devices.net import HDR_SIZE, VIRTIO_NET_F_MRG_RXBUF, NetDevice
 from minivmm.transport.mmio import DEVICE_NEEDS_RESET
 from minivmm.transport.testing import DeviceHarness
@@ -270,31 +269,6 @@ def test_index_wrap_at_2_16(netns_name: str) -> None:
         assert s.dev.stats()["tx_packets"] == s.dev.stats()["rx_packets"] == 40
     finally:
         close_side(s)
-
-
-def test_accelerator_off_says_why_once(tmp_path: object, monkeypatch: pytest.MonkeyPatch,
-                                       caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CC", "/nonexistent/cc")
-    name = f"t{uuid.uuid4().hex[:8]}"
-    assert accel.load(name, "int f(void);", "int f(void) { return 1; }") is None
-    warned = [r for r in caplog.records if "accelerator" in r.getMessage()]
-    assert len(warned) == 1 and "pure-Python" in warned[0].getMessage()
-    caplog.clear()
-    accel._loaded.clear()  # a new process: the marker file keeps it quiet
-    assert accel.load(name, "int f(void);", "int f(void) { return 1; }") is None
-    assert not [r for r in caplog.records if r.levelname == "WARNING"]
-    monkeypatch.setenv(accel.ENV, "0")
-    assert accel.load("other", "int f(void);", "int f(void) { return 1; }") is None
-
-
-def test_accelerator_builds_and_is_cached(tmp_path: object,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    name = f"t{uuid.uuid4().hex[:8]}"
-    mod = accel.load(name, "int f(int);", "int f(int x) { return x + 1; }")
-    assert mod is not None and mod.lib.f(41) == 42
-    assert len(list(accel.cache_dir().glob(f"_minivmm_{name}_*.so"))) == 1
 
 
 def _last(d: Any, head: int) -> int:
