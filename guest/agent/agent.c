@@ -422,6 +422,7 @@ int main(int argc, char **argv)
 	}
 	/* A spare handler waits in accept(): forking the next one happens while the
 	 * previous request runs, not on its path. */
+	pid_t agent_pid = getpid();
 	for (;;) {
 		int sync[2];
 		char c;
@@ -434,9 +435,15 @@ int main(int argc, char **argv)
 		if (pid == 0) {
 			int fd;
 			close(sync[0]);
+			/* A spare ends with the agent (not PID 1: run from a user's init, or on a
+			 * host in tests); a request already accepted is served to its end. */
+			prctl(PR_SET_PDEATHSIG, SIGKILL);
+			if (getppid() != agent_pid)
+				_exit(0);
 			while ((fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) < 0)
 				if (errno != EINTR)
 					usleep(10000);
+			prctl(PR_SET_PDEATHSIG, 0);
 			close(lfd);
 			if (write(sync[1], "a", 1) < 0) { /* the parent forks the next one anyway */ }
 			close(sync[1]);
