@@ -154,9 +154,10 @@ class Guest:
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str]) -> Guest:
-        """A guest restored from a snapshot that :meth:`snapshot` made: running, with its
-        own console file and vsock socket, its RAM copy-on-write of the snapshot's (any
-        number may be restored from one snapshot, in parallel)."""
+        """A guest restored from a snapshot that :meth:`snapshot` made: running, its agent
+        having answered a no-op command, with its own console file and vsock socket, its
+        RAM copy-on-write of the snapshot's (any number may be restored from one
+        snapshot, in parallel)."""
         return cls(VmConfig(kernel=os.devnull), _restore=Path(path))
 
     def snapshot(self, path: str | os.PathLike[str] | None = None) -> Path:
