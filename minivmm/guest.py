@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     from .crashwatch import Finding
 
 AGENT_CONNECT_TIMEOUT = 30.0
-SETTLE_ATTEMPTS = 3  # no-op commands a restored guest gets to take its vsock reset
-SETTLE_TIMEOUT = 120.0  # seconds for one (a clone's first command faults its pages in)
 
 
 class GuestRunError(GuestError):
@@ -73,6 +71,10 @@ class CompletedProcess:
         if self.returncode:
             raise subprocess.CalledProcessError(self.returncode, self.args, self.stdout,
                                                 self.stderr)
+
+
+SETTLE_ATTEMPTS = 3  # no-op commands a restored guest gets to take its vsock reset
+SETTLE_TIMEOUT = 120.0  # seconds for one (a clone's first command faults its pages in)
 
 
 class Guest:
