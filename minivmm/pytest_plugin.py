@@ -1,9 +1,13 @@
-"""minivmm's pytest plugin: a ``guest`` fixture, a booted :class:`minivmm.Guest`.
+"""minivmm's pytest plugin: a ``guest`` fixture, a booted :class:`minivmm.Guest`, and
+``guest_clone``, a copy-on-write clone of one for each test.
 
 ::
 
     def test_hello(guest):
         assert guest.run(["sh", "-c", "echo hi"]).stdout == b"hi\\n"
+
+    def test_alone(guest_clone):        # this test's own clone: its writes are its own
+        guest_clone.run(["rm", "-rf", "/etc"])
 
 Configured by ini options (``minivmm_kernel``, ``minivmm_initrd``, ``minivmm_mem``,
 ``minivmm_cpus``, ``minivmm_cmdline``, ``minivmm_scope``, ``minivmm_boot_timeout``,
@@ -18,11 +22,18 @@ function; pytest's dynamic scope), and each test parametrizes it indirectly, wit
 id, by its :class:`GuestSpec` (the ini options merged with its markers). pytest reuses a
 fixture instance while the parameter compares equal, so tests of one scope with the same
 spec share a guest; a different spec, or a guest that died, stops it and boots another
-(one guest at a time per process: one per pytest-xdist worker). A future fixture (a
-clone per test, say) can do the same with :func:`guest_spec` and :func:`boot`.
+(one guest at a time per process: one per pytest-xdist worker).
+
+``guest_clone`` is function-scoped and parametrized the same way. The first test of a
+process to ask for a spec boots a guest for it (the base), snapshots it as soon as its
+agent is up and stops it (:func:`base_snapshot`); every test then gets a guest restored
+from that snapshot (:meth:`minivmm.Guest.restore`: RAM and disks copy-on-write), stopped
+after the test. A process keeps each spec's snapshot (or the reason there is none) until
+it ends, so configurations may alternate freely: each boots once per process.
 
 On a failing test the tail of the guest's console and the crash detector's finding are
-added to the report as sections, which pytest prints with the failure.
+added to the report as sections, which pytest prints with the failure (for a clone: the
+base's console up to the snapshot, then the clone's).
 """
 
 from __future__ import annotations
@@ -92,6 +103,7 @@ class _State:
         self.guest: Guest | None = None  # that guest, while it is up
         self.console: Path | None = None
         self.errors: list[str] = []  # usage errors found while collecting
+        self.bases: list[tuple[GuestSpec, Base | Exception]] = []  # guest_clone's
 
     def new_console(self) -> Path:
         if self.tmp is None:  # unique per process, so pytest-xdist workers never collide
@@ -107,7 +119,16 @@ class _State:
         return g.vm.stopper.result is None
 
 
+@dataclass(frozen=True)
+class Base:
+    """A spec's snapshot for ``guest_clone``: taken once the base guest's agent was up."""
+
+    path: Path
+    console: str  # what the base guest printed up to the snapshot
+
+
 STATE = pytest.StashKey[_State]()
+CLONE = pytest.StashKey[tuple["Guest", Base]]()  # a test's clone, while it runs
 
 
 class _Param:
@@ -236,35 +257,36 @@ def _scope(fixture_name: str, config: pytest.Config) -> Scope:
     return "session"  # pytest_configure rejected the others
 
 
-def _uses_our_guest(defs: Iterable[object]) -> bool:
-    """Whether the ``guest`` a test gets comes from this plugin: the last definition is
-    ours, or overrides that request ``guest`` lead down to ours."""
+def _uses_ours(name: str, defs: Iterable[object]) -> bool:
+    """Whether the fixture ``name`` a test gets comes from this plugin: the last
+    definition is ours, or overrides that request ``name`` lead down to ours."""
     for fixturedef in reversed(list(defs)):
         func = getattr(fixturedef, "func", None)
         if getattr(func, "__module__", None) == __name__:
             return True
-        if "guest" not in getattr(fixturedef, "argnames", ()):
+        if name not in getattr(fixturedef, "argnames", ()):
             return False
     return False
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "guest" not in metafunc.fixturenames:
-        return
-    defs = getattr(metafunc, "_arg2fixturedefs", {}).get("guest")
-    if defs is not None and not _uses_our_guest(defs):
-        return
-    state = metafunc.config.stash[STATE]
-    try:
-        spec = guest_spec(metafunc.config, metafunc.definition.iter_markers("minivmm"),
-                          metafunc.definition.nodeid)
-    except pytest.UsageError as e:  # reported once collection is over: one line each
-        state.errors.append(str(e))
-        return
-    hidden = getattr(pytest, "HIDDEN_PARAM", "minivmm")  # pytest >= 8.4 hides the id
-    metafunc.parametrize("guest", [_Param(spec, state)],
-                         indirect=True, ids=[hidden],
-                         scope=_scope("guest", metafunc.config))
+    for name in ("guest", "guest_clone"):
+        if name not in metafunc.fixturenames:
+            continue
+        defs = getattr(metafunc, "_arg2fixturedefs", {}).get(name)
+        if defs is not None and not _uses_ours(name, defs):
+            continue
+        state = metafunc.config.stash[STATE]
+        try:
+            spec = guest_spec(metafunc.config, metafunc.definition.iter_markers("minivmm"),
+                              metafunc.definition.nodeid)
+        except pytest.UsageError as e:  # reported once collection is over: one line each
+            state.errors.append(str(e))
+            return
+        hidden = getattr(pytest, "HIDDEN_PARAM", "minivmm")  # pytest >= 8.4 hides the id
+        metafunc.parametrize(name, [_Param(spec, state)], indirect=True, ids=[hidden],
+                             scope=_scope(name, metafunc.config) if name == "guest"
+                             else "function")
 
 
 def pytest_collection_modifyitems(config: pytest.Config) -> None:
@@ -276,31 +298,73 @@ def pytest_collection_modifyitems(config: pytest.Config) -> None:
 def boot(config: pytest.Config, spec: GuestSpec) -> Guest:
     """A guest for ``spec``, its console in this process's temporary directory (read for
     failure reports); GuestBootError with the console when it does not come up."""
-    from .errors import MinivmmError
-    from .guest import Guest
-
     state = config.stash[STATE]
     console = state.new_console()
     state.spec, state.guest, state.console = spec, None, console
-    try:
-        g = Guest(dataclasses.replace(spec.config, console=f"file:{console}"),
-                  agent=spec.agent, boot_timeout=spec.boot_timeout)
-    except MinivmmError as e:
-        raise GuestBootError(f"minivmm: the guest did not boot: {e}", _read(console)) from None
+    g = _start(spec, console)
     state.guest = g
     return g
+
+
+def _start(spec: GuestSpec, console: Path) -> Guest:
+    from .errors import MinivmmError
+    from .guest import Guest
+
+    try:
+        return Guest(dataclasses.replace(spec.config, console=f"file:{console}"),
+                     agent=spec.agent, boot_timeout=spec.boot_timeout)
+    except MinivmmError as e:
+        raise GuestBootError(f"minivmm: the guest did not boot: {e}", _read(console)) from None
+
+
+def base_snapshot(config: pytest.Config, spec: GuestSpec) -> Base:
+    """The snapshot ``guest_clone`` restores for ``spec``: the first call in this process
+    boots a guest for it, snapshots it once its agent is up and stops it; later calls
+    return the same snapshot, or raise the same error (GuestBootError with the console
+    when the guest did not boot or could not be saved), without booting again. The
+    snapshots are removed when the pytest run ends."""
+    state = config.stash[STATE]
+    found = next((base for known, base in state.bases if known == spec), None)
+    if found is None:
+        try:
+            found = _make_base(state, spec)
+        except Exception as e:  # kept: the next test of this spec gets it, not a boot
+            found = e
+        state.bases.append((spec, found))
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+def _make_base(state: _State, spec: GuestSpec) -> Base:
+    from .errors import MinivmmError
+
+    console = state.new_console()
+    assert state.tmp is not None  # made by new_console()
+    g = _start(spec, console)
+    try:
+        path = g.snapshot(state.tmp / f"snapshot-{state.boots}")
+    except MinivmmError as e:
+        raise GuestBootError(f"minivmm: the guest could not be saved: {e}",
+                             _read(console)) from None
+    finally:
+        g.close()
+    return Base(path, _read(console))
+
+
+def _spec(request: pytest.FixtureRequest) -> GuestSpec:
+    param = getattr(request, "param", None)
+    if isinstance(param, _Param):
+        return param.spec
+    # requested with getfixturevalue(): the markers of the scope's node
+    return guest_spec(request.config, request.node.iter_markers("minivmm"),
+                      request.node.nodeid)
 
 
 @pytest.fixture(scope=_scope)
 def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
     """A booted minivmm.Guest (see the module docstring for its configuration)."""
-    param = getattr(request, "param", None)
-    if isinstance(param, _Param):
-        spec = param.spec
-    else:  # requested with getfixturevalue(): the markers of the scope's node
-        spec = guest_spec(request.config, request.node.iter_markers("minivmm"),
-                          request.node.nodeid)
-    g = boot(request.config, spec)
+    g = boot(request.config, _spec(request))
     try:
         yield g
     finally:
@@ -308,6 +372,23 @@ def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
         state = request.config.stash[STATE]
         if state.guest is g:
             state.guest = None
+
+
+@pytest.fixture
+def guest_clone(request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """This test's own minivmm.Guest: a copy-on-write clone of a guest booted once per
+    configuration and process, saved as soon as its agent was up; stopped after the
+    test (see the module docstring)."""
+    from .guest import Guest
+
+    base = base_snapshot(request.config, _spec(request))
+    clone = Guest.restore(base.path)
+    request.node.stash[CLONE] = (clone, base)
+    try:
+        yield clone
+    finally:
+        del request.node.stash[CLONE]
+        clone.close()
 
 
 # --- the failure report ---------------------------------------------------------------------
@@ -319,6 +400,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None],
     report = yield
     if report.failed and report.when in ("setup", "call"):
         report.sections.extend(_failure_sections(item, call))
+        report.sections.extend(_clone_sections(item, call))
     return report
 
 
@@ -329,18 +411,52 @@ def _failure_sections(item: pytest.Item, call: pytest.CallInfo[None]) -> list[tu
     if not isinstance(param, _Param) or state is None or state.spec != param.spec:
         return []
     exc = call.excinfo.value if call.excinfo is not None else None
-    console = exc.console if isinstance(exc, GuestBootError) else _read(state.console)
-    lines = int(_ini(item.config, "console_lines"))
-    tail = "\n".join(console.splitlines()[-lines:]) if lines > 0 else ""
+    if isinstance(exc, GuestBootError) and not _is_base_error(state, exc):
+        console = exc.console
+    else:
+        console = _read(state.console)
+    return _sections(item.config, "", console, None, state.guest)
+
+
+def _clone_sections(item: pytest.Item, call: pytest.CallInfo[None]) -> list[tuple[str, str]]:
+    state = item.config.stash.get(STATE, None)
+    if state is None:
+        return []
+    held = item.stash.get(CLONE, None)
+    if held is not None:
+        clone, base = held
+        own = clone.console_log()
+        console = "\n".join((base.console.rstrip("\n"), CLONE_STARTS, own))
+        return _sections(item.config, "clone ", console, own, clone)
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(exc, GuestBootError) and _is_base_error(state, exc):
+        return _sections(item.config, "clone ", exc.console, None, None)
+    return []
+
+
+#: the line between the base guest's console and the clone's in a failure's report
+CLONE_STARTS = "----- minivmm: the snapshot; this test's clone from here on -----"
+
+
+def _is_base_error(state: _State, exc: BaseException) -> bool:
+    return any(found is exc for _, found in state.bases)
+
+
+def _sections(config: pytest.Config, which: str, console: str, own: str | None,
+              g: Guest | None) -> list[tuple[str, str]]:
+    """The report's sections for a guest's ``console``; the crash line is looked for in
+    ``own`` (a clone's console since its restore) before the rest."""
     from .exec import crash_line
 
-    finding = crash_line(console) or "no crash line on the console"
-    g = state.guest
+    lines = int(_ini(config, "console_lines"))
+    tail = "\n".join(console.splitlines()[-lines:]) if lines > 0 else ""
+    finding = ((own is not None and crash_line(own)) or crash_line(console)
+               or "no crash line on the console")
     if g is not None and g.vm is not None and (end := g.vm.stopper.result) is not None:
         finding += f"\nthe guest ended: {end.reason}: {end.detail}"
-    sections = [("minivmm crash", finding)]
+    sections = [(f"minivmm {which}crash", finding)]
     if tail:
-        sections.insert(0, (f"minivmm console (last {lines} lines)", tail))
+        sections.insert(0, (f"minivmm {which}console (last {lines} lines)", tail))
     return sections
 
 

@@ -1,9 +1,11 @@
-"""minivmm.pytest_plugin with real guests: a user's test module, a failure's report, xdist.
+"""minivmm.pytest_plugin with real guests: a user's test module, a failure's report, xdist,
+clones.
 
 Each pytester run is a fresh pytest process (the plugin loaded by -p, as the entry point
-would load it) whose tests boot Linux guests: four boots in all, about 40 s each on a
+would load it) whose tests boot Linux guests: five boots in all, about 40 s each on a
 host whose KVM emulates guest kernel code (guest/out/vmlinux-emulated there,
-guest/out/vmlinux elsewhere). The plugin's logic without VMs: tests/test_pytest_plugin.py.
+guest/out/vmlinux elsewhere), where a clone's first command takes ~16 s more. The
+plugin's logic without VMs: tests/test_pytest_plugin.py.
 """
 
 from __future__ import annotations
@@ -103,3 +105,41 @@ def test_under_xdist_each_worker_boots_its_own_guest(pytester: pytest.Pytester,
     boots = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert set(boots) == {"gw0", "gw1"}
     assert boots["gw0"] != boots["gw1"]  # two guests, not one shared
+
+
+def test_each_clone_test_sees_only_its_own_writes(pytester: pytest.Pytester,
+                                                  tmp_path: Path) -> None:
+    # One boot (the plugin's count, which each test records): both tests get clones of
+    # its snapshot, the second does not see the first's file, and its deliberate failure
+    # shows the clone's console after the base's.
+    user_project(pytester)
+    pytester.makepyfile(test_clones=f"""
+        from pathlib import Path
+        from minivmm.pytest_plugin import STATE
+
+        def write_and_list(clone, name, pytestconfig):
+            Path({str(tmp_path)!r}, name).write_text(str(pytestconfig.stash[STATE].boots))
+            r = clone.run(["sh", "-c", f"mkdir -p /tmp/marks; echo {{name}} > /tmp/marks/{{name}}; "
+                           "ls /tmp/marks"], check=True)
+            return r.stdout.decode().split()
+
+        def test_first(guest_clone, pytestconfig):
+            assert write_and_list(guest_clone, "first", pytestconfig) == ["first"]
+
+        def test_second(guest_clone, pytestconfig):
+            assert write_and_list(guest_clone, "second", pytestconfig) == ["second"]
+            assert False, "the second clone's deliberate failure"
+    """)
+    result = pytester.runpytest_subprocess("-p", "minivmm.pytest_plugin",
+                                           timeout=3 * HARD_TIMEOUT)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "E       AssertionError: the second clone's deliberate failure",
+        "*- minivmm clone console (last 50 lines) -*",
+        "minivmm-agent: listening on vsock port 52",
+        "----- minivmm: the snapshot; this test's clone from here on -----",
+        "*- minivmm clone crash -*",
+        "no crash line on the console",
+    ])
+    boots = [(tmp_path / n).read_text() for n in ("first", "second")]
+    assert boots == ["1", "1"]  # clones of one guest
