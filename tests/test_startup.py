@@ -164,26 +164,23 @@ def test_an_elf_run_does_import_elftools_so_the_hook_works() -> None:
     assert "Traceback" not in p.stderr
 
 
-#: what a probe run with a built-in virtio device (rng) and ACPI must not import:
+#: what a run with a built-in virtio device (rng) and ACPI must not import:
 #: the plugins' entry-point scan, what only a snapshot, --trace or --check-driver uses,
-#: hashlib (the CPUID digest is computed when a snapshot asks); pyelftools is imported:
-#: the probe is an ELF kernel
-RUN_NEVER = ("hashlib", "importlib.metadata", "json", "minivmm.snapshot",
+#: hashlib (the CPUID digest is computed when a snapshot asks), pyelftools (a bzImage)
+RUN_NEVER = ("elftools", "hashlib", "importlib.metadata", "json", "minivmm.snapshot",
              "minivmm.trace", "minivmm.check", "minivmm.transport.observe",
              "minivmm.exec", "minivmm.agent", "minivmm.guest", "minivmm.firecracker")
 
 
 @pytest.mark.kvm
 @pytest.mark.skipif(not HAVE_KVM, reason="no /dev/kvm")
-def test_a_run_with_a_builtin_device_imports_only_what_it_uses() -> None:
-    from guests import guest_artifact
-
-    argv = ["run", "--kernel", str(guest_artifact("probe.elf")), "--console", "none",
-            "--rng"]
+def test_a_run_with_a_builtin_device_imports_only_what_it_uses(tmp_path: Path) -> None:
+    argv = ["run", "--kernel", str(_exit_42_bzimage(tmp_path / "bzImage")), "--console",
+            "none", "--rng"]
     p = python_s("import sys\nfrom minivmm.cli import main\n"
                  f"status = main({argv!r})\n"
                  "print(sorted(sys.modules))\nsys.exit(status)\n", timeout=120)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 42, p.stderr
     names: list[str] = ast.literal_eval(p.stdout.strip().splitlines()[-1])
     assert {"minivmm.devices.rng", "minivmm.x86.acpi"} <= set(names)
     assert [n for n in names if n.startswith(RUN_NEVER)] == []
