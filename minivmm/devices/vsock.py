@@ -39,6 +39,7 @@ rate-limited line; RSTs waiting for receive buffers are bounded in number.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -87,6 +88,9 @@ from .vsock_host import (
     open_listener,
     remove_listener,
 )
+
+#: packets that race a close (see _packet): debug level, not the device's warning log
+_late = logging.getLogger(__name__)
 
 VIRTIO_ID_VSOCK: Final = 19
 # Feature bits (§5.10.3)
@@ -404,7 +408,10 @@ class VsockDevice(HostSide, VirtioDevice):
         if bad is not None:
             counter, problem = bad
             setattr(self.counters, counter, getattr(self.counters, counter) + 1)
-            self.log("vsock: packet %d->%d %s; reset", src_port, dst_port, problem)
+            # A packet for a connection just closed is a race with our RST or close, not
+            # a broken driver: counted, answered, logged at debug level only.
+            log = _late.debug if counter == "tx_unknown_conn" else self.log
+            log("vsock: packet %d->%d %s; reset", src_port, dst_port, problem)
             if conn is not None:
                 self._reset(conn)
             elif op != VIRTIO_VSOCK_OP_RST:
