@@ -18,7 +18,9 @@ guest gets an RST).
 The listening socket is made in the constructor (path errors are usage errors before the
 guest starts; early host programs wait in the backlog) and removed by :meth:`close`. A
 device reset closes every connection; :meth:`transport_reset` does too and tells the guest,
-as a restored snapshot does (:meth:`restore_state`; the host sockets stayed behind).
+as a restored snapshot does (:meth:`restore_state`; the host sockets stayed behind), and
+host programs' REQUESTs then wait until the driver has handled it
+(minivmm.devices.vsock_reset).
 
 Every host socket is nonblocking and lives in the device's own epoll, whose fd is what
 :meth:`extra_fds` gives the device thread: connection sockets need write readiness too
