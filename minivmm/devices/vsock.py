@@ -18,7 +18,9 @@ guest gets an RST).
 The listening socket is made in the constructor (path errors are usage errors before the
 guest starts; early host programs wait in the backlog) and removed by :meth:`close`. A
 device reset closes every connection; :meth:`transport_reset` does too and tells the guest,
-as a restored snapshot does (:meth:`restore_state`; the host sockets stayed behind).
+as a restored snapshot does (:meth:`restore_state`; the host sockets stayed behind), and
+host programs' REQUESTs then wait until the driver has handled it
+(minivmm.devices.vsock_reset).
 
 Every host socket is nonblocking and lives in the device's own epoll, whose fd is what
 :meth:`extra_fds` gives the device thread: connection sockets need write readiness too
@@ -45,7 +47,7 @@ import select
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Self
 
@@ -80,6 +82,7 @@ from .vsock_conn import (
 from .vsock_host import (
     CONNECT_TIMEOUT,
     FIRST_LOCAL_PORT,
+    RESET_HOLD,
     Counters,
     HostSide,
     Timer,
@@ -88,6 +91,7 @@ from .vsock_host import (
     open_listener,
     remove_listener,
 )
+from .vsock_reset import RXQ, TXQ, ResetSide
 
 #: packets that race a close (see _packet): debug level, not the device's warning log
 _late = logging.getLogger(__name__)
@@ -97,13 +101,6 @@ VIRTIO_ID_VSOCK: Final = 19
 VIRTIO_VSOCK_F_STREAM: Final = 0
 #: struct virtio_vsock_config (§5.10.4)
 VSOCK_CONFIG: Final = struct.Struct("<Q")
-#: struct virtio_vsock_event (§5.10.6.6)
-EVENT: Final = struct.Struct("<I")
-VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: Final = 0
-
-RXQ: Final = 0
-TXQ: Final = 1
-EVQ: Final = 2
 QUEUE_SIZE: Final = 256
 EVENT_QUEUE_SIZE: Final = 16
 DEFAULT_BUF_ALLOC: Final = 256 * 1024
@@ -114,7 +111,7 @@ _OUT = select.EPOLLOUT
 _HUP_ERR = select.EPOLLHUP | select.EPOLLERR
 
 
-class VsockDevice(HostSide, VirtioDevice):
+class VsockDevice(ResetSide, HostSide, VirtioDevice):
     device_type = VIRTIO_ID_VSOCK
     name = "vsock"
     kernel_option = "CONFIG_VIRTIO_VSOCKETS"
@@ -131,7 +128,8 @@ class VsockDevice(HostSide, VirtioDevice):
     def __init__(self, guest_cid: int, uds_path: Path, *,
                  buf_alloc: int = DEFAULT_BUF_ALLOC,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 reset_hold: float = RESET_HOLD) -> None:
         self.guest_cid = check_cid(guest_cid)
         self.uds_path = check_uds_path(Path(uds_path))
         if not MAX_PKT_PAYLOAD <= buf_alloc <= U32_MASK >> 1:
@@ -139,6 +137,7 @@ class VsockDevice(HostSide, VirtioDevice):
         self.buf_alloc = buf_alloc
         self.max_connections = max(1, max_connections)
         self.connect_timeout = connect_timeout
+        self.reset_hold = reset_hold
         features = bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC) | bit(
             VIRTIO_VSOCK_F_STREAM)
         listener, self._listener_id = open_listener(self.uds_path)
@@ -159,6 +158,9 @@ class VsockDevice(HostSide, VirtioDevice):
         self._held: DescriptorChain | None = None  # a receive chain popped, not used
         self._next_port = FIRST_LOCAL_PORT
         self._event_pending = False
+        self._hold_until = 0.0
+        self._waiting: list[Connection] = []
+        self._reset_mark: int | None = None  # the event queue's avail idx at the event
         self._rx_returned = False
         self.counters = Counters()
 
@@ -190,6 +192,8 @@ class VsockDevice(HostSide, VirtioDevice):
         self._drop_all()
         self._held = None  # its queue is being reset
         self._event_pending = False
+        self._hold_until = 0.0  # a new driver knows nothing of the old connections
+        self._reset_mark = None
 
     def close(self) -> None:
         super().close()
@@ -201,43 +205,12 @@ class VsockDevice(HostSide, VirtioDevice):
         self._timer.close()
         remove_listener(self._listener, self.uds_path, self._listener_id)
 
-    def transport_reset(self) -> None:
-        """Close every connection and tell the driver with VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
-        (§5.10.6.6), e.g. after the VM was restored: the guest then drops its sockets and
-        re-reads guest_cid. Sent when the driver has an event buffer (now or at its next
-        event-queue kick)."""
-        with self.lock:
-            self._drop_all()
-            self.counters.transport_resets += 1
-            if self.is_activated:
-                self._event_pending = True
-                try:
-                    self._send_event()
-                except VirtQueueError as e:
-                    self.fail(f"queue {EVQ}: {e}")
-
-    def quiesce(self) -> None:
-        """Snapshot: the held receive chain, always the last popped, goes back."""
-        with self.lock:
-            if self._held is not None:
-                self.queues[RXQ].next_avail -= 1
-                self._held = None
-
-    def save_state(self) -> dict[str, object]:
-        return {"guest_cid": self.guest_cid}  # informative: the reset makes it re-read
-
-    def restore_state(self, state: Mapping[str, object]) -> None:
-        """The guest drops its connections and re-reads guest_cid (Firecracker's way)."""
-        cid = state.get("guest_cid")
-        if set(state) - {"guest_cid"} or isinstance(cid, bool) or not isinstance(cid, int):
-            raise ValueError(f"vsock: bad device state {dict(state)!r:.80}")
-        self.transport_reset()
-
     def _drop_all(self) -> None:
         for conn in list(self._by_fd.values()):
             self._close(conn)
         self._ready.clear()
         self._rsts.clear()
+        self._waiting.clear()
 
     # -- queues -----------------------------------------------------------------------
 
@@ -247,27 +220,11 @@ class VsockDevice(HostSide, VirtioDevice):
             self._fill_rx()  # answers, credit updates
         elif index == RXQ:
             self._fill_rx()
-        elif self._event_pending:
-            self._send_event()
-
-    def _send_event(self) -> None:
-        q = self.queues[EVQ]
-        if not q.is_active():
-            return
-        used = False
-        while self._event_pending and (chain := q.pop()) is not None:
-            used = True
-            with chain:
-                if chain.writer.total < EVENT.size:
-                    self.log("vsock: event chain %d has %d writable bytes (needs %d)",
-                             chain.head, chain.writer.total, EVENT.size)
-                    continue
-                chain.writer.write(EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
-                self._event_pending = False
-        if self._event_pending and q.enable_notification():
-            self._send_event()  # a buffer arrived meanwhile
-        elif used:
-            self.signal_used(q)
+        else:
+            if self._event_pending:
+                self._send_event()
+            if self._check_hold():
+                self._fill_rx()
 
     def on_host_events(self) -> None:
         """The device's epoll is readable (device thread): accept, read CONNECT lines,

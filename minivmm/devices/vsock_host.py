@@ -32,6 +32,9 @@ FIRST_LOCAL_PORT: Final = 1 << 30
 #: how long a host program may take to send its CONNECT line, and the guest to answer
 #: the REQUEST (Firecracker's connection-request timeout is also 2 s)
 CONNECT_TIMEOUT: Final = 2.0
+#: after a transport reset, how long host connections wait for the driver to show it
+#: has handled the event (it re-posts the event buffer) before they go ahead anyway
+RESET_HOLD: Final = 5.0
 CLOCK_MONOTONIC: Final = 1
 TFD_CLOEXEC: Final = 0o2000000
 TFD_NONBLOCK: Final = 0o4000
@@ -211,6 +214,8 @@ class Counters:
     rx_stalls: int = 0  # times the guest had no receive buffer for what it was owed
     connect_timeouts: int = 0  # guests that did not answer a REQUEST in time (reset)
     transport_resets: int = 0
+    held_connects: int = 0  # CONNECTs held until the driver handled a transport reset
+    reset_hold_timeouts: int = 0  # drivers that did not re-post an event buffer in time
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -218,13 +223,19 @@ class Counters:
 
 class HostSide:
     """VsockDevice's dealings with host programs before their connection is established:
-    accepting, the CONNECT line, host ports, and the deadlines of both."""
+    accepting, the CONNECT line, host ports, and the deadlines of both.
+
+    After a transport reset (:meth:`_hold`) a host program's REQUEST waits until the
+    driver has handled the event, or :attr:`reset_hold` seconds have passed: Linux
+    handles it later, in a work item that resets every *connected* socket, so a
+    connection the guest accepted before would be reset too."""
 
     # VsockDevice provides these
     uds_path: Path
     buf_alloc: int
     max_connections: int
     connect_timeout: float
+    reset_hold: float
     counters: Counters
     log: RateLimitedLog
     _listener: socket.socket
@@ -232,6 +243,8 @@ class HostSide:
     _conns: dict[tuple[int, int], Connection]
     _by_fd: dict[int, Connection]
     _next_port: int
+    _hold_until: float  # 0.0: REQUESTs go out as they come
+    _waiting: list[Connection]  # their REQUESTs wait for the end of the hold
     _rearm: Callable[[Connection], None]
     _close: Callable[[Connection], None]
     _reset: Callable[[Connection], None]
@@ -268,10 +281,33 @@ class HostSide:
         conn.peer_port = port
         conn.local_port = self._alloc_port(port)
         self._conns[conn.key] = conn
-        conn.ctl |= CTL_REQUEST
         self.counters.host_connects += 1
+        if self._hold_until:
+            self.counters.held_connects += 1
+            conn.deadline = 0.0  # the hold has its own
+            self._waiting.append(conn)  # (at most max_connections: each is in _by_fd)
+            self._rearm(conn)
+        else:
+            self._request(conn)
+
+    def _request(self, conn: Connection) -> None:
+        conn.ctl |= CTL_REQUEST
         self._set_deadline(conn)
         self._rearm(conn)
+
+    def _hold(self) -> None:
+        """Hold new REQUESTs for at most :attr:`reset_hold` seconds from now."""
+        self._hold_until = time.monotonic() + self.reset_hold
+        if self._hold_until < self._timer.when:
+            self._timer.at(self._hold_until)
+
+    def _end_hold(self) -> None:
+        """Send the held REQUESTs (the caller fills the receive queue)."""
+        self._hold_until = 0.0
+        for conn in self._waiting:
+            if conn.state is State.CONNECTING:
+                self._request(conn)
+        self._waiting.clear()
 
     def _set_deadline(self, conn: Connection) -> None:
         conn.deadline = time.monotonic() + self.connect_timeout
@@ -284,6 +320,14 @@ class HostSide:
         self._timer.clear()
         now = time.monotonic()
         nearest = math.inf
+        if self._hold_until > now:
+            nearest = self._hold_until
+        elif self._hold_until:
+            self.counters.reset_hold_timeouts += 1
+            self.log("vsock: the driver re-posted no event buffer in %s s after the "
+                     "transport reset; %d held host connections go ahead",
+                     self.reset_hold, len(self._waiting))
+            self._end_hold()
         for conn in list(self._by_fd.values()):
             if not conn.deadline:
                 continue

@@ -541,6 +541,19 @@ class Queue:
         full_fence()  # the store above must be visible before avail idx is read
         return bool(avail[_IDX] != self._next_avail)
 
+    def kick_past(self, avail_idx: int) -> bool:
+        """Ask the driver to kick when its available index goes past ``avail_idx`` (e.g.
+        when it adds one buffer to a ring the device has not emptied): with EVENT_IDX
+        avail_event = ``avail_idx`` (§2.7.10), else the NO_NOTIFY flag is cleared.
+        Returns True if it already has (it may not have kicked for that)."""
+        avail, used = self._views()
+        if self._event_idx:
+            used[self._avail_event_off] = avail_idx & 0xFFFF
+        else:
+            used[_FLAGS] = 0
+        full_fence()
+        return bool(avail[_IDX] != avail_idx & 0xFFFF)
+
     def disable_notification(self) -> None:
         """Tell the driver kicks are not needed (a hint: it may kick anyway). With
         EVENT_IDX there is nothing to write: avail_event stays behind."""

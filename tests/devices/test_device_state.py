@@ -24,6 +24,7 @@ from minivmm.devices.console import ConsoleDevice
 from minivmm.devices.net import HDR_SIZE, NetDevice, default_mac
 from minivmm.devices.vsock import VsockDevice
 from minivmm.devices.vsock_conn import HDR_SIZE as VSOCK_HDR
+from minivmm.devices.vsock_host import FIRST_LOCAL_PORT
 from minivmm.errors import UsageError
 from minivmm.transport.mmio import DEVICE_NEEDS_RESET, MmioTransport
 from minivmm.transport.testing import DeviceHarness
@@ -316,16 +317,18 @@ def test_net_bad_state(taps: tuple[Tap, Tap]) -> None:
 def test_vsock_restore_resets_the_transport(v: Vsock, tmp_path: Path) -> None:
     """The guest's connections have no host sockets in the restored VM: the guest gets
     VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (§5.10.6.6) and re-reads its CID; the source VM's
-    connections carry on."""
+    connections carry on. Host ports go on from the source's, and a host program's
+    REQUEST waits until the driver has handled the event (it re-posts the buffer)."""
     s = v.host_connect(b"CONNECT 1234\n")
     v.post_rx(4)
     v.pump(timeout=5)
     (req,) = v.packets()
+    assert req.src_port == FIRST_LOCAL_PORT
     v.send(hdr(2, 1234, req.src_port))  # RESPONSE
     assert s.recv(64).startswith(b"OK ")
     v.post_event(2)
     state, queues, features = snapshot(v.dev)
-    assert state == {"guest_cid": CID}
+    assert state == {"guest_cid": CID, "next_port": FIRST_LOCAL_PORT + 1}
     source = v.dev
     fresh = VsockDevice(CID + 1, tmp_path / "clone.sock")  # another CID and socket
     restore(v.h, fresh, state, queues, features)
@@ -336,8 +339,21 @@ def test_vsock_restore_resets_the_transport(v: Vsock, tmp_path: Path) -> None:
     s.setblocking(False)
     with pytest.raises(BlockingIOError):  # not closed: nothing to read, no end of file
         s.recv(64)
+    v.dev = fresh
+    v.path = tmp_path / "clone.sock"
+    c = v.host_connect(b"CONNECT 1234\n")
+    v.post_rx(2)
+    for _ in range(10):
+        if fresh.counters.host_connects:
+            break
+        v.pump(timeout=1)
+    assert v.packets() == [] and fresh.counters.held_connects == 1
+    v.post_event(1)  # the driver handled the event
+    (req,) = v.packets()
+    assert (req.op, req.src_port, req.dst_cid) == (1, FIRST_LOCAL_PORT + 1, CID + 1)
+    c.close()
     fresh.close()
-    v.h.device = source  # for the fixture's close
+    v.h.device = v.dev = source  # for the fixture's close
     s.close()
 
 
@@ -355,7 +371,10 @@ def test_vsock_held_receive_chain_goes_back(v: Vsock) -> None:
 
 
 def test_vsock_bad_state(v: Vsock) -> None:
-    for state in ({}, {"guest_cid": "3"}, {"guest_cid": True}, {"guest_cid": 3, "x": 1}):
+    for state in ({}, {"guest_cid": "3"}, {"guest_cid": True}, {"guest_cid": 3, "x": 1},
+                  {"guest_cid": 3, "next_port": 5}, {"guest_cid": 3, "next_port": True},
+                  {"guest_cid": 3, "next_port": "1073741824"},
+                  {"guest_cid": 3, "next_port": 1 << 32}):
         with pytest.raises(ValueError, match=r"^vsock: "):
             v.dev.restore_state(state)
     assert v.dev.counters.transport_resets == 0

@@ -55,6 +55,7 @@ class VsockMachine(RuleBasedStateMachine):
         self.conns: dict[tuple[int, int], GConn] = {}  # (host port, guest port)
         self.requests: list[tuple[int, int]] = []  # REQUESTs from the device, unanswered
         self.next_gport = 50000
+        self.spare_event = False  # an event buffer posted and not used
 
     def teardown(self) -> None:
         for s in [*self.host, *self.listeners.values()]:
@@ -250,15 +251,28 @@ class VsockMachine(RuleBasedStateMachine):
         for p in self.v.packets():
             self.conns.pop((p.src_port, p.dst_port), None)
 
-    @rule()
-    def transport_reset(self) -> None:
+    @rule(handled=st.booleans())
+    def transport_reset(self, handled: bool) -> None:
+        """The driver handles the event at once (re-posts its buffer) or later: host
+        programs' REQUESTs wait for that meanwhile."""
         self.collect()
-        self.v.post_event(1)
+        if not self.spare_event:
+            self.v.post_event(1)
+        self.spare_event = False
         self.v.dev.transport_reset()
         assert self.v.events() == [b"\0\0\0\0"]
         assert not self.v.dev.connections
         self.conns.clear()
         self.requests.clear()
+        if handled:
+            self.event_buffer_reposted()
+
+    @precondition(lambda self: self.v.dev._hold_until)
+    @rule()
+    def event_buffer_reposted(self) -> None:
+        self.v.post_event(1)
+        self.spare_event = True
+        assert not self.v.dev._hold_until and not self.v.dev._waiting
 
     # -- invariants ----------------------------------------------------------------------
 

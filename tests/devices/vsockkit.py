@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from minivmm.devices.vsock import EVQ, RXQ, TXQ, VsockDevice
+from minivmm.devices.base import VIRTIO_F_EVENT_IDX, bit
+from minivmm.devices.vsock import VsockDevice
 from minivmm.devices.vsock_conn import HDR, HDR_SIZE, HOST_CID, VIRTIO_VSOCK_TYPE_STREAM
+from minivmm.devices.vsock_reset import EVQ, RXQ, TXQ
 from minivmm.transport.mmio import DEVICE_NEEDS_RESET
 from minivmm.transport.testing import DeviceHarness
 
@@ -50,10 +52,10 @@ class Vsock:
     path: Path
 
     @classmethod
-    def make(cls, path: Path, **kwargs: Any) -> Vsock:
+    def make(cls, path: Path, *, event_idx: bool = True, **kwargs: Any) -> Vsock:
         dev = VsockDevice(CID, path, **kwargs)
-        h = DeviceHarness(dev, event_idx=True)
-        h.initialise()
+        h = DeviceHarness(dev, event_idx=event_idx)
+        h.initialise(None if event_idx else h.device_features() & ~bit(VIRTIO_F_EVENT_IDX))
         return cls(h, dev, path)
 
     def close(self) -> None:
