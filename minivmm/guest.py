@@ -74,10 +74,6 @@ class CompletedProcess:
                                                 self.stderr)
 
 
-SETTLE_ATTEMPTS = 3  # no-op commands a restored guest gets to take its vsock reset
-SETTLE_TIMEOUT = 120.0  # seconds for one (a clone's first command faults its pages in)
-
-
 class Guest:
     """A booted guest (the constructor returns once its agent listens)."""
 
@@ -136,30 +132,14 @@ class Guest:
                                    vsock=VsockConfig(vsock.guest_cid, self._uds))
         self.vm = Vm(snap.config, _snapshot=snap)
         self.vm.start()
-        self._settle()
-
-    def _settle(self) -> None:
-        """Return once a restored guest's agent has answered a command. The restore sends
-        the guest VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, and a connection made before its
-        driver has handled that is reset by it, even after the agent accepted it (the
-        device does not hold host connections back meanwhile): a no-op command, retried,
-        takes that place instead of the user's first command."""
-        for attempt in range(1, SETTLE_ATTEMPTS + 1):
-            try:
-                self.run(["true"], timeout=SETTLE_TIMEOUT)
-                return
-            except OSError:
-                return  # the agent answered: this guest has no `true`
-            except GuestRunError:
-                if attempt == SETTLE_ATTEMPTS or not self._alive():
-                    raise
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str]) -> Guest:
-        """A guest restored from a snapshot that :meth:`snapshot` made: running, its agent
-        having answered a no-op command, with its own console file and vsock socket, its
-        RAM copy-on-write of the snapshot's (any number may be restored from one
-        snapshot, in parallel)."""
+        """A guest restored from a snapshot that :meth:`snapshot` made: running, with its
+        own console file and vsock socket, its RAM copy-on-write of the snapshot's (any
+        number may be restored from one snapshot, in parallel). Commands may be run at
+        once: the vsock device holds connections until the guest has handled the
+        restore's transport reset (README "Devices in a snapshot")."""
         return cls(VmConfig(kernel=os.devnull), _restore=Path(path))
 
     def snapshot(self, path: str | os.PathLike[str] | None = None) -> Path:
