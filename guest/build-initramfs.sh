@@ -39,9 +39,9 @@ busybox)
 check | vsock)
     need gcc gcc
     if [ "$kind" = check ]; then
-        inputs=("$here/initramfs/check-init.c")
+        inputs=("$here/initramfs/check-init.c" "$here/initramfs/freestanding.h")
     else
-        inputs=("$here/initramfs/vsock-test.c")
+        inputs=("$here/initramfs/vsock-test.c" "$here/initramfs/freestanding.h")
     fi
     version="$(gcc --version | head -n1) ${CFLAGS[*]}"
     result=initramfs-$kind.cpio

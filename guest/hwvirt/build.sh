@@ -63,7 +63,8 @@ key=$(
         echo "${CFLAGS[*]}"
     } | cache_key hwvirt "$0" "$guest/cache.sh" "$guest/mkcpio.py" "$here/modules.py" \
         "$guest/../minivmm/kmod.py" \
-        "$here/init-l1" "$here/init-stock" "$guest/initramfs/check-init.c"
+        "$here/init-l1" "$here/init-stock" "$guest/initramfs/check-init.c" \
+        "$guest/initramfs/freestanding.h"
 )
 entry=$MINIVMM_CACHE/$key
 results=(vmlinuz initramfs-l1.cpio initramfs-stock.cpio)

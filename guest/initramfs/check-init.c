@@ -34,10 +34,7 @@
 
 #define HVC0_LINE "minivmm-check: hello on hvc0\n"
 
-typedef unsigned long size_t;
-typedef long ssize_t;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "freestanding.h"
 
 /* x86-64 system call numbers and constants (asm/unistd_64.h, uapi). */
 enum {
@@ -61,39 +58,6 @@ enum {
 #else
 #define CHECK_END_CMD LINUX_REBOOT_CMD_RESTART
 #endif
-
-static long sys6(long n, long a, long b, long c, long d, long e, long f)
-{
-	register long r10 __asm__("r10") = d;
-	register long r8 __asm__("r8") = e;
-	register long r9 __asm__("r9") = f;
-	long ret;
-
-	__asm__ volatile("syscall"
-			 : "=a"(ret)
-			 : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-			 : "rcx", "r11", "memory");
-	return ret;
-}
-#define sys3(n, a, b, c) sys6(n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
-
-/* gcc may emit calls to these even when freestanding. */
-void *memset(void *d, int c, size_t n)
-{
-	unsigned char *p = d;
-	while (n--)
-		*p++ = (unsigned char)c;
-	return d;
-}
-
-void *memcpy(void *d, const void *s, size_t n)
-{
-	unsigned char *p = d;
-	const unsigned char *q = s;
-	while (n--)
-		*p++ = *q++;
-	return d;
-}
 
 static size_t slen(const char *s)
 {

@@ -21,10 +21,7 @@
 
 #define HELLO_LINE "hello from the guest\n"
 
-typedef unsigned long size_t;
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned long long u64;
+#include "freestanding.h"
 
 enum {
 	SYS_read = 0, SYS_write = 1, SYS_close = 3, SYS_socket = 41,
@@ -47,38 +44,6 @@ struct sockaddr_vm {
 	unsigned char svm_flags;
 	unsigned char svm_zero[3];
 };
-
-static long sys6(long n, long a, long b, long c, long d, long e, long f)
-{
-	register long r10 __asm__("r10") = d;
-	register long r8 __asm__("r8") = e;
-	register long r9 __asm__("r9") = f;
-	long ret;
-
-	__asm__ volatile("syscall"
-			 : "=a"(ret)
-			 : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-			 : "rcx", "r11", "memory");
-	return ret;
-}
-#define sys3(n, a, b, c) sys6(n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
-
-void *memset(void *d, int c, size_t n)
-{
-	unsigned char *p = d;
-	while (n--)
-		*p++ = (unsigned char)c;
-	return d;
-}
-
-void *memcpy(void *d, const void *s, size_t n)
-{
-	unsigned char *p = d;
-	const unsigned char *q = s;
-	while (n--)
-		*p++ = *q++;
-	return d;
-}
 
 static char buf[16384];
 static char line[256];

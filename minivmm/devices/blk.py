@@ -239,13 +239,17 @@ class BlockDevice(VirtioDevice):
             MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, 1, 0, 0, 0)
         self._batch: BatchPath | None = None
         if io_uring:
-            from .uring import open_ring
+            try:
+                from .uring import open_ring
 
-            ring = open_ring()
-            if ring is not None:
-                from .blk_uring import BatchPath
+                ring = open_ring()
+                if ring is not None:
+                    from .blk_uring import BatchPath
 
-                self._batch = BatchPath(self, ring)
+                    self._batch = BatchPath(self, ring)
+            except BaseException:
+                self.image.close()  # the device is not built: nobody else will
+                raise
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> Self:
@@ -328,10 +332,12 @@ class BlockDevice(VirtioDevice):
             self._batch.release()
 
     def close(self) -> None:
-        super().close()
-        if self._batch is not None:
-            self._batch.close()
-        self.image.close()
+        try:
+            super().close()
+            if self._batch is not None:
+                self._batch.close()
+        finally:
+            self.image.close()
 
     # -- the request queue ----------------------------------------------------------
 
