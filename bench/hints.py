@@ -8,7 +8,6 @@ C floor of the same run, and a bare interpreter started the same way.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -46,7 +45,7 @@ def _python_baseline() -> tuple[float, float, float]:
     for _ in range(3):
         for code, acc in (("pass", bare), ("import minivmm.vm, minivmm.cli", imp)):
             t0 = time.monotonic()
-            p = subprocess.Popen([sys.executable, "-c", code], cwd=vmms.MINIVMM_HOME)
+            p = subprocess.Popen([vmms.MINIVMM_PYTHON, "-c", code], cwd=vmms.MINIVMM_HOME)
             _, _, ru = os.wait4(p.pid, 0)
             p.returncode = 0
             acc.append((time.monotonic() - t0) * 1000)
@@ -94,8 +93,9 @@ def hints(b: Bench, summary: dict[str, dict[str, object]], floor: dict[str, floa
                     "memory and vCPU set-up" if ready > import_ms else
                     "i.e. 'kvm ready' is almost all interpreter start and imports")
             out.append(f"start-up: minivmm {m:.0f} ms vs QEMU {q:.0f} ms to the first line; "
-                       f"minivmm --timeline (ms, median): {phases}. `python3 -c pass` takes "
-                       f"{bare_ms:.0f} ms and `python3 -c 'import minivmm.vm, minivmm.cli'` "
+                       f"minivmm --timeline (ms, median): {phases}. In the bench's venv `python -c "
+                       f"pass` takes {bare_ms:.0f} ms and `python -c 'import minivmm.vm, "
+                       f"minivmm.cli'` "
                        f"{import_ms:.0f} ms (best of 3): interpreter start {bare_ms:.0f} ms + "
                        f"imports {import_ms - bare_ms:.0f} ms, {rest}")
         elif key == "mmio_guest":

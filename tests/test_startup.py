@@ -184,3 +184,26 @@ def test_a_run_with_a_builtin_device_imports_only_what_it_uses(tmp_path: Path) -
     names: list[str] = ast.literal_eval(p.stdout.strip().splitlines()[-1])
     assert {"minivmm.devices.rng", "minivmm.x86.acpi"} <= set(names)
     assert [n for n in names if n.startswith(RUN_NEVER)] == []
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not HAVE_KVM, reason="no /dev/kvm")
+def test_an_elf_run_imports_only_pyelftools_structures() -> None:
+    """An ELF kernel is read through pyelftools' ELF structures: not its ELFFile, whose
+    import (DWARF, relocations, dynamic sections) costs ~10 ms more and reads nothing a
+    kernel needs."""
+    from guests import guest_artifact
+
+    argv = ["run", "--kernel", str(guest_artifact("probe.elf")), "--console", "none",
+            "--cmdline", "probe.check=cpl3"]
+    import elftools
+
+    site = str(Path(elftools.__file__).parent.parent)  # pyelftools' directory, no .pth
+    p = python_s(f"import sys\nsys.path.append({site!r})\nfrom minivmm.cli import main\n"
+                 f"status = main({argv!r})\n"
+                 "print(sorted(sys.modules))\nsys.exit(status)\n", timeout=120)
+    assert p.returncode == 0, p.stderr
+    names: list[str] = ast.literal_eval(p.stdout.strip().splitlines()[-1])
+    assert "elftools.elf.structs" in names
+    assert [n for n in names if n.startswith(("elftools.elf.elffile", "elftools.dwarf",
+                                              "elftools.ehabi"))] == []

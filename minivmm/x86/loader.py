@@ -233,56 +233,11 @@ def _load_elf(
     prefer_pvh: bool,
     rsdp_addr: int | None,
 ) -> BootInfo:
-    # pyelftools (10-40 ms to import) is imported only when the kernel is an ELF file.
     try:
-        from elftools.common.exceptions import ELFError
-        from elftools.construct import ConstructError
-        from elftools.elf.elffile import ELFFile
+        e_entry, loads, notes = _read_elf(path, f, size)
     except ImportError:
         raise HostError(f"{path} is an ELF kernel, and reading one needs pyelftools, which "
                         "is not installed: pip install pyelftools") from None
-
-    try:
-        elf = ELFFile(f)
-        if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64" or not elf.little_endian:
-            raise UsageError(
-                f"{path}: an ELF file for {elf.get_machine_arch()} ({elf.elfclass}-bit), "
-                "not x86-64; pass a 64-bit x86 kernel", field="kernel")
-        if elf["e_type"] not in ("ET_EXEC", "ET_DYN"):
-            raise UsageError(f"{path}: an ELF {elf['e_type']}, not an executable kernel",
-                             field="kernel")
-        e_entry = int(elf["e_entry"])
-        tables_end = max(
-            elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"],
-            elf["e_shoff"] + elf["e_shnum"] * elf["e_shentsize"],
-        )
-        if tables_end > size:
-            raise UsageError(
-                f"{path}: truncated ELF file (its headers end at byte {tables_end}, the file "
-                f"has {size}); rebuild it or copy it again", field="kernel")
-        loads: list[_Segment] = []
-        notes = b""
-        for seg in elf.iter_segments():
-            s = _Segment(
-                int(seg["p_offset"]), int(seg["p_paddr"]), int(seg["p_vaddr"]),
-                int(seg["p_filesz"]), int(seg["p_memsz"]),
-            )  # fmt: skip
-            if s.offset + s.filesz > size:
-                raise UsageError(
-                    f"{path}: truncated ELF file (a segment ends at byte {s.offset + s.filesz}, "
-                    f"the file has {size}); rebuild it or copy it again", field="kernel")
-            if seg["p_type"] == "PT_LOAD" and s.memsz:
-                loads.append(s)
-            elif seg["p_type"] == "PT_NOTE":
-                f.seek(s.offset)
-                notes += f.read(s.filesz)
-        if not notes:
-            for sec in elf.iter_sections():
-                if sec["sh_type"] == "SHT_NOTE" and sec["sh_offset"] + sec["sh_size"] <= size:
-                    f.seek(sec["sh_offset"])
-                    notes += f.read(sec["sh_size"])
-    except (ELFError, ConstructError, *_PARSE_ERRORS) as e:
-        raise _corrupt(path, e) from None
     if not loads:
         raise UsageError(f"{path}: ELF file without loadable segments; pass a vmlinux",
                          field="kernel")
@@ -324,6 +279,82 @@ def _load_elf(
     hdr.xloadflags = bp.XLF_KERNEL_64
     bp.fill_boot_params(params, e820=e820, initrd=initrd_at, rsdp_addr=rsdp_addr)
     return BootInfo("linux64", entry, bp.write_boot_params(mem, params), kernel_end, initrd_at)
+
+
+def _read_elf(path: pathlib.Path, f: BinaryIO, size: int
+              ) -> tuple[int, list[_Segment], bytes]:
+    """(e_entry, the PT_LOAD segments, the notes) of an ELF kernel, read through
+    pyelftools' ELF structures (ELF-64 gABI: the file header, the program headers, and the
+    section headers when no PT_NOTE segment carries the notes). Only those: elffile's
+    import (DWARF, relocations, dynamic sections) costs ~10 ms more than the structures
+    and a kernel needs none of it. ImportError without pyelftools."""
+    # pyelftools is imported only when the kernel is an ELF file.
+    from elftools.common.exceptions import ELFError
+    from elftools.common.utils import struct_parse
+    from elftools.construct import ConstructError
+    from elftools.elf.structs import ELFStructs
+
+    try:
+        f.seek(0)
+        ident = f.read(6)
+        if len(ident) < 6:
+            raise UsageError(f"{path}: truncated ELF file ({size} bytes); rebuild it or copy "
+                             "it again", field="kernel")
+        elfclass = {1: 32, 2: 64}.get(ident[4])
+        if elfclass is None or ident[5] not in (1, 2):
+            raise _corrupt(path, ValueError(f"EI_CLASS {ident[4]}, EI_DATA {ident[5]}"))
+        structs = ELFStructs(little_endian=ident[5] == 1, elfclass=elfclass)
+        structs.create_basic_structs()
+        ehdr = struct_parse(structs.Elf_Ehdr, f, stream_pos=0)
+        machine = ehdr["e_machine"]
+        if elfclass != 64 or machine != "EM_X86_64" or ident[5] != 1:
+            arch = _ARCH_NAMES.get(machine, str(machine).removeprefix("EM_"))
+            raise UsageError(f"{path}: an ELF file for {arch} ({elfclass}-bit), not x86-64; "
+                             "pass a 64-bit x86 kernel", field="kernel")
+        if ehdr["e_type"] not in ("ET_EXEC", "ET_DYN"):
+            raise UsageError(f"{path}: an ELF {ehdr['e_type']}, not an executable kernel",
+                             field="kernel")
+        structs.create_advanced_structs(ehdr["e_type"], machine, ehdr["e_ident"]["EI_OSABI"])
+        tables_end = max(ehdr["e_phoff"] + ehdr["e_phnum"] * ehdr["e_phentsize"],
+                         ehdr["e_shoff"] + ehdr["e_shnum"] * ehdr["e_shentsize"])
+        if tables_end > size:
+            raise UsageError(
+                f"{path}: truncated ELF file (its headers end at byte {tables_end}, the file "
+                f"has {size}); rebuild it or copy it again", field="kernel")
+        if ehdr["e_phnum"] and ehdr["e_phentsize"] < structs.Elf_Phdr.sizeof():
+            raise _corrupt(path, ValueError(f"e_phentsize {ehdr['e_phentsize']}"))
+        loads: list[_Segment] = []
+        notes = b""
+        for i in range(ehdr["e_phnum"]):
+            ph = struct_parse(structs.Elf_Phdr, f, ehdr["e_phoff"] + i * ehdr["e_phentsize"])
+            s = _Segment(int(ph["p_offset"]), int(ph["p_paddr"]), int(ph["p_vaddr"]),
+                         int(ph["p_filesz"]), int(ph["p_memsz"]))
+            if s.offset + s.filesz > size:
+                raise UsageError(
+                    f"{path}: truncated ELF file (a segment ends at byte {s.offset + s.filesz}, "
+                    f"the file has {size}); rebuild it or copy it again", field="kernel")
+            if ph["p_type"] == "PT_LOAD" and s.memsz:
+                loads.append(s)
+            elif ph["p_type"] == "PT_NOTE":
+                f.seek(s.offset)
+                notes += f.read(s.filesz)
+        if not notes and ehdr["e_shnum"] and ehdr["e_shentsize"] >= structs.Elf_Shdr.sizeof():
+            for i in range(ehdr["e_shnum"]):
+                sh = struct_parse(structs.Elf_Shdr, f, ehdr["e_shoff"] + i * ehdr["e_shentsize"])
+                if sh["sh_type"] == "SHT_NOTE" and sh["sh_offset"] + sh["sh_size"] <= size:
+                    f.seek(sh["sh_offset"])
+                    notes += f.read(sh["sh_size"])
+        return int(ehdr["e_entry"]), loads, notes
+    except (ELFError, ConstructError, *_PARSE_ERRORS) as e:
+        raise _corrupt(path, e) from None
+
+
+#: e_machine names for the error that says which architecture a foreign ELF file is for
+_ARCH_NAMES: Final = {
+    "EM_386": "x86", "EM_AARCH64": "AArch64", "EM_ARM": "ARM", "EM_RISCV": "RISC-V",
+    "EM_PPC64": "64-bit PowerPC", "EM_PPC": "PowerPC", "EM_S390": "IBM S/390",
+    "EM_MIPS": "MIPS", "EM_LOONGARCH": "LoongArch", "EM_SPARCV9": "SPARC v9",
+}
 
 
 def _physical_entry(path: pathlib.Path, loads: list[_Segment], entry: int) -> int:
