@@ -1,6 +1,6 @@
 """Benchmark of the virtqueue engine: device-side cost of one chain.
 
-Run: python -m bench.queue_engine [--seconds S] [--exit-us US]
+Run: python -m bench.queue_engine [--seconds S] [--exit-us US] [--json]
 
 Chains are published once by a FakeDriver in a real minivmm GuestMemory; each round the
 driver only moves the available index forward, so the timed loop is the device side
@@ -190,12 +190,14 @@ CASES = (
 )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=3.0, help="time per case")
     p.add_argument("--exit-us", type=float, default=0.0,
                    help="KVM exit round trip (us) to compare with, instead of measuring it")
-    a = p.parse_args()
+    p.add_argument("--json", action="store_true",
+                   help="also print the figures as one JSON line, last (bench/run.py)")
+    a = p.parse_args(argv)
     exit_us = a.exit_us
     source = "given with --exit-us" if exit_us else ""
     rates: dict[str, float] = {}
@@ -218,6 +220,11 @@ def main() -> None:
               f"= {us / exit_us:.2f} x one KVM exit")
     print(f"goal: 3-desc <= {GOAL:.2f} x one KVM exit; reference figure: {KVM_EXIT_US:.0f} us "
           f"(REFERENCE.md section 1), so about {GOAL * KVM_EXIT_US:.0f} us on an idle machine")
+    if a.json:
+        import json
+
+        print(json.dumps({"exit_us": exit_us, "exit_source": source,
+                          **{f"{name}_us": 1e6 / rate for name, rate in rates.items()}}))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ in the host page cache), then repeats, alternating which VMM goes first:
   main (QEMU aio=io_uring, when QEMU accepts it): the blk workloads again
   net      the probe's net_tx64, net_tx1500, net_rr with a virtio-net on a tap, each VMM
            in a fresh network namespace (bench/netbench.py; needs root, `ip`, /dev/net/tun)
+  vm rate  VMs per second: in one process, build a minivmm.Vm, boot the probe to its first
+           line, close it, for a few seconds (bench/vmrate.py, in the bench's venv); QEMU:
+           processes started, read to their first line, killed
+  engine   once, after the repetitions: bench/queue_engine.py (the virtqueue engine's cost
+           per chain against one Python KVM exit; no QEMU equivalent)
   agent    once, after the repetitions: `minivmm exec -- true` process start to exit
            (--reps runs) and Guest.run(["true"]) round trips once booted (20), with the
            Linux kernel this host boots (bench/agentbench.py; no QEMU equivalent)
@@ -36,6 +41,8 @@ Exit status: 0, or 1 when a run failed (a VMM error, or the probe did not pass).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import statistics
 import subprocess
@@ -44,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import agentbench, netbench, report, vmms
+from . import agentbench, netbench, report, vmms, vmrate
 from .vmms import MIB, REPO, RunOutput, Vmm
 
 WORKLOADS = ["mmio", "rng", "blk_rand4k_qd1", "blk_rand4k_qd32", "blk_seq1m_read",
@@ -153,6 +160,50 @@ class Bench:
             print(line)
         return {"exec": ex, "run": run}
 
+    def vm_rate(self, vmm: Vmm) -> None:
+        """VMs/s for the vm_rate row: minivmm in-process (bench/vmrate.py in the venv, on
+        the copy of minivmm), QEMU as processes."""
+        seconds = 0.5 if self.args.smoke else 3.0
+        try:
+            if vmm.name == "minivmm":
+                p = subprocess.run(
+                    [vmms.MINIVMM_PYTHON, "-m", "bench.vmrate", "--only", "rate", "--json",
+                     "--seconds", str(seconds), "--probe", str(self.probe)],
+                    cwd=vmms.MINIVMM_HOME, env={**os.environ, "PYTHONPATH": str(REPO)},
+                    capture_output=True, text=True, timeout=120 + seconds)
+                if p.returncode != 0:
+                    raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr.strip()
+                                       else f"exit status {p.returncode}")
+                rate = json.loads(p.stdout.strip().splitlines()[-1])["per_s"]
+            else:
+                rate = vmrate.qemu_rate(seconds, self.probe)["per_s"]
+        except (RuntimeError, ValueError, KeyError, OSError, subprocess.TimeoutExpired) as e:
+            self.failed.add("vm_rate")
+            self.failures.append(f"{vmm.label} vm rate: {e}")
+            return
+        self.add(vmm.label, "vm_rate", rate)
+
+    def engine(self) -> dict[str, object]:
+        """bench/queue_engine.py once (in the venv, on the copy of minivmm): printed with
+        its goal; the figures for the JSON."""
+        seconds = 0.4 if self.args.smoke else 6.0
+        p = subprocess.run([vmms.MINIVMM_PYTHON, "-m", "bench.queue_engine", "--json",
+                            "--seconds", str(seconds)], cwd=vmms.MINIVMM_HOME,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                           text=True, timeout=300)
+        try:
+            fig: dict[str, object] = json.loads(p.stdout.strip().splitlines()[-1])
+            us, exit_us = float(fig["3-desc_us"]), float(fig["exit_us"])  # type: ignore[arg-type]
+        except (ValueError, KeyError, IndexError):
+            self.failures.append(f"engine: {p.stderr.strip()[-300:] or 'no figures'}")
+            return {}
+        met = us / exit_us <= report.ENGINE_GOAL
+        print(f"virtqueue engine (bench/queue_engine.py): 3-descriptor chain {us:.2f} us = "
+              f"{us / exit_us:.2f} of one Python KVM exit ({exit_us:.2f} us, {fig['exit_source']});"
+              f" 1-descriptor {float(fig['1-desc_us']):.2f} us; goal <= "  # type: ignore[arg-type]
+              f"{report.ENGINE_GOAL} {'met' if met else 'MISSED'}")
+        return fig
+
     def rep(self, i: int, mini: Vmm, qemus: list[Vmm]) -> None:
         s = self.sizes
         fl = vmms.run_floor(self.floor_bin, s.floor_n)
@@ -179,6 +230,8 @@ class Bench:
                 self.add(vmm.label, "startup_exit", r.exit_s * 1000)
                 if vmm is mini:
                     self.timelines.append({k: float(v) for k, v in TIMELINE.findall(r.stderr)})
+        for vmm in order:
+            self.vm_rate(vmm)
         for vmm in order:  # memory
             r = self.launch(vmm, "memory", cmdline(["blk_rand4k_qd32", "mmio"], s.mem_n, 1),
                             ["mem_overhead", "mem_peak"], sample_memory=True)
@@ -271,6 +324,7 @@ class Bench:
                 self.samples["qemu_threads"] = self.samples.pop(label)
         text, summary = report.table(self.samples, self.failed)
         print(text)
+        engine = self.engine() if self.args.only is None else {}
         agent = self.agent()
         fl = {k: statistics.median([f[k] for f in self.floor if k in f])
               for k in ("cpl3_mmio", "cpl3_mmio_read", "cpl0_mmio", "cpl0_pio", "tsc_khz")
@@ -285,7 +339,10 @@ class Bench:
             q = summary[kind]["qemu_median"]
             f = fl.get("cpl3_mmio_read", float("nan")) / 1000
             print(f"  {kind}: minivmm {report.fmt(float(m))} us, QEMU {report.fmt(float(q))} us"  # type: ignore[arg-type]
-                  f" = {float(m) / f:.2f}x / {float(q) / f:.2f}x the C floor ({f:.1f} us)")  # type: ignore[arg-type]
+                  f" = {float(m) / f:.2f}x / {float(q) / f:.2f}x the C floor ({f:.1f} us)"  # type: ignore[arg-type]
+                  + (f"; goal <= {report.FLOOR_GOAL}x: "
+                     f"{'met' if float(m) / f <= report.FLOOR_GOAL else 'MISSED'}"  # type: ignore[arg-type]
+                     if kind == "mmio_guest" else ""))
         cpu: dict[str, list[float]] = {}
         for run in self.raw:
             if run["ok"] and run["kind"] == "main":
@@ -323,7 +380,7 @@ class Bench:
             "samples": self.samples, "floor": self.floor, "runs": self.raw,
             "minivmm_timelines": self.timelines, "hints": hint_lines, "notes": self.notes,
             "kicks_per_op": self.kicks_per_op(), "failures": self.failures,
-            "failed_runs": self.failed_runs, "agent": agent,
+            "failed_runs": self.failed_runs, "agent": agent, "engine": engine,
             "duration_s": time.monotonic() - t_start})
         print(f"results: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
         png = path.with_suffix(".png")

@@ -1,6 +1,7 @@
 """How fast VMs come and go: in-process VM creation, fresh processes, import time.
 
     python -m bench.vmrate [--seconds S] [--reps N] [--only rate,qemu,fresh,imports]
+                           [--probe ELF] [--json]   (--json: --only rate as one JSON line)
 
   rate     in one process, for S seconds: Vm(VmConfig(kernel=probe.elf, cmdline=
            "probe.check=cpl3", console=file:<a pipe>)), start, read the pipe until the
@@ -66,12 +67,12 @@ def _drain(fd: int) -> None:
             return
 
 
-def vm_rate(seconds: float) -> dict[str, float]:
+def vm_rate(seconds: float, probe: Path = PROBE) -> dict[str, float]:
     """In-process VMs per second, each built, booted to its first line, stopped, closed."""
     import minivmm
 
     r, w = os.pipe2(os.O_CLOEXEC)
-    cfg = minivmm.VmConfig(kernel=PROBE, cmdline=CMDLINE, console=f"file:/proc/self/fd/{w}")
+    cfg = minivmm.VmConfig(kernel=probe, cmdline=CMDLINE, console=f"file:/proc/self/fd/{w}")
     build, first, down = [], [], []
     n = 0
     t_start = time.monotonic()
@@ -100,10 +101,10 @@ def vm_rate(seconds: float) -> dict[str, float]:
             "teardown_ms": 1000 * statistics.median(down)}
 
 
-def qemu_rate(seconds: float) -> dict[str, float]:
+def qemu_rate(seconds: float, probe: Path = PROBE) -> dict[str, float]:
     """QEMU processes per second, each started, read to its first probe line, killed."""
     assert vmms.QEMU is not None, "qemu-system-x86_64 is not installed"
-    argv = [vmms.QEMU, *vmms.QEMU_BASE, "-kernel", str(PROBE.resolve()), "-append", CMDLINE]
+    argv = [vmms.QEMU, *vmms.QEMU_BASE, "-kernel", str(probe.resolve()), "-append", CMDLINE]
     first = []
     n = 0
     t_start = time.monotonic()
@@ -198,10 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", default="rate,qemu,fresh,imports")
+    ap.add_argument("--probe", type=Path, default=PROBE, help="the probe kernel (rate, qemu)")
+    ap.add_argument("--json", action="store_true",
+                    help="with --only rate: print the figures as one JSON line (bench/run.py)")
     args = ap.parse_args(argv)
-    if not PROBE.exists():
-        raise SystemExit(f"{PROBE} is missing: run `make guest` first")
+    if not args.probe.exists():
+        raise SystemExit(f"{args.probe} is missing: run `make guest` first")
     parts = set(args.only.split(","))
+    if args.json:
+        import json
+
+        print(json.dumps(vm_rate(args.seconds, args.probe)))
+        return 0
     # Measure minivmm as installed (pip byte-compiles it), not compiled afresh each run.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-m", "compileall", "-q", "minivmm"],
@@ -212,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     if "fresh" in parts:
         print("fresh process:", _fmt(fresh(args.reps)), flush=True)
     if "rate" in parts:
-        r = vm_rate(args.seconds)
+        r = vm_rate(args.seconds, args.probe)
         print("in-process:", _fmt(r), f"per_core_s={r['per_s'] / cores:.1f}", flush=True)
     if "qemu" in parts and vmms.QEMU:
-        q = qemu_rate(args.seconds)
+        q = qemu_rate(args.seconds, args.probe)
         print("qemu processes:", _fmt(q), f"per_core_s={q['per_s'] / cores:.1f}", flush=True)
     print(f"firecracker (published): {FIRECRACKER_PER_CORE:.0f} per core per second "
           f"= {FIRECRACKER_PER_CORE * cores:.0f}/s on {cores} cores")

@@ -19,7 +19,7 @@ from typing import Final, TypeVar
 from .bus import Bus
 from .config import format_size
 from .errors import UsageError
-from .kvm import KvmError, System, Vcpu, Vm
+from .kvm import KvmError, System, Vcpu, Vm, release
 from .kvm import constants as c
 from .kvm.structs import kvm_cpuid_entry2
 from .memory import GuestMemory
@@ -75,8 +75,9 @@ class Platform:
         with ExitStack() as building:
             building.callback(self.close)
             self.memory = GuestMemory(mem_size, gap=layout.MMIO_GAP, backing=ram_file)
-            # Registered first, so unmapped last: after the VM that uses it is gone.
-            self._stack.callback(self.memory.close)
+            # Registered first, so handed to the releaser last: unmapped there after the
+            # VM that uses it is gone (minivmm.kvm.release).
+            self._stack.callback(release.defer, self.memory.close)
             self.system = self._own(System())
             self.system.require(*REQUIRED_CAPS)
             limit = min(self.system.max_vcpus(), MAX_CPUS)

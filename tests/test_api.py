@@ -18,6 +18,7 @@ from guests import ProbeRun, guest_artifact, tiny_elf
 
 import minivmm
 from minivmm.errors import UsageError
+from minivmm.kvm import release
 
 pytestmark = pytest.mark.kvm
 HANG = 60.0  # only a hang reaches this
@@ -141,6 +142,7 @@ def test_failed_builds_and_many_runs_leak_nothing(tmp_path: Path) -> None:
     with minivmm.Vm(probe_config("probe.check=cpl3", rng=True)) as vm:
         assert vm.run().status == 0
     gc.collect()
+    release.wait()  # the VM's own descriptor and RAM go on the releaser thread
     fds, rss = _fds(), _rss_mib()
     for i in range(100):
         kw = bad[i % len(bad)]
@@ -150,6 +152,7 @@ def test_failed_builds_and_many_runs_leak_nothing(tmp_path: Path) -> None:
         with minivmm.Vm(probe_config("probe.check=cpl3,rng", rng=True)) as vm:
             assert vm.run().status == 0
     gc.collect()
+    release.wait()
     assert _fds() == fds, os.listdir("/proc/self/fd")
     assert _rss_mib() - rss < 20, (rss, _rss_mib())
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0

@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 ROWS = ["start-up to first line", "MMIO read round trip (guest rdtsc)",
         "virtio-rng 16 B requests", "blk 4 KiB random read QD1", "blk 4 KiB random read QD32",
         "blk 1 MiB sequential read", "blk 1 MiB sequential write", "VMM memory overhead",
-        "net tx 64 B frames", "net tx 1500 B frames", "net ICMP echo round trips"]
+        "net tx 64 B frames", "net tx 1500 B frames", "net ICMP echo round trips",
+        "VMs/s: in-process", "virtqueue engine (bench/queue_engine.py)"]
 
 
 def test_bench_smoke(tmp_path: Path) -> None:

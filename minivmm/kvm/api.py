@@ -17,6 +17,7 @@ import threading
 from typing import Any, Final
 
 from ..errors import HostError
+from . import release
 from . import structs as s
 from .constants import (
     CAPABILITY_NAMES,
@@ -234,6 +235,26 @@ class Vm(_Fd):
         self._next_slot = 0
         self._irq_level = s.kvm_irq_level()
         self._irq_lock = threading.Lock()  # several vCPU threads drive ISA lines
+
+    def close(self) -> None:
+        """Close the VM's descriptor on the releaser thread (minivmm.kvm.release: the
+        kernel destroys the VM there, which waits for RCU grace periods) and return."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                release.defer(functools.partial(os.close, fd))
+            except RuntimeError:  # no new threads (interpreter shutdown): close it here
+                os.close(fd)
+
+    def __del__(self) -> None:
+        # A VM nobody closed: closed here, not handed over (a finalizer may run while
+        # the releaser's lock is held by this thread).
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def set_user_memory_region(self, gpa: int, size: int, host_addr: int, flags: int = 0) -> int:
         region = s.kvm_userspace_memory_region(
