@@ -114,8 +114,9 @@ def hints(b: Bench, summary: dict[str, dict[str, object]], floor: dict[str, floa
             out.append(f"{key}: {us_m:.0f} us per {what} in minivmm vs {us_q:.0f} us in QEMU "
                        f"({summary[key]['qemu_mode']}); {per_op(key, seq)}; the QueueNotify "
                        f"exit itself costs about {fl_write:.0f} us here (C floor, CPL3 MMIO "
-                       f"write), the rest is the device path (ioeventfd wake-up, queue walk in "
-                       "Python, preadv/pwritev, used ring)")
+                       f"write), the rest is the device path (ioeventfd wake-up; for blk, "
+                       "one C call per batch: queue walk, io_uring reads or pwritev, used "
+                       "ring; rng: the queue walk in Python)")
         elif key in ("net_tx64", "net_tx1500", "net_rr"):
             from .netbench import hint
             out.append(hint(b, key, summary))

@@ -349,7 +349,7 @@ class Bench:
                 cpu.setdefault(str(run["vmm"]), []).append(float(run["cpu_s"]))  # type: ignore[arg-type]
         print("VMM CPU time per main run (user+sys, median s): " + ", ".join(
             f"{k} {statistics.median(v):.2f}" for k, v in cpu.items()))
-        if self.args.only == "blk":
+        if self.args.only in (None, "blk") and "qemu_io_uring" in self.samples:
             print(self.paired_blk())
         kicks = self.kicks_per_op()
         if kicks:
