@@ -43,6 +43,9 @@ class _Releaser:
         self.thread: threading.Thread | None = None
 
     def defer(self, release: Callable[[], None]) -> None:
+        if threading.current_thread() is self.thread:  # a release handing over another
+            release()  # (it would wait for itself when MAX_PENDING wait): run it now
+            return
         with self.cond:
             while len(self.items) + self.busy >= MAX_PENDING:
                 self.cond.wait()

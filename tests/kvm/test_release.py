@@ -50,6 +50,20 @@ def test_a_failing_release_is_an_internal_error_and_the_rest_go_on(
     assert "internal error" in record.getMessage() and record.exc_info is not None
 
 
+def test_a_release_that_hands_over_another_runs_it_at_once() -> None:
+    seen: list[str] = []
+
+    def outer() -> None:
+        release.defer(lambda: seen.append("inner"))
+        seen.append("outer")
+
+    release.defer(outer)
+    release.wait()
+    # Run in place, not queued behind ``outer`` (with MAX_PENDING waiting behind it,
+    # queueing would wait for ``outer`` itself: a deadlock).
+    assert seen == ["inner", "outer"]
+
+
 def test_at_most_max_pending_wait() -> None:
     gate = threading.Event()
     release.defer(_until(gate))  # holds the releaser
