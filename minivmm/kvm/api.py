@@ -241,10 +241,7 @@ class Vm(_Fd):
         kernel destroys the VM there, which waits for RCU grace periods) and return."""
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            try:
-                release.defer(functools.partial(os.close, fd))
-            except RuntimeError:  # no new threads (interpreter shutdown): close it here
-                os.close(fd)
+            release.defer(functools.partial(os.close, fd))
 
     def __del__(self) -> None:
         # A VM nobody closed: closed here, not handed over (a finalizer may run while

@@ -14,7 +14,8 @@ every path (an exception from one release is logged as an internal error and the
 on). At most :data:`MAX_PENDING` releases wait at a time: a caller handing over more
 waits for the oldest, so a loop of VMs cannot pile up descriptors and RAM. At interpreter
 exit the releaser is a daemon thread: whatever it had not released yet is released by the
-process's exit, as a process that exits with VMs open is. :func:`wait` blocks until
+process's exit, as a process that exits with VMs open is; where no thread can start any
+more (interpreter shutdown) the caller releases in place. :func:`wait` blocks until
 everything handed over so far is released (tests that count descriptors use it).
 """
 
@@ -49,12 +50,20 @@ class _Releaser:
         with self.cond:
             while len(self.items) + self.busy >= MAX_PENDING:
                 self.cond.wait()
-            self.items.append(release)
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="minivmm-release",
-                                               daemon=True)
-                self.thread.start()
-            self.cond.notify_all()
+                thread = threading.Thread(target=self._run, name="minivmm-release",
+                                          daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:
+                    pass  # no new threads now (interpreter shutdown): released below
+                else:
+                    self.thread = thread
+            if self.thread is not None:
+                self.items.append(release)
+                self.cond.notify_all()
+                return
+        release()  # no releaser thread could start: released here, outside the lock
 
     def wait(self) -> None:
         with self.cond:

@@ -323,6 +323,8 @@ def _read_elf(path: pathlib.Path, f: BinaryIO, size: int
                 f"has {size}); rebuild it or copy it again", field="kernel")
         if ehdr["e_phnum"] and ehdr["e_phentsize"] < structs.Elf_Phdr.sizeof():
             raise _corrupt(path, ValueError(f"e_phentsize {ehdr['e_phentsize']}"))
+        if ehdr["e_shnum"] and ehdr["e_shentsize"] < structs.Elf_Shdr.sizeof():
+            raise _corrupt(path, ValueError(f"e_shentsize {ehdr['e_shentsize']}"))
         loads: list[_Segment] = []
         notes = b""
         for i in range(ehdr["e_phnum"]):
@@ -338,7 +340,7 @@ def _read_elf(path: pathlib.Path, f: BinaryIO, size: int
             elif ph["p_type"] == "PT_NOTE":
                 f.seek(s.offset)
                 notes += f.read(s.filesz)
-        if not notes and ehdr["e_shnum"] and ehdr["e_shentsize"] >= structs.Elf_Shdr.sizeof():
+        if not notes:
             for i in range(ehdr["e_shnum"]):
                 sh = struct_parse(structs.Elf_Shdr, f, ehdr["e_shoff"] + i * ehdr["e_shentsize"])
                 if sh["sh_type"] == "SHT_NOTE" and sh["sh_offset"] + sh["sh_size"] <= size:

@@ -64,6 +64,20 @@ def test_a_release_that_hands_over_another_runs_it_at_once() -> None:
     assert seen == ["inner", "outer"]
 
 
+def test_without_a_thread_a_release_runs_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At interpreter shutdown no thread can start: the release is done by the caller."""
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    fresh = release._Releaser()
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    seen: list[str] = []
+    fresh.defer(lambda: seen.append(threading.current_thread().name))
+    assert seen == [threading.current_thread().name]
+    assert fresh.thread is None and not fresh.items
+    fresh.wait()  # nothing pending: returns
+
+
 def test_at_most_max_pending_wait() -> None:
     gate = threading.Event()
     release.defer(_until(gate))  # holds the releaser

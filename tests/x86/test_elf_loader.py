@@ -166,3 +166,14 @@ def test_segment_past_file_end(build_elf: ElfBuilder, tmp_path: Path) -> None:
 def test_start_info_sizes_fit_the_reserved_page() -> None:
     assert layout.ZERO_PAGE_ADDR - layout.PVH_INFO_ADDR >= 56 + 32 + 24 * 128
     assert ctypes.sizeof(pvh.HvmStartInfo) == 56
+
+
+@pytest.mark.parametrize(("offset", "field"), [(54, "e_phentsize"), (58, "e_shentsize")])
+def test_header_entries_smaller_than_the_structures_are_corrupt(
+        build_elf: ElfBuilder, tmp_path: Path, offset: int, field: str) -> None:
+    data = bytearray(build_elf().read_bytes())
+    struct.pack_into("<H", data, offset, 8)  # smaller than a program/section header
+    bad = tmp_path / "bad"
+    bad.write_bytes(data)
+    with pytest.raises(UsageError, match=rf"bad: truncated or corrupt ELF file \({field} 8\)"):
+        load_kernel(GuestMemory(16 * MiB), bad, initrd=None, cmdline="")
