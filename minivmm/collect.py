@@ -39,6 +39,9 @@ __all__ = ["Collected", "TreeUnsupported", "UnsafeTree", "collect"]
 NAME_MAX = 255
 PATH_MAX = 4095
 MAX_NOTES = 1000
+#: entries one collect takes (files, directories, symlinks, skipped ones): a tree of more
+#: is not an honest one, and each costs the host an inode or memory
+MAX_ENTRIES = 1_000_000
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TYPES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device"}
@@ -117,7 +120,9 @@ class _Writer:
         self.made_root = False
         self.budget: int | None = None  # bytes the files may take (set when needed)
         self.file: _Open | None = None
-        self.dirs: list[tuple[list[bytes], int]] = []  # (components, mode), chmod at end
+        # directory -> its mode, chmod at the end (a directory sent twice: the last mode)
+        self.dirs: dict[tuple[bytes, ...], int] = {}
+        self.entries = 0
         self.dropped_notes = 0
 
     def note(self, text: str) -> None:
@@ -131,6 +136,9 @@ class _Writer:
     def entry(self, e: Entry) -> None:
         if self.file is not None:
             raise UnsafeTree(f"{self.file.name}: {self.file.left} bytes of content missing")
+        self.entries += 1
+        if self.entries > MAX_ENTRIES:
+            raise UnsafeTree(f"more than {MAX_ENTRIES} entries in one tree")
         if not self.started:
             self._root(e)
             return
@@ -147,7 +155,7 @@ class _Writer:
                     os.mkdir(parts[-1], 0o700, dir_fd=parent)
                 except FileExistsError:
                     pass  # a directory already there: merged
-                self.dirs.append((parts, e.mode))
+                self.dirs[tuple(parts)] = e.mode
                 self.done.dirs += 1
             elif kind == stat.S_IFREG:
                 self._check_size(e.size, name)
@@ -193,7 +201,7 @@ class _Writer:
                                              "not a directory (the guest's is)") from None
             self.root_fd = os.open(self.host, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             if self.made_root:
-                self.dirs.append(([], e.mode))
+                self.dirs[()] = e.mode
             self.done.dirs += 1
         else:
             raise OSError(errno.EINVAL, f"{self.host}: the guest's path is "
@@ -278,9 +286,12 @@ class _Writer:
     def finish(self) -> None:
         if self.file is not None:
             raise UnsafeTree(f"{self.file.name}: {self.file.left} bytes of content missing")
+        self.entries += 1
+        if self.entries > MAX_ENTRIES:
+            raise UnsafeTree(f"more than {MAX_ENTRIES} entries in one tree")
         if not self.started:
             raise UnsafeTree("the agent sent no tree")
-        for parts, mode in sorted(self.dirs, key=lambda d: -len(d[0])):  # deepest first
+        for parts, mode in sorted(self.dirs.items(), key=lambda d: -len(d[0])):  # deepest 1st
             fd = self.root_fd if not parts else self._open_parent([*parts, b""], "")
             try:
                 os.fchmod(fd, mode & 0o777 | 0o700)
@@ -311,16 +322,21 @@ def _safe_parts(path: bytes) -> list[bytes]:
 
 def _stays_inside(parts: list[bytes], target: bytes) -> bool:
     """Whether a symlink at ``parts`` pointing to ``target`` resolves inside the tree,
-    read as text (symlinks it meets on the way are this tree's own, checked likewise)."""
+    read as text: ``..`` only before the first name (the link's own directories are real
+    ones: nothing is written through a symlink) and no deeper than the link. A ``..``
+    after a name is refused, since that name may be one of the tree's symlinks, which the
+    kernel follows before going up (``r -> .`` then ``x -> r/..`` is the tree's parent);
+    symlinks met on the way down are this tree's own, checked likewise."""
     if target.startswith(b"/"):
         return False
     depth = len(parts) - 1
+    named = False
     for p in target.split(b"/"):
         if p == b"..":
             depth -= 1
-            if depth < 0:
+            if named or depth < 0:
                 return False
         elif p not in (b"", b"."):
-            depth += 1
+            named = True
     return True
 

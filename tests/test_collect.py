@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from fakeguest import fake_guest
 
+from minivmm import collect as collect_module
 from minivmm.agent import (
     ENTRY,
     HEADER,
@@ -99,9 +100,9 @@ def test_a_tree_is_written_under_exactly_the_host_path(tmp_path: Path) -> None:
     done = fake_agent(ROOT + entry(DIR, b"sub") + entry(REG, b"sub/a.txt", 5) + data(b"hel")
                       + data(b"lo") + entry(stat.S_IFREG | 0o4750, b"suid", 1) + data(b"x")
                       + entry(stat.S_IFDIR | 0o555, b"ro") + entry(REG, b"ro/in", 0)
-                      + entry(LNK, b"sub/ln", 5, b"a.txt") + entry(LNK, b"up", 9, b"sub/../ro")
+                      + entry(LNK, b"sub/ln", 5, b"a.txt") + entry(LNK, b"sub/up", 5, b"../ro")
                       + frame(T_NOTE, b"secret: Permission denied") + OK, dst)
-    assert tree(dst) == ["ro", "ro/in", "sub", "sub/a.txt", "sub/ln", "suid", "up"]
+    assert tree(dst) == ["ro", "ro/in", "sub", "sub/a.txt", "sub/ln", "sub/up", "suid"]
     assert (dst / "sub" / "a.txt").read_bytes() == b"hello"
     assert os.readlink(dst / "sub" / "ln") == "a.txt"
     assert stat.S_IMODE((dst / "suid").stat().st_mode) == 0o750  # no setuid on the host
@@ -138,6 +139,29 @@ def test_guest_symlinks_are_never_followed(tmp_path: Path, outside: Path) -> Non
             fake_agent(stream + entry(REG, through, 4) + data(b"evil") + OK, dst)
     assert tree(dst) == ["in", "sub"]
     assert os.readlink(dst / "in") == "sub"
+
+
+def test_a_tree_of_too_many_entries_ends_the_collect(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(collect_module, "MAX_ENTRIES", 5)
+    dst = tmp_path / "dst"
+    with pytest.raises(UnsafeTree, match="more than 5 entries in one tree"):
+        fake_agent(ROOT + entry(DIR, b"a") * 10 + OK, dst)
+    assert tree(dst) == ["a"]
+
+
+def test_a_symlink_going_up_after_a_name_is_skipped(tmp_path: Path) -> None:
+    """``r -> .`` is inside, but ``x -> r/..`` is the tree's parent once the kernel has
+    followed r: a ``..`` after a name is never made, whatever the text adds up to."""
+    dst = tmp_path / "dst"
+    done = fake_agent(ROOT + entry(DIR, b"sub") + entry(LNK, b"r", 1, b".")
+                      + entry(LNK, b"x", 4, b"r/..") + entry(LNK, b"sub/y", 9, b"../sub/..")
+                      + entry(LNK, b"sub/z", 6, b"../sub") + OK, dst)
+    assert tree(dst) == ["r", "sub", "sub/z"]
+    assert os.path.realpath(dst / "sub" / "z") == str((dst / "sub").resolve())
+    assert [n for n in done.notes if "outside the tree" in n] == [
+        "x: a symlink to 'r/..', outside the tree: skipped",
+        "sub/y: a symlink to '../sub/..', outside the tree: skipped"]
 
 
 def test_a_symlink_then_a_file_of_its_name_replaces_the_link(tmp_path: Path,
