@@ -30,13 +30,17 @@ __all__ = ["CONSOLE_FINDINGS", "CrashWatch", "Finding", "clean_line", "scan_text
 
 #: bytes of each console line that are searched
 HEAD = 256
-#: findings kept (the first ones); later ones are only counted
+#: findings kept (the first ones, and past them the first fatal one); others are counted
 MAX_FINDINGS = 64
 
 #: what Linux prints, in the console line's head, and whether the kernel is done for
-#: (a WARNING is reported, the kernel goes on)
+#: (a WARNING is reported, the kernel goes on; so do the BUG: reports that leave the task
+#: running, listed before "BUG:" so that they match first)
 CONSOLE_FINDINGS: dict[str, bool] = {
     "Kernel panic": True,
+    "BUG: sleeping function called from invalid context": False,
+    "BUG: scheduling while atomic": False,
+    "BUG: soft lockup": False,
     "BUG:": True,
     "Oops": True,
     "general protection fault": True,
@@ -176,8 +180,8 @@ class CrashWatch:
             self.restart_announced = True
             return
         assert isinstance(found, Finding)
-        if len(self.findings) < MAX_FINDINGS:
-            self.findings.append(found)
+        if len(self.findings) < MAX_FINDINGS or (found.fatal and self.fatal is None):
+            self.findings.append(found)  # past the cap still the first fatal one
         else:  # a guest that warns without end
             self.dropped += 1
 

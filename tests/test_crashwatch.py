@@ -98,6 +98,11 @@ def test_innocent_output_and_a_flood_of_warnings() -> None:
     assert w.findings == []
     w.write(b"WARNING: CPU: 0 PID: 1 at x\n" * (MAX_FINDINGS + 10))
     assert len(w.findings) == MAX_FINDINGS and w.dropped == 10
+    assert w.fatal is None
+    # past the cap, the first fatal finding is still kept (and said); later ones counted
+    w.write(b"Kernel panic - not syncing: after the flood\nOops: 0000 [#1]\n")
+    assert w.fatal is not None and w.fatal.kind == "Kernel panic"
+    assert len(w.findings) == MAX_FINDINGS + 1 and w.dropped == 11
 
 
 def test_findings_from_how_the_vm_ended() -> None:
@@ -133,8 +138,21 @@ def test_a_last_line_without_newline_is_searched_when_the_vm_ends() -> None:
 
 def test_scan_text() -> None:
     assert scan_text("a\nb\n") is None
-    found = scan_text("boot\n\x1b[31mBUG: soft lockup\nOops\n")
-    assert found is not None and (found.kind, found.line) == ("BUG:", "BUG: soft lockup")
+    found = scan_text("boot\n\x1b[31mBUG: soft lockup - CPU#0 stuck for 22s!\nOops\n")
+    assert found is not None and (found.kind, found.line, found.fatal) == (
+        "BUG: soft lockup", "BUG: soft lockup - CPU#0 stuck for 22s!", False)
+
+
+@pytest.mark.parametrize("line", [
+    "BUG: sleeping function called from invalid context at mm/slab.h:1",
+    "BUG: scheduling while atomic: swapper/0/1/0x00000002",
+    "BUG: soft lockup - CPU#1 stuck for 23s! [a.out:99]"])
+def test_bug_reports_that_leave_the_task_running_are_warnings(line: str) -> None:
+    w, _ = watch()
+    w.write(f"[   1.0] {line}\n".encode())
+    assert [f.fatal for f in w.findings] == [False] and w.fatal is None
+    w.write(b"[   2.0] BUG: unable to handle page fault for address: 0\n")
+    assert w.fatal is not None and w.fatal.kind == "BUG:"
 
 
 def test_guest_run_fails_fast_when_the_kernel_crashes_under_the_command(
