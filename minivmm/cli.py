@@ -394,6 +394,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"minivmm: note: {hostinfo.EMULATED_HOST_HINT}", file=sys.stderr)
     timeline = Timeline()
     timeline.mark("process start", _process_start_monotonic())
+    if args.snapshot_on_signal is not None:  # until the VM runs, not a reason to die
+        signal.signal(signal.SIGUSR2, _too_early)
     if overrides is not None:
         vm = Vm.restore(args.restore, timeline=timeline, **overrides)
     else:
@@ -439,16 +441,31 @@ def _snapshot_on_sigusr2(vm: Vm, path: Path) -> None:
     between the waits of Vm.run). A failure is one line; the VM runs on."""
     from .errors import MinivmmError
 
+    saving = False
+
     def save(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal saving
+        if saving:  # a second SIGUSR2 while this one saves (the handler runs nested)
+            print(f"minivmm: a snapshot to {path} is being saved: SIGUSR2 ignored",
+                  file=sys.stderr)
+            return
+        saving = True
         try:
             info = vm.snapshot(path)
         except (MinivmmError, OSError) as e:
             print(f"minivmm: snapshot to {path} failed: {e}", file=sys.stderr)
             return
+        finally:
+            saving = False
         print(f"minivmm: snapshot saved to {path} ({1000 * info['total_s']:.1f} ms)",
               file=sys.stderr)
 
     signal.signal(signal.SIGUSR2, save)
+
+
+def _too_early(_signum: int, _frame: FrameType | None) -> None:
+    print("minivmm: SIGUSR2 before the VM runs: no snapshot (send it again later)",
+          file=sys.stderr)
 
 
 def _report(vm: Vm, args: argparse.Namespace, reason: str, detail: str) -> None:

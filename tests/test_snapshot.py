@@ -271,6 +271,40 @@ def test_cli_saves_on_sigusr2_and_restores(tmp_path: Path) -> None:
     assert "--mem cannot be given with --restore" in bad.stderr
 
 
+def test_a_sigusr2_during_a_save_is_ignored(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The handler runs again, nested, when a second SIGUSR2 comes during a save: that
+    one must not save (its end would resume the guest under the first save)."""
+    from typing import Any, cast
+
+    from minivmm import cli
+
+    saves: list[Path] = []
+
+    class OneVm:
+        def snapshot(self, path: Path) -> dict[str, float]:
+            saves.append(path)
+            if len(saves) == 1:  # the second signal arrives while this one saves
+                handler = signal.getsignal(signal.SIGUSR2)
+                assert callable(handler)
+                handler(signal.SIGUSR2, None)
+            return {"total_s": 0.001}
+
+    old = signal.getsignal(signal.SIGUSR2)
+    try:
+        cli._snapshot_on_sigusr2(cast(Any, OneVm()), tmp_path / "s")
+        handler = signal.getsignal(signal.SIGUSR2)
+        assert callable(handler)
+        handler(signal.SIGUSR2, None)
+        handler(signal.SIGUSR2, None)  # after the first: saved again
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert saves == [tmp_path / "s"] * 2
+    err = capsys.readouterr().err
+    assert err.count("is being saved: SIGUSR2 ignored") == 1
+    assert err.count("snapshot saved to") == 2
+
+
 def _corrupt(snap: Path, how: str) -> None:
     manifest = snap / "manifest.json"
     if how == "truncated memory":
