@@ -172,6 +172,7 @@ static void complete(struct mv_ring *r, struct mv_queue *q, const struct mv_disk
 {
     unsigned left = r->n;
     uint8_t finished[SLOTS] = {0};
+    r->pool_used = 0;  /* the iovecs of what is in flight stay valid until this returns */
     if (left == 0)
         return;
     out->batches++;
@@ -211,7 +212,6 @@ static void complete(struct mv_ring *r, struct mv_queue *q, const struct mv_disk
                 answer(q, &r->slots[i], finish_sync(disk, &r->slots[i], 0, out), out);
     }
     r->n = 0;
-    r->pool_used = 0;
 }
 
 /* The file that holds sectors [sector, sector + count) whole: the disk's file; for a
@@ -268,11 +268,12 @@ static int poll(const struct mv_queue *q)
     }
 }
 
-static int overlaps(const struct mv_ring *r, int write, uint64_t off, uint64_t len)
+/* Whether [off, off + len) meets a read in flight (only reads are: writes go inline). */
+static int overlaps(const struct mv_ring *r, uint64_t off, uint64_t len)
 {
     for (unsigned i = 0; i < r->n; i++) {
         const struct slot *s = &r->slots[i];
-        if ((write || s->write) && s->offset < off + len && off < s->offset + s->length)
+        if (s->offset < off + len && off < s->offset + s->length)
             return 1;
     }
     return 0;
@@ -395,17 +396,12 @@ int mv_blk_run(struct mv_ring *r, struct mv_queue *q, const struct mv_region *me
         s->write = type == T_OUT;
         s->offset = sector * SECTOR;
         s->length = length;
-        if (r->n && overlaps(r, (int)s->write, s->offset, length)) {
-            /* as one request after the other: the earlier ones first. The slot and
-             * its iovecs stay put: complete() leaves the pool alone until it ends. */
-            struct slot keep = *s;
-            unsigned used = (unsigned)(iov - r->pool) + niov;
+        if (s->write && r->n && overlaps(r, s->offset, length)) {
+            /* a write over reads in flight: they complete first, as one request after
+             * the other. Its slot (past r->n) and iovecs are not touched by that. */
             complete(r, q, disk, out);
             if (r->failed)
                 break;
-            r->slots[0] = keep;
-            r->pool_used = used;
-            s = &r->slots[0];
         }
         if (s->write) {
             /* Buffered writes go inline, in order: io_uring hands them to a worker

@@ -34,6 +34,8 @@ from minivmm.devices.blk import (
     VIRTIO_BLK_T_WRITE_ZEROES,
     BlockDevice,
 )
+from minivmm.virtio.ring import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from minivmm.virtio.testing import FakeDriver
 
 from . import Attached, attach, io_uring_missing
 
@@ -557,3 +559,45 @@ def test_the_environment_forces_the_synchronous_path(
     dev = BlockDevice(image)
     assert not dev.io_uring and dev.stats() == {"io_uring": 0}
     dev.close()
+
+
+def _indirect_request(drv: FakeDriver, kind: int, sector: int,
+                      readable: list[int], writable: list[int]) -> int:
+    """A request in an indirect table of many small buffers (after the header): each
+    buffer is one iovec of the C path's pool. Returns where its status byte is."""
+    head = drv.publish([header(kind)], [512, 1], kick=False)
+    hdr = drv.alloc(16)
+    drv._view(hdr, 16)[:] = header(kind, sector)
+    sizes = [(n, 0) for n in readable] + [(n, VIRTQ_DESC_F_WRITE) for n in writable]
+    entries = [(hdr, 16, VIRTQ_DESC_F_NEXT, 1)]
+    for i, (n, flag) in enumerate(sizes):
+        entries.append((drv.alloc(n), n, flag | VIRTQ_DESC_F_NEXT, i + 2))
+    status = drv.alloc(1)
+    drv._view(status, 1)[0] = 0xFF
+    entries.append((status, 1, VIRTQ_DESC_F_WRITE, 0))
+    table, length = drv.write_table(entries)
+    drv.patch_descriptor(head, addr=table, len=length, flags=VIRTQ_DESC_F_INDIRECT, next=0)
+    return status
+
+
+@needs_uring
+def test_a_write_over_reads_in_flight_leaves_the_batch_path_whole(image: Path) -> None:
+    """Reads of many buffers fill most of the C path's iovec pool; a write over them
+    makes them complete first. The pool must be whole again after that: a guest must not
+    be able to push the device off its batch path for good."""
+    att = device(image, True, size=128)
+    drv = att.drivers[0]
+    status = [_indirect_request(drv, VIRTIO_BLK_T_IN, sector, [], [16] * 1024)
+              for sector in (0, 32, 0)]
+    status.append(_indirect_request(drv, VIRTIO_BLK_T_OUT, 0, [16] * 1015 + [144], []))
+    att.device.kick(0)
+    assert len(drv.used()) == 4
+    assert [drv._view(at, 1)[0] for at in status] == [VIRTIO_BLK_S_OK] * 4
+    for _ in range(3):
+        before = att.device.stats()["io_uring_requests"]
+        heads = [drv.publish([header(VIRTIO_BLK_T_IN, i)], [512, 1], kick=False)
+                 for i in range(20)]
+        att.device.kick(0)
+        assert statuses(att) == dict.fromkeys(heads, VIRTIO_BLK_S_OK)
+        assert att.device.stats()["io_uring_requests"] - before == 20  # all in C
+    att.device.close()
