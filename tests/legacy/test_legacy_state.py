@@ -65,3 +65,29 @@ def test_i8042_acpi_pm_and_rtc_round_trip() -> None:
     assert rd(r2, 1) == 0x42
     with pytest.raises(ValueError, match="rtc: saved CMOS"):
         r2.restore_state({**r.save_state(), "cmos": "00"})
+
+
+def test_rtc_refuses_a_cmos_index_past_its_bytes() -> None:
+    """The index register is 7 bits: a saved 0x90 would make the guest's next read of
+    port 0x71 index past the CMOS (an internal error on its vCPU)."""
+    now = [1_700_000_000 * 10**9]
+    r = Rtc(RecordingLine(), clock=lambda: now[0], timer_thread=False)
+    state = r.save_state()
+    for index in (0x80, 0x90, 0xFF):
+        with pytest.raises(ValueError, match=f"rtc: saved CMOS index {index} is past"):
+            r.restore_state({**state, "index": index})
+    cmos = bytearray(bytes.fromhex(str(state["cmos"])))
+    cmos[0x7F] = 0xA5
+    r.restore_state({**state, "index": 0x7F, "cmos": cmos.hex()})
+    assert rd(r, 1) == 0xA5  # the last byte, through the restored index
+
+
+@pytest.mark.parametrize("bad", [{"sleep_type": 8}, {"sleep_type": 256}, {"wake_status": 2},
+                                 {"other": 1}])
+def test_acpi_pm_refuses_state_that_does_not_fit(bad: dict[str, object]) -> None:
+    """A sleep type over 3 bits would not fit the register byte the guest reads back."""
+    pm = AcpiPm(on_poweroff=lambda: None)
+    with pytest.raises(ValueError, match="^acpi_pm: saved"):
+        pm.restore_state({**pm.save_state(), **bad})
+    pm.restore_state({**pm.save_state(), "sleep_type": 7})
+    assert rd(pm, 0) == 7 << 2

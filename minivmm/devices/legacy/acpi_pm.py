@@ -58,6 +58,10 @@ class AcpiPm:
 
     def restore_state(self, state: Mapping[str, object]) -> None:
         """ValueError (one line) for state that does not fit."""
+        sleep_type = state.get("sleep_type")
+        if isinstance(sleep_type, int) and sleep_type > SLP_TYP_MASK >> SLP_TYP_SHIFT:
+            raise ValueError(f"acpi_pm: saved sleep type {sleep_type} is wider than SLP_TYPx "
+                             "(3 bits)")
         with self._lock:
             restore_fields(self, "acpi_pm", state, self._STATE)
 

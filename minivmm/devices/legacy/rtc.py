@@ -253,6 +253,9 @@ class Rtc:
         cmos = state.get("cmos")
         if not isinstance(cmos, str) or len(cmos) != 2 * CMOS_SIZE:
             raise ValueError(f"rtc: saved CMOS is not {CMOS_SIZE} bytes")
+        index = state.get("index")
+        if isinstance(index, int) and not 0 <= index <= INDEX_MASK:
+            raise ValueError(f"rtc: saved CMOS index {index} is past its {CMOS_SIZE} bytes")
         with self._lock:
             restore_fields(self, "rtc", state, self._STATE)
             self._seen = self._clock()
