@@ -87,7 +87,7 @@ def test_rtc_refuses_a_cmos_index_past_its_bytes() -> None:
 def test_acpi_pm_refuses_state_that_does_not_fit(bad: dict[str, object]) -> None:
     """A sleep type over 3 bits would not fit the register byte the guest reads back."""
     pm = AcpiPm(on_poweroff=lambda: None)
-    with pytest.raises(ValueError, match="^acpi_pm: saved"):
+    with pytest.raises(ValueError, match=r"^acpi_pm: saved"):
         pm.restore_state({**pm.save_state(), **bad})
     pm.restore_state({**pm.save_state(), "sleep_type": 7})
     assert rd(pm, 0) == 7 << 2
