@@ -343,10 +343,11 @@ class BlockDevice(VirtioDevice):
 
     def process_queue(self, index: int) -> None:
         batch = self._batch
-        if batch is not None and batch.active:
-            batch.drain(self.queues[0])
+        queue = self.queues[0]
+        if batch is not None and batch.active and queue.accelerable:
+            batch.drain(queue)
         else:
-            self.drain(self.queues[0], self._serve)
+            self.drain(queue, self._serve)
 
     def _serve(self, chain: DescriptorChain) -> None:
         w = chain.writer

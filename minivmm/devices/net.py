@@ -252,7 +252,7 @@ class NetDevice(VirtioDevice):
                 self._link_lost(f"went away ({e.strerror})")
         self._watching = self.link_up  # the VMM registers extra_fds() now
         regions = getattr(self.memory, "regions", None)
-        if self._accel is not None and regions:
+        if self._accel is not None and regions and all(q.accelerable for q in self.queues):
             self._fast = [net_accel.Rings(self._accel, regions, IOV_MAX) for _ in range(2)]
 
     def on_reset(self) -> None:

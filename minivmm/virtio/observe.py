@@ -4,7 +4,9 @@ A :class:`Queue` carries one unused slot, ``observer``. :func:`observe` turns a 
 an :class:`ObservedQueue` (same layout, so only its class changes) whose ``pop`` and
 ``return_chain`` report to a :class:`QueueObserver` around the engine's own code: every
 chain popped, every chain the engine rejected (with its typed VirtQueueError, which names
-the rule, so no rule is checked twice), and every used element. A queue that is never
+the rule, so no rule is checked twice), and every used element. Accelerators (blk's
+io_uring path, net's C loops) leave an observed queue to that Python path
+(``Queue.accelerable``). A queue that is never
 observed runs the engine's methods untouched: not even a test for "is anybody
 watching".
 
@@ -13,7 +15,7 @@ Like the rest of the engine, this module imports nothing of minivmm outside the 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from .chain import DescriptorChain
 from .errors import VirtQueueError
@@ -42,6 +44,7 @@ class ObservedQueue(Queue):
 
     __slots__ = ()
     observer: QueueObserver
+    accelerable: ClassVar[bool] = False  # devices serve it through pop, in Python
 
     def pop(self) -> DescriptorChain | None:
         stopped = self.broken

@@ -35,6 +35,7 @@ counter (``next_used``), never read back from guest memory. Indices wrap at 2^16
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 from . import ring
 from .chain import NO_READER, NO_WRITER, DescriptorChain, Reader, Writer
@@ -126,6 +127,10 @@ class Queue:
         "index",
         "observer",  # unset unless observed (minivmm.virtio.observe)
     )
+    #: whether an accelerator (C code working the rings through :meth:`rings`) may serve
+    #: this queue; False for an observed queue, whose chains must go through ``pop`` and
+    #: the used-ring publisher in Python, where --trace and --check-driver see them
+    accelerable: ClassVar[bool] = True
 
     def __init__(self, max_size: int, index: int = 0) -> None:
         if not ring.is_valid_size(max_size, ring.MAX_QUEUE_SIZE):
