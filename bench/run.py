@@ -177,7 +177,8 @@ class Bench:
                 rate = json.loads(p.stdout.strip().splitlines()[-1])["per_s"]
             else:
                 rate = vmrate.qemu_rate(seconds, self.probe)["per_s"]
-        except (RuntimeError, ValueError, KeyError, OSError, subprocess.TimeoutExpired) as e:
+        except (RuntimeError, ValueError, KeyError, IndexError, OSError,
+                subprocess.TimeoutExpired) as e:
             self.failed.add("vm_rate")
             self.failures.append(f"{vmm.label} vm rate: {e}")
             return

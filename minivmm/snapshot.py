@@ -181,8 +181,18 @@ def _replace_dir(tmp: Path, target: Path) -> None:
             raise UsageError(f"{target} exists and is not a snapshot: choose another path",
                              field="snapshot")
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.rename(target, old / "snapshot")
-    os.rename(tmp, target)
+        try:
+            os.rename(target, old / "snapshot")
+        except OSError:
+            old.rmdir()
+            raise
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if old is not None:  # the old snapshot goes back where it was
+            os.rename(old / "snapshot", target)
+            old.rmdir()
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -47,22 +47,26 @@ class _Releaser:
         if threading.current_thread() is self.thread:  # a release handing over another
             release()  # (it would wait for itself when MAX_PENDING wait): run it now
             return
-        with self.cond:
-            while len(self.items) + self.busy >= MAX_PENDING:
-                self.cond.wait()
-            if self.thread is None:
-                thread = threading.Thread(target=self._run, name="minivmm-release",
-                                          daemon=True)
-                try:
-                    thread.start()
-                except RuntimeError:
-                    pass  # no new threads now (interpreter shutdown): released below
-                else:
-                    self.thread = thread
-            if self.thread is not None:
-                self.items.append(release)
-                self.cond.notify_all()
-                return
+        try:
+            with self.cond:
+                while len(self.items) + self.busy >= MAX_PENDING:
+                    self.cond.wait()
+                if self.thread is None:
+                    thread = threading.Thread(target=self._run, name="minivmm-release",
+                                              daemon=True)
+                    try:
+                        thread.start()
+                    except RuntimeError:
+                        pass  # no new threads now (interpreter shutdown): released below
+                    else:
+                        self.thread = thread
+                if self.thread is not None:
+                    self.items.append(release)
+                    self.cond.notify_all()
+                    return
+        except BaseException:  # interrupted while waiting (Ctrl-C): released all the same
+            release()
+            raise
         release()  # no releaser thread could start: released here, outside the lock
 
     def wait(self) -> None:

@@ -78,6 +78,22 @@ def test_without_a_thread_a_release_runs_in_place(monkeypatch: pytest.MonkeyPatc
     fresh.wait()  # nothing pending: returns
 
 
+def test_interrupted_while_waiting_the_release_is_still_done() -> None:
+    """A KeyboardInterrupt while the caller waits for room must not lose what it hands
+    over (a VM's descriptor): it is released in place, then the interrupt goes on."""
+    class Interrupted(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            raise KeyboardInterrupt
+
+    fresh = release._Releaser()
+    fresh.cond = Interrupted(threading.Lock())
+    fresh.items.extend([lambda: None] * release.MAX_PENDING)  # full, as if busy
+    done: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        fresh.defer(lambda: done.append(1))
+    assert done == [1] and len(fresh.items) == release.MAX_PENDING
+
+
 def test_at_most_max_pending_wait() -> None:
     gate = threading.Event()
     release.defer(_until(gate))  # holds the releaser
