@@ -20,7 +20,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .mmio import DEVICE_NEEDS_RESET, DRIVER_OK, MmioTransport
+from .mmio import (
+    DEVICE_NEEDS_RESET,
+    DRIVER_OK,
+    FAILED,
+    FEATURES_OK,
+    INIT_BITS,
+    STATUS_TRANSITIONS,
+    MmioTransport,
+)
 
 _U32 = 0xFFFF_FFFF
 _U64 = (1 << 64) - 1
@@ -74,6 +82,9 @@ def _restore(t: MmioTransport, state: Mapping[str, Any]) -> None:
         raise ValueError(f"the snapshot has device {state.get('name')!r} (type "
                          f"{state.get('device_type')!r}) in this slot")
     status = _int(state, "status", 0xFF)
+    if (status & ~(INIT_BITS | DEVICE_NEEDS_RESET | FAILED)
+            or status & INIT_BITS not in (*STATUS_TRANSITIONS, INIT_BITS)):
+        raise ValueError(f"status 0x{status:x} is not one a driver can reach (§3.1.1)")
     acked = _int(state, "acked_features", _U64)
     if acked & ~dev.avail_features:
         raise ValueError(f"acked features 0x{acked:x} that this device does not offer "
@@ -95,6 +106,9 @@ def _restore(t: MmioTransport, state: Mapping[str, Any]) -> None:
         dev.ack_features_by_page(0, acked & _U32)
         dev.ack_features_by_page(1, acked >> 32)
         dev.set_acked_features(acked)
+        if status & FEATURES_OK and not dev.features_ok():
+            raise ValueError(f"FEATURES_OK with features 0x{acked:x}, which the device "
+                             "refuses (VERSION_1 is required)")
         for q, qs in zip(dev.queues, queues, strict=True):
             if not isinstance(qs, Mapping) or not isinstance(qs.get("ready"), bool):
                 raise ValueError(f"queue {q.index}: not a saved queue")
@@ -108,6 +122,9 @@ def _restore(t: MmioTransport, state: Mapping[str, Any]) -> None:
                                     high=qs["used"] >> 32)
             q.next_avail = _int(qs, "next_avail", 0xFFFF)
             q.next_used = _int(qs, "next_used", 0xFFFF)
+            if (q.next_avail - q.next_used) & 0xFFFF > size:
+                raise ValueError(f"queue {q.index}: {(q.next_avail - q.next_used) & 0xFFFF}"
+                                 f" chains in flight in a queue of size {size}")
             q.set_ready(qs["ready"])
         (t.device_features_sel, t.driver_features_sel, t.queue_sel, t.shm_sel) = sels
         dev.config_generation = generation

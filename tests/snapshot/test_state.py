@@ -48,15 +48,35 @@ def test_transport_round_trip_continues_the_rings() -> None:
 @pytest.mark.parametrize("change, message", [
     ({"device_type": 2}, "has device"),
     ({"acked_features": 1 << 60}, "does not offer"),
+    ({"acked_features": 0}, "FEATURES_OK with features 0x0"),
     ({"queues": []}, "queues"),
+    ({"queues": [7]}, "not a saved queue"),
     ({"status": "x"}, "status"),
+    ({"status": 0x04}, "status 0x4 is not one a driver can reach"),
+    ({"status": 0x0F | 0x10}, "status 0x1f is not one"),
+    ({"selectors": [0, 0, 1 << 32, 0]}, "selector"),
+    ({"selectors": [0, 0]}, "selectors are not a list of 4"),
+    ({"interrupt_status": 4}, "interrupt_status"),
+    ({"device": []}, "device state is not an object"),
+    ({"q.size": 1 << 20}, "size"),
+    ({"q.ready": 1}, "not a saved queue"),
+    ({"q.next_avail": 0x10000}, "next_avail"),
+    ({"q.next_used": -1}, "next_used"),
+    ({"q.next_avail": 0x8000, "q.next_used": 0}, "32768 chains in flight in a queue of size"),
 ])
 def test_transport_refuses_state_that_does_not_fit(change: dict[str, object],
                                                    message: str) -> None:
     h = DeviceHarness(RngDevice())
     try:
         h.initialise()
-        state = {**save_transport(h.transport), **change}
+        state = save_transport(h.transport)
+        queue = dict(state["queues"][0])  # type: ignore[index]
+        for key, value in change.items():
+            if key.startswith("q."):
+                queue[key[2:]] = value
+                state["queues"] = [queue]
+            else:
+                state[key] = value
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         t = MmioTransport(RngDevice(), h.memory, fd)
         with pytest.raises(ValueError, match=rf"^virtio-rng: .*{message}"):

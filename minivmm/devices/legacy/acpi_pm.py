@@ -28,7 +28,7 @@ from typing import Final
 
 from ...ratelimit import RateLimitedLog
 from ...x86.acpi import SLEEP_TYPE_S5, SLP_EN, SLP_TYP_MASK, SLP_TYP_SHIFT, WAK_STS
-from .state import Kind, restore_fields, save_fields
+from .state import Kind, check_mapping, restore_fields, save_fields
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class AcpiPm:
 
     def restore_state(self, state: Mapping[str, object]) -> None:
         """ValueError (one line) for state that does not fit."""
+        check_mapping("acpi_pm", state)
         sleep_type = state.get("sleep_type")
         if isinstance(sleep_type, int) and sleep_type > SLP_TYP_MASK >> SLP_TYP_SHIFT:
             raise ValueError(f"acpi_pm: saved sleep type {sleep_type} is wider than SLP_TYPx "
