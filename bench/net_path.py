@@ -1,6 +1,6 @@
 """Device-side cost of one network frame: the Python path next to the C accelerator.
 
-Run: python -m bench.net_path [--frames N] [--size BYTES] [--profile]
+Run: python -m bench.net_path [--frames N] [--size BYTES] [--mrg] [--profile]
 
 No VM and no tap: a NetDevice on a DeviceHarness (fake driver, fake guest memory), its
 tap fd swapped for one end of a SOCK_SEQPACKET socketpair (one message = one frame, as
@@ -8,7 +8,9 @@ on a tap; it still needs /dev/net/tun and root to open a tap first, in a private
 namespace). tx: the driver publishes a ring of one-descriptor frames, one kick serves
 them all; rx: the peer sends a ring's worth of frames, one tap wake-up delivers them;
 rr: one frame out and its answer already waiting on the socketpair (as a host answers a
-ping inside the writev), one kick: the device side of one round trip.
+ping inside the writev), one kick: the device side of one round trip. --mrg: with
+VIRTIO_NET_F_MRG_RXBUF and 1536-byte receive buffers, as Linux's mergeable buffers are
+for MTU-sized traffic (each frame then looks ahead over 65562 bytes of buffers).
 Prints microseconds per frame for each path (the best of several rounds) and, with
 --profile, the top of a cProfile of the Python path's transmit (the kicks only).
 """
@@ -31,11 +33,13 @@ CLONE_NEWNET = 0x4000_0000
 RING = 256
 
 
-def device(accelerate: bool) -> tuple[NetDevice, DeviceHarness, socket.socket]:
+def device(accelerate: bool, mrg: bool = False
+           ) -> tuple[NetDevice, DeviceHarness, socket.socket]:
     dev = NetDevice(f"mvb{os.getpid() % 100000}{int(accelerate)}", accelerate=accelerate)
     h = DeviceHarness(dev, event_idx=True)
     dev.fd_watch = lambda fd, cb: None
-    h.initialise(h.device_features() & ~(1 << VIRTIO_NET_F_MRG_RXBUF))
+    features = h.device_features()
+    h.initialise(features if mrg else features & ~(1 << VIRTIO_NET_F_MRG_RXBUF))
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     for s in (ours, peer):
         s.setblocking(False)
@@ -60,10 +64,10 @@ def tx_round(h: DeviceHarness, peer: socket.socket, frame: bytes, n: int) -> flo
 
 
 def rx_round(dev: NetDevice, h: DeviceHarness, peer: socket.socket, frame: bytes,
-             n: int) -> float:
+             n: int, buffer: int = 2048) -> float:
     drv = h.drivers[0]
     for _ in range(n):
-        drv.publish(writable=[2048], kick=False)
+        drv.publish(writable=[buffer], kick=False)
         peer.send(frame)
     t0 = time.perf_counter()
     h.kick(0)  # resumes watching the tap and receives
@@ -94,6 +98,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help="frame size, Ethernet header on")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--profile", action="store_true", help="cProfile the Python tx path")
+    p.add_argument("--mrg", action="store_true",
+                   help="MRG_RXBUF on, 1536-byte receive buffers (as Linux's)")
     a = p.parse_args()
     ns = f"minivmm-netpath-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -104,14 +110,14 @@ def main() -> None:
         os.close(fd)
         frame = bytes(HDR_SIZE) + bytes(a.size)
         for accelerate in (False, True):
-            dev, h, peer = device(accelerate)
+            dev, h, peer = device(accelerate, a.mrg)
             try:
                 if accelerate and not dev.accelerated:
                     print("accelerator: off here (see the log line above)")
                     continue
                 name = "C accelerator" if accelerate else "Python path  "
                 tx = min(tx_round(h, peer, frame, a.frames) for _ in range(a.rounds)) * 1e6
-                rx = min(rx_round(dev, h, peer, frame, a.frames)
+                rx = min(rx_round(dev, h, peer, frame, a.frames, 1536 if a.mrg else 2048)
                          for _ in range(a.rounds)) * 1e6
                 h.drivers[0].publish(writable=[256])  # a spare, and the kick that resumes rx
                 rr = min(rr_round(h, peer, frame, 50) for _ in range(a.rounds)) * 1e6

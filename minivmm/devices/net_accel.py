@@ -11,8 +11,9 @@ disagree about anything but speed:
   one spare byte that tells a frame too large for them), write the header's
   ``num_buffers`` (k, the chains it filled), publish those k used. A chain is consumed
   only once a frame is in it: the others, and all of them when the tap has nothing
-  (EAGAIN), stay in the ring, so nothing is held (and a snapshot has nothing to rewind).
-  The price is walking the look-ahead again for each frame, in C.
+  (EAGAIN), stay in the ring, so nothing is held between calls (and a snapshot has
+  nothing to rewind). Within a call the look-ahead is walked once: the chains a frame
+  did not fill stay walked for the next frame, which only tops the window up.
 
 The walk and the used-ring publish are the engine's C twin (minivmm.virtio.cwalk: every
 guard of :meth:`Queue.pop <minivmm.virtio.queue.Queue.pop>`, every buffer checked
@@ -61,7 +62,7 @@ int mv_net_tx(struct mv_queue *q, const struct mv_region *mem, int nmem, int fd,
 int mv_net_rx(struct mv_queue *q, const struct mv_region *mem, int nmem, int fd,
               struct iovec *iov, int iovmax, uint32_t budget, int clear_flags,
               uint8_t *spare, uint64_t need, uint32_t *heads, uint64_t *sizes,
-              struct mv_out *out);
+              uint32_t *nios, struct mv_out *out);
 """
 
 SOURCE: Final = r"""
@@ -145,37 +146,47 @@ static void poke(struct iovec *iov, unsigned niov, uint64_t off, const uint8_t *
 /* Receive: for each frame, look ahead at the chains that would hold it (one, or with
  * MRG_RXBUF chains until `need` bytes or the ring's end, as Python's stash holds them),
  * readv into all of them plus the spare byte, then consume the k chains the frame
- * filled (num_buffers = k, 5.1.6.4); the others stay in the ring for the next frame. */
+ * filled (num_buffers = k, 5.1.6.4); the others stay in the ring for the next frame.
+ * The look-ahead is a window walked once per call: heads/sizes/nios[0..k) are its
+ * chains (nios: their iovec counts), iov[base .. base + niov) their buffers; a frame
+ * takes chains off its front and the next one tops it up at its end. */
 int mv_net_rx(struct mv_queue *q, const struct mv_region *mem, int nmem, int fd,
               struct iovec *iov, int iovmax, uint32_t budget, int clear_flags,
               uint8_t *spare, uint64_t need, uint32_t *heads, uint64_t *sizes,
-              struct mv_out *out)
+              uint32_t *nios, struct mv_out *out)
 {
     static const uint8_t zero[1] = {0};
     uint16_t idx = q->next_avail;
+    struct mv_queue look = *q;  /* next_avail: the next chain to walk into the window */
+    uint32_t k = 0, used, i;
+    uint64_t room = 0, left;
+    unsigned base = 0, niov = 0;
     out->frames = out->payload = 0;
     out->status = LIMIT;
     while (out->frames < budget) {
-        struct mv_queue look = *q;  /* its next_avail walks ahead; q moves on a frame */
-        uint32_t k = 0, used, i;
-        uint64_t room = 0, left;
-        unsigned niov = 0;
         out->status = LIMIT;
         while (room < need && k < q->size) {
             int head = next_head(&look, &idx, out);
             unsigned n, nread;
             uint64_t rlen, wlen;
+            int w;
             if (head < 0)
                 break;
             /* iovmax - 1: room for the spare byte */
-            if (mv_walk(&look, mem, nmem, (uint32_t)head, iov + niov,
-                        (unsigned)iovmax - 1 - niov, &n, &nread, &rlen, &wlen) < 0
-                    || rlen || wlen < HDR) {
+            w = mv_walk(&look, mem, nmem, (uint32_t)head, iov + base + niov,
+                        (unsigned)iovmax - 1 - base - niov, &n, &nread, &rlen, &wlen);
+            if (w == -2 && base > 0) {  /* the window's buffers to the array's start */
+                memmove(iov, iov + base, niov * sizeof(*iov));
+                base = 0;
+                continue;
+            }
+            if (w < 0 || rlen || wlen < HDR) {
                 out->status = DEFER;
                 return DEFER;
             }
             heads[k] = (uint32_t)head;
             sizes[k] = wlen;
+            nios[k] = n;
             k++;
             niov += n;
             room += wlen;
@@ -186,9 +197,10 @@ int mv_net_rx(struct mv_queue *q, const struct mv_region *mem, int nmem, int fd,
         if (k == 0)
             break;  /* EMPTY */
         out->status = LIMIT;  /* the ring's end before `need`: read into what there is */
-        iov[niov].iov_base = spare;
-        iov[niov].iov_len = 1;
-        ssize_t n = readv(fd, iov, (int)niov + 1);
+        struct iovec *win = iov + base;
+        win[niov].iov_base = spare;
+        win[niov].iov_len = 1;
+        ssize_t n = readv(fd, win, (int)niov + 1);
         if (n < 0) {
             out->status = errno == EAGAIN ? AGAIN : IOERR;
             out->err = errno;
@@ -203,15 +215,24 @@ int mv_net_rx(struct mv_queue *q, const struct mv_region *mem, int nmem, int fd,
         for (used = 0, left = n; left > 0; used++)
             left -= left > sizes[used] ? sizes[used] : left;
         uint8_t count[2] = {(uint8_t)used, (uint8_t)(used >> 8)};
-        poke(iov, niov, NUM_BUFFERS, count, 2);
+        poke(win, niov, NUM_BUFFERS, count, 2);
         if (clear_flags)
-            poke(iov, niov, 0, zero, 1);
+            poke(win, niov, 0, zero, 1);
+        unsigned taken = 0;
         for (i = 0, left = n; i < used; i++) {
             uint64_t part = left > sizes[i] ? sizes[i] : left;
             q->next_avail++;
             mv_put_used(q, heads[i], (uint32_t)part);
             left -= part;
+            room -= sizes[i];
+            taken += nios[i];
         }
+        k -= used;  /* the rest of the window stays walked for the next frame */
+        memmove(heads, heads + used, k * sizeof(*heads));
+        memmove(sizes, sizes + used, k * sizeof(*sizes));
+        memmove(nios, nios + used, k * sizeof(*nios));
+        base += taken;
+        niov -= taken;
         out->frames++;
         out->payload += n - HDR;
     }
@@ -247,6 +268,7 @@ class Rings:
         self.ring = ffi.new("struct mv_queue *")
         self.heads = ffi.new("uint32_t[]", MAX_QUEUE)
         self.sizes = ffi.new("uint64_t[]", MAX_QUEUE)
+        self.nios = ffi.new("uint32_t[]", MAX_QUEUE)
         self._views: tuple[memoryview, memoryview, memoryview] | None = None
         self._ring_bufs: list[Any] = []
 
@@ -274,7 +296,7 @@ class Rings:
         """mv_net_rx for at most ``budget`` frames, holding ``need`` bytes of buffers per
         frame: its status; ``out.frames`` and ``out.payload`` say what was delivered."""
         return self._run(self.lib.mv_net_rx, q, fd, budget, clear_flags, self.spare, need,
-                         self.heads, self.sizes)
+                         self.heads, self.sizes, self.nios)
 
     def _run(self, fn: Any, q: Queue, fd: int, *args: Any) -> int:
         ring = self.bind(q)
