@@ -29,10 +29,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .agent import AgentError, Entry, Exec, Exited, Failed, Note, Output
+from .agent import AgentError, Entry, Event, Exec, Exited, Failed, Note, Output
 
 __all__ = ["Collected", "TreeUnsupported", "UnsafeTree", "collect"]
 
@@ -67,16 +69,18 @@ class Collected:
 
 
 def collect(ex: Exec, guest: str, host: str | os.PathLike[str], *, timeout: float = 60.0,
-            limit: int | None = None) -> Collected:
+            limit: int | None = None, alive: Callable[[], bool] | None = None) -> Collected:
     """Copy the guest file or directory ``guest`` to exactly ``host`` through the agent
-    connection ``ex`` (one request). ``timeout``: seconds without a frame from the agent.
+    connection ``ex`` (one request). ``timeout``: seconds without a frame from the agent;
+    ``alive``: asked every quarter second while none comes, AgentError once it says the
+    guest is gone (a stop, a crash) rather than after the whole timeout.
     OSError when the guest path cannot be read or the host path cannot be written;
     UnsafeTree, TreeUnsupported or AgentError when the agent misbehaves."""
     writer = _Writer(Path(host), limit)
     try:
         ex.send_tree(guest)
         while True:
-            event = ex.next_event(timeout)
+            event = _next_event(ex, timeout, alive)
             if event is None:
                 raise AgentError(f"{guest}: no answer from the agent in {timeout:g} s")
             if isinstance(event, Output) and event.fd == 1:
@@ -97,6 +101,19 @@ def collect(ex: Exec, guest: str, host: str | os.PathLike[str], *, timeout: floa
                 raise UnsafeTree(f"{guest}: unexpected answer from the agent: {event}")
     finally:
         writer.close()
+
+
+def _next_event(ex: Exec, timeout: float, alive: Callable[[], bool] | None) -> Event | None:
+    if alive is None:
+        return ex.next_event(timeout)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        event = ex.next_event(min(left, 0.25))
+        if event is not None:
+            return event
+        if not alive():
+            raise AgentError("the guest stopped while it sent the tree")
+    return None
 
 
 @dataclass

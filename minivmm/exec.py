@@ -102,7 +102,7 @@ def _collect(uds: Path, collects: Sequence[tuple[str, Path]],
         try:
             ex = connect()
             try:
-                done = collect(ex, guest, host)
+                done = collect(ex, guest, host, alive=alive)
             except TreeUnsupported as old:  # an agent of protocol version 1: files only
                 ex.close()
                 ex = connect()

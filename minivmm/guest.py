@@ -297,7 +297,8 @@ class Guest:
         from .collect import collect
 
         out: list[Collected] = []
-        self._file_op(lambda ex: out.append(collect(ex, path, host_path, limit=limit)), path)
+        self._file_op(lambda ex: out.append(collect(ex, path, host_path, limit=limit,
+                                                    alive=self._alive)), path)
         return out[0]
 
     def _connect(self) -> Exec:

@@ -15,6 +15,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakeguest import fake_guest
@@ -68,7 +69,7 @@ def outside(tmp_path: Path) -> Iterator[Path]:
     assert (d / "victim").read_bytes() == b"untouched"
 
 
-def fake_agent(stream: bytes, dst: Path, **kw: int) -> Collected:
+def fake_agent(stream: bytes, dst: Path, **kw: Any) -> Collected:
     """Run collect() against an "agent" that sends ``stream`` (and checks the request)."""
     ours, theirs = socket.socketpair()
     got = bytearray()
@@ -148,6 +149,24 @@ def test_a_tree_of_too_many_entries_ends_the_collect(tmp_path: Path,
     with pytest.raises(UnsafeTree, match="more than 5 entries in one tree"):
         fake_agent(ROOT + entry(DIR, b"a") * 10 + OK, dst)
     assert tree(dst) == ["a"]
+
+
+def test_a_guest_that_stops_mid_tree_ends_the_collect_at_once(tmp_path: Path) -> None:
+    """No frame for a while and ``alive`` says the guest is gone: an AgentError at the
+    next quarter-second look, not after the whole timeout (10 s here)."""
+    calls: list[bool] = []
+
+    def alive() -> bool:
+        calls.append(len(calls) < 1)
+        return calls[-1]
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(ROOT + entry(DIR, b"a"))  # then silence, the connection open
+        with pytest.raises(AgentError, match="the guest stopped while it sent the tree"):
+            collect(Exec(ours), "/guest/dir", tmp_path / "dst", timeout=10, alive=alive)
+    assert calls == [True, False]
+    assert tree(tmp_path / "dst") == ["a"]
 
 
 def test_a_symlink_going_up_after_a_name_is_skipped(tmp_path: Path) -> None:

@@ -538,13 +538,7 @@ class Queue:
     def enable_notification(self) -> bool:
         """Ask the driver to kick on new buffers. Returns True if buffers arrived
         meanwhile (pop them before sleeping, or they may never be kicked)."""
-        avail, used = self._views()
-        if self._event_idx:
-            used[self._avail_event_off] = self._next_avail
-        else:
-            used[_FLAGS] = 0
-        full_fence()  # the store above must be visible before avail idx is read
-        return bool(avail[_IDX] != self._next_avail)
+        return self.kick_past(self._next_avail)
 
     def kick_past(self, avail_idx: int) -> bool:
         """Ask the driver to kick when its available index goes past ``avail_idx`` (e.g.
@@ -556,7 +550,7 @@ class Queue:
             used[self._avail_event_off] = avail_idx & 0xFFFF
         else:
             used[_FLAGS] = 0
-        full_fence()
+        full_fence()  # the store above must be visible before avail idx is read
         return bool(avail[_IDX] != avail_idx & 0xFFFF)
 
     def disable_notification(self) -> None:
