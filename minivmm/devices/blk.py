@@ -313,6 +313,9 @@ class BlockDevice(VirtioDevice):
         overlay = state.get("overlay")
         if overlay is None:
             return
+        if isinstance(overlay, Mapping) and len(str(overlay.get("zlib", ""))) > OVERLAY_STATE_MAX:
+            raise ValueError(f"{self.path}: the snapshot's copy-on-write overlay is larger "
+                             f"than a snapshot carries ({OVERLAY_STATE_MAX >> 20} MiB)")
         ranges, data = decode_overlay(overlay, self.capacity)
         if self.read_only:
             raise ValueError(f"{self.path}: the snapshot's disk has writes over the image; "

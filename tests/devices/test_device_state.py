@@ -179,6 +179,18 @@ def test_blk_overlay_too_large_for_a_snapshot(image: Path,
     h.close()
 
 
+def test_blk_overlay_larger_than_a_snapshot_carries_is_refused(
+        image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What no save makes (its compressed text over OVERLAY_STATE_MAX) is not inflated."""
+    h = DeviceHarness(BlockDevice(image, cow=True))
+    h.initialise()
+    blk_io(h, VIRTIO_BLK_T_OUT, 0, os.urandom(4 * S))
+    state, _, _ = snapshot(h.device)
+    h.close()
+    monkeypatch.setattr(blk, "OVERLAY_STATE_MAX", 100)
+    assert "larger than a snapshot carries" in refusal(image, state)
+
+
 def test_blk_read_only_restore_of_a_written_cow_disk_is_refused(image: Path) -> None:
     h = DeviceHarness(BlockDevice(image, cow=True))
     h.initialise()
