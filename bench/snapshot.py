@@ -34,6 +34,7 @@ import argparse
 import gc
 import mmap
 import os
+import select
 import statistics
 import tempfile
 import threading
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import minivmm
 from minivmm.config import parse_size
+from minivmm.kvm import release
 
 PROBE = Path("guest/out/probe.elf")
 TOUCH_FROM = 16 << 20
@@ -118,13 +120,15 @@ def bench_restore(path: Path, reps: int) -> float:
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             t0 = time.monotonic()
-            vm = minivmm.Vm.restore(path, console=f"file:/proc/self/fd/{w}")
-            t1 = time.monotonic()
-            vm.start()
-            os.read(r, 1)
-            t2 = time.monotonic()
-            vm.stop()
-            vm.close()
+            with minivmm.Vm.restore(path, console=f"file:/proc/self/fd/{w}") as vm:
+                t1 = time.monotonic()
+                vm.start()
+                if not select.select([r], [], [], 60)[0]:
+                    raise SystemExit("bench.snapshot: the restored guest printed nothing "
+                                     "in 60 s")
+                os.read(r, 1)
+                t2 = time.monotonic()
+                vm.stop()
         finally:
             os.close(r)
             os.close(w)
@@ -144,13 +148,18 @@ def bench_clones(path: Path, clones: int, directory: Path) -> None:
            for i in range(clones)]
     gate = threading.Barrier(clones + 1)
 
+    failed: list[str] = []
+
     def run(vm: minivmm.Vm) -> None:
-        t0 = time.monotonic()
-        vm.start()
-        result = vm.wait(300)
-        times.append(time.monotonic() - t0)
-        assert result is not None and result.status == 0, result
-        gate.wait()  # stay mapped until the memory is measured
+        try:
+            t0 = time.monotonic()
+            vm.start()
+            result = vm.wait(300)
+            if result is None or result.status != 0:
+                failed.append(repr(result))
+        finally:
+            times.append(time.monotonic() - t0)
+            gate.wait()  # stay mapped until the memory is measured
 
     threads = [threading.Thread(target=run, args=(vm,)) for vm in vms]
     t_all = time.monotonic()
@@ -168,6 +177,9 @@ def bench_clones(path: Path, clones: int, directory: Path) -> None:
         vm.close()
     del vms
     gc.collect()
+    release.wait()  # the VMs' memory is unmapped on the releaser thread (minivmm.kvm.release)
+    if failed:
+        raise SystemExit(f"bench.snapshot: {len(failed)} clone(s) failed: {failed[0]}")
     rss = rss_alive - _rss_kib()
     what = "1 clone alone" if clones == 1 else f"{clones} clones in parallel"
     print(f"  clone->result   {what}: per clone {_ms(times)}; all in {1000 * wall:.0f} ms")
