@@ -16,11 +16,11 @@ import pytest
 from guests import guest_artifact
 from linuxguest import (
     HARD_TIMEOUT,
-    HVC0_LINE,
     REPO,
     assert_check_report,
     make_disk,
     run_until,
+    split_consoles,
 )
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -49,12 +49,6 @@ def minivmm(kernel: Path, initrd: Path, disk: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "minivmm", "run", "--kernel", str(kernel), "--initrd",
             str(initrd), "--mem", "256M", "--disk", str(disk), "--rng", "--console-device",
             "virtio", "--cmdline", CMDLINE, *extra]
-
-
-def split_consoles(console: str) -> str:
-    """Both consoles print to stdout: drop the line /init wrote to hvc0."""
-    assert HVC0_LINE + "\n" in console
-    return console.replace(HVC0_LINE + "\n", "", 1)
 
 
 def test_devices_from_acpi_and_poweroff(tmp_path: Path) -> None:
